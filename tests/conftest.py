@@ -1,0 +1,210 @@
+"""Shared fixtures: an in-process server, a real twistd server, and a dirty-reactor check."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, endpoints, protocol, reactor
+from twisted.internet.defer import Deferred
+from twisted.protocols import policies
+
+from wsfiles.client import WsfilesClient, connect
+from wsfiles.config import Settings
+from wsfiles.storage import LocalStorage
+from wsfiles.users import UserDirectory
+from wsfiles.web import WsfilesSite
+
+BIN = Path(sys.executable).parent
+TEARDOWN_TIMEOUT = 10.0
+
+
+def _with_timeout(awaitable: Any, seconds: float) -> Deferred:
+    return defer.ensureDeferred(awaitable).addTimeout(seconds, reactor)
+
+
+# -- the dirty-reactor check --------------------------------------------------
+
+def _is_waker(selectable: Any) -> bool:
+    """The reactor's own wakers appear when it starts: they are not leaks."""
+    return "Waker" in type(selectable).__name__
+
+
+@pytest.fixture(autouse=True)
+def clean_reactor():
+    """Fail a test that leaves delayed calls, sockets or processes behind."""
+    readers = set(reactor.getReaders())
+    writers = set(reactor.getWriters())
+    yield
+    leftovers = []
+    calls = [c for c in reactor.getDelayedCalls() if c.active()]
+    if calls:
+        leftovers.append(f"delayed calls: {calls}")
+        for call in calls:
+            call.cancel()
+    new_readers = {r for r in set(reactor.getReaders()) - readers if not _is_waker(r)}
+    new_writers = {w for w in set(reactor.getWriters()) - writers if not _is_waker(w)}
+    if new_readers or new_writers:
+        leftovers.append(f"selectables: {new_readers | new_writers}")
+        for selectable in new_readers | new_writers:
+            reactor.removeReader(selectable)
+            reactor.removeWriter(selectable)
+            getattr(selectable, "abortConnection", lambda: None)()
+    assert not leftovers, "dirty reactor: " + "; ".join(leftovers)
+
+
+# -- an in-process server -----------------------------------------------------
+
+class _TrackedConnection(policies.ProtocolWrapper):
+    def connectionMade(self) -> None:
+        self.lost: Deferred = Deferred()
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.lost.callback(None)
+
+
+class _TrackingFactory(policies.WrappingFactory):
+    """Remembers server-side connections so teardown can wait for each to end."""
+
+    protocol = _TrackedConnection
+
+
+@dataclass
+class InProcessServer:
+    site: WsfilesSite
+    root: Path
+    url: str
+    port: Any
+    tracker: _TrackingFactory
+    clients: list[WsfilesClient] = field(default_factory=list)
+
+    async def connect(self, token: str | None = None, **kwargs: Any) -> WsfilesClient:
+        client = await connect(self.url, token, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def folder(self, client: str | None = None) -> Path:
+        return self.root if client is None else self.root / client
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            await _with_timeout(client.close(), TEARDOWN_TIMEOUT)
+        await self.port.stopListening()
+        lost = [wrapper.lost for wrapper in list(self.tracker.protocols)]
+        await _with_timeout(defer.gatherResults(lost), TEARDOWN_TIMEOUT)
+
+
+async def start_server(
+    root: Path, *, users: UserDirectory | None = None, **settings: Any
+) -> InProcessServer:
+    site = WsfilesSite(Settings(**settings), LocalStorage(str(root)), users, reactor)
+    tracker = _TrackingFactory(site)
+    port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(tracker)
+    url = f"ws://127.0.0.1:{port.getHost().port}"
+    return InProcessServer(site, root, url, port, tracker)
+
+
+@pytest_twisted.async_yield_fixture
+async def server(tmp_path):
+    srv = await start_server(tmp_path / "root")
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Start servers with custom settings; all are stopped at teardown."""
+    started: list[InProcessServer] = []
+
+    async def factory(**kwargs: Any) -> InProcessServer:
+        srv = await start_server(tmp_path / f"root{len(started)}", **kwargs)
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        pytest_twisted.blockon(Deferred.fromCoroutine(srv.stop()))
+
+
+# -- a real twistd process ----------------------------------------------------
+
+class _TwistdProtocol(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.listening: Deferred = Deferred()
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+        if not self.listening.called and b"wsfiles listening on " in self.output:
+            line = self.output.split(b"wsfiles listening on ", 1)[1].split(b"\n", 1)[0]
+            host_port = line.split(b" ", 1)[0].decode()
+            self.listening.callback(host_port)
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Any) -> None:
+        if not self.listening.called:
+            self.listening.errback(RuntimeError(f"twistd exited:\n{self.output.decode()}"))
+        self.ended.callback(reason.value.exitCode)
+
+
+@dataclass
+class TwistdServer:
+    process: Any
+    proto: _TwistdProtocol
+    url: str
+    root: Path
+
+    @property
+    def output(self) -> str:
+        return self.proto.output.decode(errors="replace")
+
+    async def stop(self) -> int | None:
+        if not self.proto.ended.called:
+            self.process.signalProcess("TERM")
+        return await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
+
+    async def kill(self) -> None:
+        self.process.signalProcess("KILL")
+        await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
+
+
+def twistd_args(*args: str) -> list[str]:
+    return [str(BIN / "twistd"), "--nodaemon", "--pidfile=", "--logfile=-", "wsfiles", *args]
+
+
+async def start_twistd(root: Path, *args: str, cwd: Path | None = None) -> TwistdServer:
+    proto = _TwistdProtocol()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    argv = twistd_args("--listen", "tcp:0:interface=127.0.0.1", "--root", str(root), *args)
+    process = reactor.spawnProcess(proto, argv[0], argv, env=env, path=str(cwd or root.parent))
+    try:
+        host_port = await _with_timeout(proto.listening, 30)
+    except Exception:
+        if not proto.ended.called:
+            process.signalProcess("KILL")
+            await proto.ended
+        raise
+    return TwistdServer(process, proto, f"ws://{host_port}", root)
+
+
+@pytest.fixture
+def twistd_factory(tmp_path):
+    started: list[TwistdServer] = []
+
+    async def factory(*args: str, root: Path | None = None) -> TwistdServer:
+        srv = await start_twistd(root or tmp_path / "twistd-root", *args)
+        started.append(srv)
+        return srv
+
+    yield factory
+    for srv in started:
+        pytest_twisted.blockon(Deferred.fromCoroutine(srv.stop()))

@@ -1,0 +1,388 @@
+"""A Python client for wsfiles (Twisted + Autobahn).
+
+    client = await connect("ws://127.0.0.1:8080", token=None)
+    files = await client.list()
+    await client.upload("notes.txt", b"hello")          # or an open binary file
+    with open("copy.txt", "wb") as sink:
+        await client.download("notes.txt", sink)
+    await client.close()
+
+It speaks docs/protocol.md and nothing else: it opens the file channel when
+the server offers one, streams uploads with flow control, streams downloads
+into a file object, and checks every SHA-256 the server reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from typing import Any, BinaryIO
+from urllib.parse import urlencode, urlsplit
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.interfaces import IReactorTCP
+
+from wsfiles.config import SUBPROTOCOL
+from wsfiles.streaming import SEND_BUFFER, FileStreamer, HashingConsumer, MessageFrames, StreamFailed
+
+#: Client-side error codes (the server's are in docs/protocol.md).
+CONNECTION_FAILED = "connection_failed"
+CHANNEL_CLOSED = "channel_closed"
+CHECKSUM_MISMATCH = "checksum_mismatch"
+
+
+class WsfilesError(Exception):
+    """The server refused a command, or the transfer failed; ``code`` says why."""
+
+    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.reply = reply
+
+
+class _CommandProtocol(WebSocketClientProtocol):
+    client: WsfilesClient
+
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if not isBinary:
+            self.factory.client._received(json.loads(payload))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(WsfilesError(CONNECTION_FAILED, str(reason)))
+        self.factory.client._command_closed(code, reason)
+        self.factory.closed.callback(code)
+
+
+class _FileProtocol(WebSocketClientProtocol):
+    """The client's end of the file channel: streams messages into a sink."""
+
+    def onOpen(self) -> None:
+        self.transport.bufferSize = SEND_BUFFER
+        self.factory.opened.callback(self)
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self.factory.client._file_message_begin(self)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        self.factory.client._file_data(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        pass
+
+    def onMessageEnd(self) -> None:
+        self.factory.client._file_message_end()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.factory.opened.called:
+            self.factory.opened.errback(WsfilesError(CONNECTION_FAILED, str(reason)))
+        self.factory.client._file_closed(self, code)
+        self.factory.closed.callback(code)
+
+
+class _Download:
+    """Where the bytes of the current download go."""
+
+    def __init__(self, sink: BinaryIO) -> None:
+        self.sink = sink
+        self.sha256 = hashlib.sha256()
+        self.received = 0
+        self.done: Deferred = Deferred()
+
+
+def _source_size(source: BinaryIO) -> int:
+    try:
+        return os.fstat(source.fileno()).st_size - source.tell()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        position = source.tell()
+        end = source.seek(0, io.SEEK_END)
+        source.seek(position)
+        return end - position
+
+
+class WsfilesClient:
+    """One command channel, and the file channel the server pairs with it."""
+
+    def __init__(self, base_url: str, reactor: IReactorTCP, tls_options: Any = None) -> None:
+        self.base_url = base_url
+        self._reactor = reactor
+        self._tls_options = tls_options
+        self.hello: dict[str, Any] = {}
+        self._hello: Deferred = Deferred()
+        self._command: _CommandProtocol | None = None
+        self._command_factory: WebSocketClientFactory | None = None
+        self._file: _FileProtocol | None = None
+        self._file_factory: WebSocketClientFactory | None = None
+        self._replies: dict[int, DeferredQueue] = {}
+        self._next_id = 0
+        self._download: _Download | None = None
+        self._transfer_lock = defer.DeferredLock()
+        #: Messages that answer no command of ours (errors without an id).
+        self.notices: DeferredQueue = DeferredQueue()
+        self.close_code: int | None = None
+        self.file_close_codes: list[int | None] = []
+
+    # -- connections -----------------------------------------------------
+
+    def _endpoint(self, url: str) -> Any:
+        parts = urlsplit(url)
+        secure = parts.scheme == "wss"
+        port = parts.port or (443 if secure else 80)
+        endpoint = endpoints.HostnameEndpoint(self._reactor, parts.hostname, port)
+        if secure:
+            from twisted.internet.ssl import optionsForClientTLS
+
+            options = self._tls_options or optionsForClientTLS(parts.hostname)
+            endpoint = endpoints.wrapClientTLS(options, endpoint)
+        return endpoint
+
+    async def _open(
+        self, url: str, protocol: type, headers: dict[str, str] | None = None
+    ) -> tuple[Any, WebSocketClientFactory]:
+        factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL], headers=headers or {})
+        factory.protocol = protocol
+        factory.client = self
+        factory.opened = Deferred()
+        factory.closed = Deferred()
+        # Downloads are streamed into the sink, never buffered: no limit here.
+        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        try:
+            await self._endpoint(url).connect(factory)
+        except Exception as e:
+            raise WsfilesError(CONNECTION_FAILED, f"cannot connect to {url}: {e}") from None
+        return await factory.opened, factory
+
+    async def _connect(self, token: str | None, token_in_query: bool) -> None:
+        url = self.base_url + "/command"
+        headers = {}
+        if token is not None and token_in_query:
+            url += "?" + urlencode({"token": token})
+        elif token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        self._command, self._command_factory = await self._open(url, _CommandProtocol, headers)
+        self.hello = await self._hello
+
+    async def _open_file_channel(self, path: str) -> None:
+        self._file, self._file_factory = await self._open(self.base_url + path, _FileProtocol)
+
+    async def close(self) -> None:
+        """Close both channels and wait until they are gone."""
+        waits = []
+        for factory in (self._command_factory, self._file_factory):
+            if factory is not None:
+                waits.append(factory.closed)
+        if self._command is not None:
+            self._command.sendClose(1000)
+        await defer.gatherResults(waits)
+
+    def _command_closed(self, code: int | None, reason: str | None) -> None:
+        self.close_code = code
+        self._command = None
+        if not self._hello.called:
+            self._hello.errback(WsfilesError(CONNECTION_FAILED, str(reason)))
+        for queue in self._replies.values():
+            queue.put({"op": "error", "code": CHANNEL_CLOSED, "message": "connection closed"})
+
+    def _file_closed(self, protocol: _FileProtocol, code: int | None) -> None:
+        self.file_close_codes.append(code)
+        if protocol is self._file:
+            self._file = None
+            download, self._download = self._download, None
+            if download is not None and not download.done.called:
+                download.done.errback(WsfilesError(CHANNEL_CLOSED, "the file channel closed"))
+
+    # -- messages --------------------------------------------------------
+
+    def send(self, message: dict[str, Any]) -> int:
+        """Send a command with a fresh id; return the id."""
+        self._next_id += 1
+        message = {**message, "id": self._next_id}
+        self._replies[self._next_id] = DeferredQueue()
+        self.send_text(json.dumps(message))
+        return self._next_id
+
+    def send_text(self, text: str) -> None:
+        """Send any text frame on the command channel (the server must cope)."""
+        assert self._command is not None, "not connected"
+        self._command.sendMessage(text.encode("utf-8"), isBinary=False)
+
+    def send_binary_on_command(self, data: bytes) -> None:
+        """Send data where it does not belong (the server refuses it)."""
+        assert self._command is not None, "not connected"
+        self._command.sendMessage(data, isBinary=True)
+
+    def send_on_file_channel(self, data: bytes, *, binary: bool = True) -> None:
+        """Send one message on the file channel outside any transfer."""
+        assert self._file is not None, "no file channel"
+        self._file.sendMessage(data, isBinary=binary)
+
+    @property
+    def has_file_channel(self) -> bool:
+        return self._file is not None
+
+    async def reply(self, request_id: int) -> dict[str, Any]:
+        """The next message about command ``request_id``."""
+        return await self._replies[request_id].get()
+
+    def _received(self, message: dict[str, Any]) -> None:
+        if message.get("op") == "hello" and not self._hello.called:
+            self._hello.callback(message)
+            return
+        queue = self._replies.get(message.get("id"))  # type: ignore[arg-type]
+        if queue is None:
+            self.notices.put(message)
+        else:
+            queue.put(message)
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Send a command and return its one reply; raise WsfilesError on error."""
+        request_id = self.send(message)
+        try:
+            return _checked(await self.reply(request_id))
+        finally:
+            del self._replies[request_id]
+
+    # -- commands --------------------------------------------------------
+
+    async def list(self) -> list[dict[str, Any]]:
+        return (await self.request({"op": "list"}))["files"]
+
+    async def upload(
+        self, name: str, source: bytes | BinaryIO, *, size: int | None = None
+    ) -> dict[str, Any]:
+        async with self._transfer_lock:
+            return await self._upload(name, source, size)
+
+    async def download(self, name: str, sink: BinaryIO) -> dict[str, Any]:
+        """Write file ``name`` into ``sink``; return the server's ``sent``."""
+        async with self._transfer_lock:
+            return await self._download_into(name, sink)
+
+    async def _upload(
+        self, name: str, source: bytes | BinaryIO, size: int | None
+    ) -> dict[str, Any]:
+        """Save ``source`` as ``name``; return the server's ``ack``.
+
+        ``size`` is what to declare, by default the true size; declaring
+        another is a protocol error the server must refuse.
+        """
+        if isinstance(source, bytes | bytearray | memoryview):
+            source = io.BytesIO(source)
+        actual = _source_size(source)
+        declared = actual if size is None else size
+        request_id = self.send({"op": "save", "name": name, "size": declared})
+        sending: Deferred | None = None
+        streamer: FileStreamer | None = None
+        hashing: HashingConsumer | None = None
+        try:
+            while True:
+                reply = await self.reply(request_id)
+                op = reply.get("op")
+                if op == "channel":
+                    await self._open_file_channel(reply["url"])
+                elif op == "ready":
+                    assert self._file is not None
+                    self._file.beginMessage(isBinary=True)
+                    streamer = FileStreamer(source, actual)
+                    hashing = HashingConsumer(MessageFrames(self._file))
+                    sending = streamer.stream_to(hashing)
+                    sending.addCallback(lambda _, f=self._file: f.endMessage())
+                    sending.addErrback(lambda failure: failure.trap(StreamFailed))
+                else:
+                    _checked(reply)
+                    await sending
+                    assert hashing is not None
+                    if reply.get("sha256") != hashing.sha256.hexdigest():
+                        raise WsfilesError(
+                            CHECKSUM_MISMATCH, "the server stored other bytes than we sent", reply
+                        )
+                    return reply
+        except BaseException:
+            if streamer is not None:
+                streamer.stop()
+            raise
+        finally:
+            del self._replies[request_id]
+
+    async def _download_into(self, name: str, sink: BinaryIO) -> dict[str, Any]:
+        # Armed before asking: the file channel's bytes may overtake the
+        # command channel's "sending" (they are separate connections).
+        download = self._download = _Download(sink)
+        request_id = self.send({"op": "get", "name": name})
+        try:
+            while True:
+                reply = await self.reply(request_id)
+                op = reply.get("op")
+                if op == "channel":
+                    await self._open_file_channel(reply["url"])
+                elif op == "sending":
+                    pass
+                elif op == "sent":
+                    await download.done
+                    if download.received != reply["size"]:
+                        raise WsfilesError(
+                            CHANNEL_CLOSED, f"got {download.received} of {reply['size']} bytes"
+                        )
+                    if reply["sha256"] != download.sha256.hexdigest():
+                        raise WsfilesError(CHECKSUM_MISMATCH, "the bytes do not match", reply)
+                    return reply
+                else:
+                    _checked(reply)
+        finally:
+            if self._download is download:
+                self._download = None
+            del self._replies[request_id]
+
+    # -- the file channel's incoming data --------------------------------
+
+    def _file_message_begin(self, protocol: _FileProtocol) -> None:
+        if self._download is None:
+            self.notices.put({"op": "client:unexpected-binary"})
+
+    def _file_data(self, data: bytes) -> None:
+        download = self._download
+        if download is not None:
+            download.sink.write(data)
+            download.sha256.update(data)
+            download.received += len(data)
+
+    def _file_message_end(self) -> None:
+        download, self._download = self._download, None
+        if download is not None:
+            download.done.callback(None)
+
+
+def _checked(reply: dict[str, Any]) -> dict[str, Any]:
+    if reply.get("op") == "error":
+        raise WsfilesError(str(reply.get("code")), str(reply.get("message")), reply)
+    return reply
+
+
+async def connect(
+    base_url: str,
+    token: str | None = None,
+    *,
+    reactor: Any = None,
+    token_in_query: bool = False,
+    tls_options: Any = None,
+) -> WsfilesClient:
+    """Open a command channel to ``base_url`` (``ws://host:port``) and wait for hello."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    client = WsfilesClient(base_url.rstrip("/"), reactor, tls_options)
+    await client._connect(token, token_in_query)
+    return client

@@ -1,0 +1,28 @@
+"""Error codes of the wire protocol, and the exception that carries one.
+
+Codes are stable: clients switch on them, so never rename one.
+"""
+
+from __future__ import annotations
+
+BAD_REQUEST = "bad_request"
+UNKNOWN_OP = "unknown_op"
+INVALID_NAME = "invalid_name"
+NOT_FOUND = "not_found"
+TOO_LARGE = "too_large"
+SIZE_MISMATCH = "size_mismatch"
+WRONG_CHANNEL = "wrong_channel"
+UNEXPECTED_DATA = "unexpected_data"
+CHANNEL_TIMEOUT = "channel_timeout"
+CHANNEL_CLOSED = "channel_closed"
+STORAGE_ERROR = "storage_error"
+INTERNAL_ERROR = "internal_error"
+
+
+class ProtocolError(Exception):
+    """A refusal that is reported to the client as ``{"op": "error", ...}``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

@@ -1,0 +1,53 @@
+"""The rules for file names and client names, in one place."""
+
+from __future__ import annotations
+
+import re
+
+from wsfiles import errors
+
+#: Names with this prefix are reserved for the service's own bookkeeping
+#: (the temporary-file folder ``.wsfiles-tmp`` lives in the root).
+RESERVED_PREFIX = ".wsfiles-"
+MAX_NAME_BYTES = 255
+
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def check_file_name(name: object) -> str:
+    """Return ``name`` if it is a valid file name, else raise ProtocolError.
+
+    A valid name is a single path segment: no separators, no control
+    characters, not ``.`` or ``..``, and at most 255 bytes of UTF-8.
+    """
+    if not isinstance(name, str):
+        raise errors.ProtocolError(errors.BAD_REQUEST, "'name' must be a string")
+    if not name:
+        raise errors.ProtocolError(errors.INVALID_NAME, "the name is empty")
+    if name in (".", ".."):
+        raise errors.ProtocolError(errors.INVALID_NAME, f"{name!r} is not a file name")
+    if any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise errors.ProtocolError(
+            errors.INVALID_NAME,
+            "a name may not contain '/', '\\' or control characters",
+        )
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.ProtocolError(
+            errors.INVALID_NAME, "the name is not valid Unicode"
+        ) from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise errors.ProtocolError(
+            errors.INVALID_NAME, f"the name is longer than {MAX_NAME_BYTES} bytes"
+        )
+    if name.startswith(RESERVED_PREFIX):
+        raise errors.ProtocolError(
+            errors.INVALID_NAME, f"names starting with {RESERVED_PREFIX!r} are reserved"
+        )
+    return name
+
+
+def is_valid_client_name(name: str) -> bool:
+    """Client names become folder names: ``[A-Za-z0-9_.-]{1,64}``, no leading dot."""
+    return bool(_CLIENT_NAME.fullmatch(name)) and not name.startswith(".")

@@ -1,0 +1,426 @@
+"""Command handling for one command channel: a plain object, no network.
+
+The WebSocket protocols in ``command.py`` and ``transfer.py`` translate frames
+into calls on a ``CommandSession``; everything the protocol *means* lives
+here, so it can be tested with fakes.
+
+Order: commands are handled one after another in the order received.  A
+``list`` and the checks of a ``get``/``save`` (name, existence, size) are
+answered at once; the transfers themselves queue and run one at a time on
+the session's file channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Protocol
+
+from twisted.internet import defer, interfaces
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from wsfiles import errors
+from wsfiles.errors import ProtocolError
+from wsfiles.names import check_file_name
+from wsfiles.pairing import PairingRegistry
+from wsfiles.storage import IDownload, IFolder, IUpload, NotFound, StorageFailure
+from wsfiles.streaming import HashingConsumer, StreamFailed
+
+PROTOCOL_VERSION = 1
+
+_log = Logger()
+
+RequestId = str | int | None
+
+
+class FileChannel(Protocol):
+    """What a session needs from its file channel (see transfer.py)."""
+
+    def begin_message(self) -> interfaces.IConsumer: ...
+
+    def end_message(self) -> None: ...
+
+    def abort(self, code: int, reason: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class _Receive:
+    """An upload waiting for, or receiving, its binary message."""
+
+    upload: IUpload
+    size: int
+    done: Deferred = field(default_factory=Deferred)
+    started: bool = False
+    announced: int = 0  # sum of the frame lengths seen so far
+    received: int = 0
+    sha256: Any = field(default_factory=hashlib.sha256)
+    finished: bool = False
+
+
+def _request_id(message: dict[str, Any]) -> RequestId:
+    request_id = message.get("id")
+    if request_id is None or isinstance(request_id, str):
+        return request_id
+    if isinstance(request_id, int) and not isinstance(request_id, bool):
+        return request_id
+    raise ProtocolError(errors.BAD_REQUEST, "'id' must be a string or an integer")
+
+
+def _size_field(message: dict[str, Any]) -> int:
+    size = message.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ProtocolError(errors.BAD_REQUEST, "'size' must be an integer >= 0")
+    return size
+
+
+class CommandSession:
+    """The state of one command channel and its (optional) file channel."""
+
+    def __init__(
+        self,
+        client: str,
+        folder: IFolder,
+        registry: PairingRegistry,
+        max_size: int,
+        send: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.client = client
+        self.folder = folder
+        self.registry = registry
+        self.max_size = max_size
+        self._send_json = send
+        self._commands: Deferred = defer.succeed(None)
+        self._transfers: deque[Callable[[], Awaitable[None]]] = deque()
+        self._transferring = False
+        self._file_channel: FileChannel | None = None
+        self._claimed_by: FileChannel | None = None
+        self._channel_waiter: Deferred | None = None
+        self._receive: _Receive | None = None
+        self._download: IDownload | None = None
+        self._discarding = False
+        self.closed = False
+
+    # -- sending ---------------------------------------------------------
+
+    def _send(self, message: dict[str, Any], request_id: RequestId = None) -> None:
+        if self.closed:
+            return
+        if request_id is not None:
+            message["id"] = request_id
+        self._send_json(message)
+
+    def _send_error(self, code: str, text: str, request_id: RequestId = None) -> None:
+        self._send({"op": "error", "code": code, "message": text}, request_id)
+
+    # -- the command channel ---------------------------------------------
+
+    def start(self) -> Deferred:
+        """Greet the client with its file list; commands wait for this."""
+
+        async def hello() -> None:
+            files = await self.folder.list()
+            self._send(
+                {
+                    "op": "hello",
+                    "protocol": PROTOCOL_VERSION,
+                    "client": self.client,
+                    "max_size": self.max_size,
+                    "files": [info.as_json() for info in files],
+                }
+            )
+
+        return self._in_order(hello, None)
+
+    def text_received(self, payload: bytes) -> None:
+        """A command arrived: handle it after the ones before it."""
+        self._in_order(lambda: self._dispatch(payload), None)
+
+    def binary_received(self) -> None:
+        """Data on the command channel: refused, nothing stored."""
+        self._send_error(
+            errors.WRONG_CHANNEL,
+            "binary data belongs on the file channel; nothing was stored",
+        )
+
+    def _in_order(
+        self, handler: Callable[[], Awaitable[None]], request_id: RequestId
+    ) -> Deferred:
+        async def guarded() -> None:
+            await self._reporting_errors(handler, request_id)
+
+        self._commands.addCallback(lambda _: Deferred.fromCoroutine(guarded()))
+        return self._commands
+
+    async def _reporting_errors(
+        self, handler: Callable[[], Awaitable[None]], request_id: RequestId
+    ) -> None:
+        try:
+            await handler()
+        except ProtocolError as e:
+            self._send_error(e.code, e.message, request_id)
+        except StorageFailure as e:
+            self._send_error(errors.STORAGE_ERROR, str(e), request_id)
+        except Exception:
+            _log.failure("unexpected error handling a command of {client}", client=self.client)
+            self._send_error(errors.INTERNAL_ERROR, "internal error (logged)", request_id)
+
+    async def _dispatch(self, payload: bytes) -> None:
+        request_id: RequestId = None
+        try:
+            try:
+                message = json.loads(payload)
+            except (ValueError, RecursionError):
+                raise ProtocolError(errors.BAD_REQUEST, "a command must be a JSON object") from None
+            if not isinstance(message, dict):
+                raise ProtocolError(errors.BAD_REQUEST, "a command must be a JSON object")
+            request_id = _request_id(message)
+            op = message.get("op")
+            if not isinstance(op, str):
+                raise ProtocolError(errors.BAD_REQUEST, "'op' must be a string")
+            handler = self._handlers.get(op)
+            if handler is None:
+                raise ProtocolError(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}")
+            await handler(self, message, request_id)
+        except ProtocolError as e:
+            self._send_error(e.code, e.message, request_id)
+        except StorageFailure as e:
+            self._send_error(errors.STORAGE_ERROR, str(e), request_id)
+
+    async def _list(self, message: dict[str, Any], request_id: RequestId) -> None:
+        files = await self.folder.list()
+        self._send({"op": "list", "files": [info.as_json() for info in files]}, request_id)
+
+    async def _get(self, message: dict[str, Any], request_id: RequestId) -> None:
+        name = check_file_name(message.get("name"))
+        if not await self.folder.exists(name):
+            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}")
+        self._enqueue(lambda: self._run_get(name, request_id), request_id)
+
+    async def _save(self, message: dict[str, Any], request_id: RequestId) -> None:
+        name = check_file_name(message.get("name"))
+        size = _size_field(message)
+        if size > self.max_size:
+            raise ProtocolError(
+                errors.TOO_LARGE, f"{size} bytes is over the limit of {self.max_size}"
+            )
+        self._enqueue(lambda: self._run_save(name, size, request_id), request_id)
+
+    _handlers = {"list": _list, "get": _get, "save": _save}
+
+    def close(self) -> None:
+        """The command channel is gone: stop everything that belongs to it."""
+        if self.closed:
+            return
+        self.closed = True
+        self._transfers.clear()
+        self.registry.revoke(self)
+        if self._channel_waiter is not None:
+            waiter, self._channel_waiter = self._channel_waiter, None
+            waiter.errback(ProtocolError(errors.CHANNEL_CLOSED, "the command channel closed"))
+        self._fail_receive(errors.CHANNEL_CLOSED, "the command channel closed")
+        if self._download is not None:
+            self._download.stop()
+        if self._file_channel is not None:
+            self._file_channel.close()
+
+    # -- transfers -------------------------------------------------------
+
+    def _enqueue(self, transfer: Callable[[], Awaitable[None]], request_id: RequestId) -> None:
+        self._transfers.append(lambda: self._reporting_errors(transfer, request_id))
+        if not self._transferring:
+            Deferred.fromCoroutine(self._run_transfers())
+
+    async def _run_transfers(self) -> None:
+        self._transferring = True
+        try:
+            while self._transfers and not self.closed:
+                await self._transfers.popleft()()
+        finally:
+            self._transferring = False
+
+    async def _file_channel_ready(self, request_id: RequestId) -> FileChannel:
+        """The file channel, set up first if this session has none."""
+        if self._file_channel is not None:
+            return self._file_channel
+        ticket = self.registry.issue(self)
+        self._channel_waiter = Deferred()
+        self._send({"op": "channel", "url": f"/file?ticket={ticket}"}, request_id)
+        return await self._channel_waiter
+
+    async def _run_get(self, name: str, request_id: RequestId) -> None:
+        channel = await self._file_channel_ready(request_id)
+        try:
+            download = await self.folder.open_download(name)
+        except NotFound:
+            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        self._download = download
+        try:
+            self._send({"op": "sending", "name": name, "size": download.size}, request_id)
+            consumer = HashingConsumer(channel.begin_message())
+            try:
+                await download.stream_to(consumer)
+            except StreamFailed as e:
+                if channel is not self._file_channel:
+                    raise ProtocolError(
+                        errors.CHANNEL_CLOSED, "the file channel closed during the transfer"
+                    ) from None
+                # Part of a message is out: the channel cannot carry on.
+                channel.abort(1011, "storage error")
+                raise ProtocolError(errors.STORAGE_ERROR, str(e)) from None
+            channel.end_message()
+            self._send(
+                {
+                    "op": "sent",
+                    "name": name,
+                    "size": download.size,
+                    "sha256": consumer.sha256.hexdigest(),
+                },
+                request_id,
+            )
+        finally:
+            self._download = None
+            download.close()
+
+    async def _run_save(self, name: str, size: int, request_id: RequestId) -> None:
+        await self._file_channel_ready(request_id)
+        upload = await self.folder.begin_upload(name, size)
+        receive = self._receive = _Receive(upload, size)
+        try:
+            self._send({"op": "ready"}, request_id)
+            digest = await receive.done
+        finally:
+            self._receive = None
+        self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
+
+    def _fail_receive(self, code: str, text: str) -> None:
+        receive = self._receive
+        if receive is None or receive.finished:
+            return
+        receive.finished = True
+        receive.upload.abort()
+        self._discarding = receive.started
+        receive.done.errback(ProtocolError(code, text))
+
+    # -- the file channel ------------------------------------------------
+
+    def ticket_expired(self, ticket: str) -> None:
+        waiter, self._channel_waiter = self._channel_waiter, None
+        if waiter is not None:
+            waiter.errback(
+                ProtocolError(
+                    errors.CHANNEL_TIMEOUT,
+                    f"no file channel attached within {self.registry.channel_timeout:g} s",
+                )
+            )
+
+    def claim(self, channel: FileChannel) -> None:
+        """A file channel presented our ticket; it is still handshaking."""
+        self._claimed_by = channel
+
+    def attach(self, channel: FileChannel) -> None:
+        """The file channel is open: pair it and go on with the transfer."""
+        self._claimed_by = None
+        if self.closed:
+            channel.close()
+            return
+        self._file_channel = channel
+        self.registry.pair(self, channel)
+        waiter, self._channel_waiter = self._channel_waiter, None
+        if waiter is not None:
+            waiter.callback(channel)
+
+    def detach(self, channel: FileChannel) -> None:
+        """The file channel closed; a transfer on it fails, the next asks anew."""
+        if channel is self._claimed_by:
+            self._claimed_by = None
+            waiter, self._channel_waiter = self._channel_waiter, None
+            if waiter is not None:
+                waiter.errback(
+                    ProtocolError(errors.CHANNEL_CLOSED, "the file channel failed to open")
+                )
+            return
+        if channel is not self._file_channel:
+            return
+        self._file_channel = None
+        self.registry.unpair(self, channel)
+        self._discarding = False
+        self._fail_receive(errors.CHANNEL_CLOSED, "the file channel closed during the upload")
+        if self._download is not None:
+            self._download.stop()
+
+    def file_message_begin(self, is_binary: bool) -> None:
+        receive = self._receive
+        if not is_binary:
+            self._discarding = True
+            self._send_error(
+                errors.WRONG_CHANNEL,
+                "commands belong on the command channel; the text message was not executed",
+            )
+        elif receive is None or receive.started or receive.finished:
+            self._discarding = True
+            self._send_error(
+                errors.UNEXPECTED_DATA,
+                "no save is waiting for data; the message was discarded",
+            )
+        else:
+            self._discarding = False
+            receive.started = True
+
+    def file_frame_begin(self, length: int) -> bool:
+        """A frame of ``length`` bytes is coming; False means cut the channel."""
+        receive = self._receive
+        if self._discarding or receive is None or receive.finished:
+            return True
+        receive.announced += length
+        if receive.announced > self.max_size:
+            self._fail_receive(
+                errors.TOO_LARGE,
+                f"the data exceeds the limit of {self.max_size} bytes; nothing was stored",
+            )
+            return False
+        if receive.announced > receive.size:
+            self._fail_receive(
+                errors.SIZE_MISMATCH,
+                f"more data than the declared {receive.size} bytes; nothing was stored",
+            )
+            return False
+        return True
+
+    def file_data(self, data: bytes) -> None:
+        receive = self._receive
+        if self._discarding or receive is None or receive.finished:
+            return
+        try:
+            receive.upload.write(data)
+        except StorageFailure as e:
+            self._fail_receive(errors.STORAGE_ERROR, str(e))
+            return
+        receive.sha256.update(data)
+        receive.received += len(data)
+
+    def file_message_end(self) -> None:
+        receive = self._receive
+        if self._discarding or receive is None or receive.finished:
+            self._discarding = False
+            return
+        if receive.received != receive.size:
+            self._fail_receive(
+                errors.SIZE_MISMATCH,
+                f"received {receive.received} bytes, declared {receive.size};"
+                " nothing was stored",
+            )
+            self._discarding = False
+            return
+        receive.finished = True
+        d = receive.upload.commit()
+        d.addCallbacks(
+            lambda _: receive.done.callback(receive.sha256.hexdigest()),
+            lambda failure: receive.done.errback(
+                ProtocolError(errors.STORAGE_ERROR, str(failure.value))
+            ),
+        )

@@ -1,0 +1,131 @@
+"""Moving bytes with flow control, shared by the server and the client.
+
+``FileStreamer`` pushes a file into any IConsumer in fixed-size chunks and
+stops whenever the consumer says its buffer is full; ``MessageFrames`` is
+the consumer that turns those chunks into frames of one binary WebSocket
+message.  Together they send a file of any size with bounded memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any, BinaryIO
+
+from twisted.internet import interfaces
+from twisted.internet.defer import Deferred
+from zope.interface import implementer
+
+#: Frame size for file data: measured here, 128 KiB frames with a 256 KiB
+#: transport buffer beat both smaller frames and 1 MiB ones.
+CHUNK_SIZE = 128 * 1024
+SEND_BUFFER = 256 * 1024
+
+
+class StreamFailed(Exception):
+    """The source could not be read, or streaming was stopped."""
+
+
+@implementer(interfaces.IPushProducer)
+class FileStreamer:
+    """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to."""
+
+    def __init__(self, source: BinaryIO, size: int, chunk_size: int = CHUNK_SIZE) -> None:
+        self._source = source
+        self.size = size
+        self._chunk_size = chunk_size
+        self._remaining = size
+        self._consumer: interfaces.IConsumer | None = None
+        self._paused = False
+        self._done: Deferred | None = None
+
+    def stream_to(self, consumer: interfaces.IConsumer) -> Deferred:
+        """Fire with None once every byte was written to ``consumer``."""
+        self._consumer = consumer
+        self._done = Deferred()
+        done = self._done
+        consumer.registerProducer(self, True)
+        self.resumeProducing()
+        return done
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        # Write until the consumer's buffer fills (it then calls
+        # pauseProducing from inside write) or the file is exhausted.
+        while not self._paused and self._done is not None and self._remaining > 0:
+            try:
+                chunk = self._source.read(min(self._chunk_size, self._remaining))
+            except OSError as e:
+                self._finish(StreamFailed(os.strerror(e.errno) if e.errno else str(e)))
+                return
+            if not chunk:
+                self._finish(StreamFailed("the file shrank while it was being sent"))
+                return
+            self._remaining -= len(chunk)
+            assert self._consumer is not None
+            self._consumer.write(chunk)
+        if self._remaining == 0 and self._done is not None:
+            self._finish(None)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def stopProducing(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Give up: the Deferred from ``stream_to`` fails with StreamFailed."""
+        if self._done is not None:
+            self._finish(StreamFailed("the transfer was stopped"))
+
+    def _finish(self, failure: Exception | None) -> None:
+        done, self._done = self._done, None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.unregisterProducer()
+        if done is None:
+            return
+        if failure is None:
+            done.callback(None)
+        else:
+            done.errback(failure)
+
+
+@implementer(interfaces.IConsumer)
+class MessageFrames:
+    """An IConsumer whose writes become frames of a binary message already begun."""
+
+    def __init__(self, protocol: Any) -> None:
+        self._protocol = protocol
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._protocol.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        transport = self._protocol.transport
+        if transport is not None and getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        self._protocol.sendMessageFrame(data)
+
+
+@implementer(interfaces.IConsumer)
+class HashingConsumer:
+    """Passes writes through to ``inner`` while computing their SHA-256."""
+
+    def __init__(self, inner: interfaces.IConsumer) -> None:
+        self._inner = inner
+        self.sha256 = hashlib.sha256()
+        self.written = 0
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self._inner.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._inner.unregisterProducer()
+
+    def write(self, data: bytes) -> None:
+        self.sha256.update(data)
+        self.written += len(data)
+        self._inner.write(data)

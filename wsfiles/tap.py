@@ -1,0 +1,126 @@
+"""``twistd wsfiles``: command-line options and the service tree they build.
+
+Modelled on ``twisted/web/tap.py``: listeners are Twisted endpoint
+descriptions, so ``ssl:`` and ``systemd:`` need no code of their own.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service, strports
+from twisted.internet import endpoints
+from twisted.logger import Logger
+from twisted.python import usage
+
+from wsfiles.config import Settings
+from wsfiles.sizes import parse_size
+from wsfiles.storage import LocalStorage
+from wsfiles.users import UserDirectory, UsersFileError
+from wsfiles.web import WsfilesSite
+
+DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+_log = Logger()
+
+
+def _positive_seconds(option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise usage.UsageError(f"--{option} must be a number of seconds, not {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise usage.UsageError(f"--{option} must be a positive number of seconds")
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Serve per-client folders over WebSockets: JSON commands on /command,"
+        " file data on /file.  See docs/protocol.md."
+    )
+    optParameters = [
+        ["root", "r", "./wsfiles-data", "Folder holding the clients' files (created if missing)."],
+        ["max-size", None, "1G", "Largest file accepted, in bytes; K/M/G/T suffixes are powers of 1024."],
+        ["users", None, None, "Users file (see 'wsfiles user add'); without it every client is anonymous."],
+        ["channel-timeout", None, "30", "Seconds a client has to open an offered file channel."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, e.g. tcp:8080:interface=127.0.0.1 (repeatable)."""
+        from twisted.internet import reactor
+
+        try:
+            endpoints.serverFromString(reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise usage.UsageError(f"--listen {description!r} is not a valid endpoint: {e}") from None
+        self["listen"].append(description)
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        try:
+            self["max-size"] = parse_size(self["max-size"])
+        except ValueError as e:
+            raise usage.UsageError(f"--max-size: {e}") from None
+        self["channel-timeout"] = _positive_seconds("channel-timeout", self["channel-timeout"])
+        if self["users"] is not None:
+            try:
+                self["users"] = UserDirectory(self["users"])
+            except UsersFileError as e:
+                raise usage.UsageError(str(e)) from None
+        root = self["root"]
+        if os.path.exists(root) and not os.path.isdir(root):
+            raise usage.UsageError(f"--root {root!r} exists and is not a folder")
+
+
+class _AnnouncingEndpoint:
+    """Wraps a server endpoint to log the address it actually bound.
+
+    Useful with port 0, and it is the line the tests wait for.
+    """
+
+    def __init__(self, endpoint, description: str) -> None:
+        self._endpoint = endpoint
+        self._description = description
+
+    def listen(self, factory):
+        def announce(port):
+            address = port.getHost()
+            _log.info(
+                "wsfiles listening on {host}:{port} ({description})",
+                host=getattr(address, "host", ""),
+                port=getattr(address, "port", ""),
+                description=self._description,
+            )
+            return port
+
+        return self._endpoint.listen(factory).addCallback(announce)
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    settings = Settings(
+        max_size=options["max-size"],
+        channel_timeout=options["channel-timeout"],
+    )
+    try:
+        storage = LocalStorage(options["root"])
+    except OSError as e:
+        raise usage.UsageError(f"cannot use --root {options['root']!r}: {e.strerror}") from None
+    swept = storage.sweep_temporary_files()
+    if swept:
+        _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
+    site = WsfilesSite(settings, storage, options["users"], reactor)
+    top = service.MultiService()
+    for description in options["listen"]:
+        listener = strports.service(description, site, reactor=reactor)
+        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description)
+        listener.setServiceParent(top)
+    return top

@@ -1,0 +1,120 @@
+"""The file channel (``/file``): binary frames streamed to and from disk.
+
+A thin protocol.  It is admitted by a ticket its command channel handed
+out, then forwards frame events to that channel's ``CommandSession`` and
+sends downloads as one binary message of many frames, paced by the
+transport's flow control so a slow reader never makes the server buffer
+the file.
+"""
+
+from __future__ import annotations
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet import interfaces
+from twisted.logger import Logger
+
+from wsfiles.config import SUBPROTOCOL, Settings
+from wsfiles.pairing import PairingRegistry
+from wsfiles.session import CommandSession
+from wsfiles.streaming import SEND_BUFFER, MessageFrames
+
+_log = Logger()
+
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+
+class FileChannelProtocol(WebSocketServerProtocol):
+    """Translates file-channel frames into CommandSession calls."""
+
+    factory: FileChannelFactory
+    session: CommandSession | None = None
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        tickets = request.params.get("ticket")
+        session = self.factory.registry.redeem(tickets[0]) if tickets else None
+        if session is None:
+            _log.info("refused a file channel from {peer}: bad ticket", peer=self.peer)
+            raise ConnectionDeny(403, "missing, invalid, used or expired ticket")
+        assert isinstance(session, CommandSession)
+        self.session = session
+        session.claim(self)
+        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+
+    def onOpen(self) -> None:
+        # Behind WebSocketResource the HTTPChannel is still registered as the
+        # transport's producer; ours could not be registered otherwise.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = SEND_BUFFER
+        assert self.session is not None
+        self.session.attach(self)
+
+    # -- sending (called by the session) ---------------------------------
+
+    def begin_message(self) -> interfaces.IConsumer:
+        self.beginMessage(isBinary=True)
+        return MessageFrames(self)
+
+    def end_message(self) -> None:
+        self.endMessage()
+
+    def abort(self, code: int, reason: str) -> None:
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
+
+    def close(self) -> None:
+        self.sendClose(1000, "the command channel closed")
+
+    # -- receiving: stream frames to the session, never buffer them ------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        if self.session is not None:
+            self.session.file_message_begin(isBinary)
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        # Check the transfer's size ourselves first: Autobahn's own limit
+        # would close the channel without telling the session why.
+        if self.session is not None and not self.session.file_frame_begin(length):
+            self.abort(CLOSE_MESSAGE_TOO_BIG, "more data than the transfer allows")
+            return
+        super().onMessageFrameBegin(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if self.session is not None:
+            self.session.file_data(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        pass
+
+    def onMessageEnd(self) -> None:
+        if self.session is not None:
+            self.session.file_message_end()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.detach(self)
+
+
+class FileChannelFactory(WebSocketServerFactory):
+    protocol = FileChannelProtocol
+
+    def __init__(self, settings: Settings, registry: PairingRegistry) -> None:
+        super().__init__()
+        self.settings = settings
+        self.registry = registry
+        # One frame may carry a whole file (browsers never fragment), so the
+        # frame limit is the file limit; the session enforces each transfer's
+        # declared size as frames arrive.  Autobahn treats 0 as "unlimited".
+        limit = max(settings.max_size, 1)
+        self.setProtocolOptions(
+            maxMessagePayloadSize=limit,
+            maxFramePayloadSize=limit,
+            failByDrop=False,
+            webStatus=False,
+            openHandshakeTimeout=settings.open_handshake_timeout,
+            autoPingInterval=settings.auto_ping_interval,
+            autoPingTimeout=settings.auto_ping_timeout,
+        )

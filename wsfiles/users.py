@@ -1,0 +1,157 @@
+"""The users file: client names and hashes of their tokens.
+
+One line per client::
+
+    NAME TOKEN_ID scrypt$N$r$p$SALT_HEX$HASH_HEX
+
+A token is ``TOKEN_ID.SECRET`` (both hex).  The id finds the line without
+trying every hash; only the scrypt hash of the secret is stored, with a salt
+of its own.  Lines starting with ``#`` and blank lines are ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from wsfiles.names import is_valid_client_name
+
+_log = Logger()
+
+# scrypt cost: about 16 MiB and a few tens of milliseconds; the secret is
+# 128 random bits, so this guards a leaked users file, not weak passwords.
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+
+class UsersFileError(Exception):
+    """The users file is unreadable or malformed, or a change was refused."""
+
+
+@dataclass(frozen=True)
+class UserEntry:
+    name: str
+    token_id: str
+    hashed: str
+
+
+def _hash_secret(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    return hashlib.scrypt(
+        secret.encode(), salt=salt, n=n, r=r, p=p, maxmem=64 * 1024 * 1024, dklen=32
+    )
+
+
+def _verify(secret: str, hashed: str) -> bool:
+    try:
+        scheme, n, r, p, salt_hex, hash_hex = hashed.split("$")
+        if scheme != "scrypt":
+            return False
+        expected = bytes.fromhex(hash_hex)
+        actual = _hash_secret(secret, bytes.fromhex(salt_hex), int(n), int(r), int(p))
+    except ValueError:
+        return False
+    return hmac.compare_digest(expected, actual)
+
+
+def parse_users(text: str, path: str = "users file") -> dict[str, UserEntry]:
+    """Parse a users file into entries keyed by token id."""
+    entries: dict[str, UserEntry] = {}
+    names: set[str] = set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) != 3 or not is_valid_client_name(fields[0]):
+            raise UsersFileError(f"{path}:{number}: expected 'NAME TOKEN_ID HASH'")
+        entry = UserEntry(*fields)
+        if entry.name in names or entry.token_id in entries:
+            raise UsersFileError(f"{path}:{number}: duplicate user {entry.name!r}")
+        names.add(entry.name)
+        entries[entry.token_id] = entry
+    return entries
+
+
+def read_users_file(path: str) -> dict[str, UserEntry]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return parse_users(f.read(), path)
+    except OSError as e:
+        raise UsersFileError(f"cannot read users file {path}: {e.strerror}") from e
+
+
+def add_user(path: str, name: str) -> str:
+    """Add ``name`` with a fresh random token; return the token.
+
+    Creates the file with mode 0600 if it does not exist.
+    """
+    if not is_valid_client_name(name):
+        raise UsersFileError(
+            f"{name!r} is not a valid client name: use 1-64 of A-Z a-z 0-9 _ . -,"
+            " not starting with a dot"
+        )
+    existing = read_users_file(path) if os.path.exists(path) else {}
+    if any(entry.name == name for entry in existing.values()):
+        raise UsersFileError(f"user {name!r} already exists in {path}")
+    token_id = secrets.token_hex(8)
+    secret = secrets.token_hex(16)
+    salt = secrets.token_bytes(16)
+    digest = _hash_secret(secret, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    hashed = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(f"{name} {token_id} {hashed}\n")
+    return f"{token_id}.{secret}"
+
+
+class UserDirectory:
+    """Authenticates tokens against a users file.
+
+    The file is re-read when its modification time changes, so
+    ``wsfiles user add`` takes effect without a restart.  A file that
+    becomes unreadable or malformed keeps the last good version in force.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._entries = read_users_file(path)
+        self._stamp = self._file_stamp()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def _refresh(self) -> None:
+        stamp = self._file_stamp()
+        if stamp == self._stamp or stamp is None:
+            return
+        try:
+            self._entries = read_users_file(self.path)
+        except UsersFileError as e:
+            _log.error("keeping the previous users: {error}", error=str(e))
+        self._stamp = stamp
+
+    def authenticate(self, token: str) -> Deferred:
+        """Fire with the client name for ``token``, or None.
+
+        The hash runs in a thread: scrypt takes tens of milliseconds.
+        """
+        self._refresh()
+        token_id, dot, secret = token.partition(".")
+        entry = self._entries.get(token_id) if dot else None
+        if entry is None:
+            from twisted.internet.defer import succeed
+
+            return succeed(None)
+        d = threads.deferToThread(_verify, secret, entry.hashed)
+        d.addCallback(lambda ok: entry.name if ok else None)
+        return d
