@@ -30,6 +30,7 @@ def _with_timeout(awaitable: Any, seconds: float) -> Deferred:
 
 # -- the dirty-reactor check --------------------------------------------------
 
+
 def _is_waker(selectable: Any) -> bool:
     """The reactor's own wakers appear when it starts: they are not leaks."""
     return "Waker" in type(selectable).__name__
@@ -59,6 +60,7 @@ def clean_reactor():
 
 
 # -- an in-process server -----------------------------------------------------
+
 
 class _TrackedConnection(policies.ProtocolWrapper):
     def connectionMade(self) -> None:
@@ -134,6 +136,7 @@ def server_factory(tmp_path):
 
 
 # -- a real twistd process ----------------------------------------------------
+
 
 class _TwistdProtocol(protocol.ProcessProtocol):
     def __init__(self) -> None:

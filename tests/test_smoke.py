@@ -1,5 +1,7 @@
 import io
+
 import pytest_twisted
+
 
 @pytest_twisted.ensureDeferred
 async def test_roundtrip(server):

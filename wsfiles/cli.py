@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = user_commands.add_parser(
         "add", help="add a client with a fresh token; prints the token alone on stdout"
     )
-    add.add_argument("--users", required=True, metavar="FILE", help="users file (created mode 0600)")
+    add.add_argument(
+        "--users", required=True, metavar="FILE", help="users file (created mode 0600)"
+    )
     add.add_argument("name", help="client name: 1-64 of A-Z a-z 0-9 _ . -, no leading dot")
     add.set_defaults(run=_user_add)
     return parser

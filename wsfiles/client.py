@@ -27,7 +27,13 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTCP
 
 from wsfiles.config import SUBPROTOCOL
-from wsfiles.streaming import SEND_BUFFER, FileStreamer, HashingConsumer, MessageFrames, StreamFailed
+from wsfiles.streaming import (
+    SEND_BUFFER,
+    FileStreamer,
+    HashingConsumer,
+    MessageFrames,
+    StreamFailed,
+)
 
 #: Client-side error codes (the server's are in docs/protocol.md).
 CONNECTION_FAILED = "connection_failed"

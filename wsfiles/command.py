@@ -130,4 +130,3 @@ class CommandChannelFactory(WebSocketServerFactory):
             autoPingInterval=settings.auto_ping_interval,
             autoPingTimeout=settings.auto_ping_timeout,
         )
-

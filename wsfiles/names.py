@@ -34,9 +34,7 @@ def check_file_name(name: object) -> str:
     try:
         encoded = name.encode("utf-8")
     except UnicodeEncodeError:
-        raise errors.ProtocolError(
-            errors.INVALID_NAME, "the name is not valid Unicode"
-        ) from None
+        raise errors.ProtocolError(errors.INVALID_NAME, "the name is not valid Unicode") from None
     if len(encoded) > MAX_NAME_BYTES:
         raise errors.ProtocolError(
             errors.INVALID_NAME, f"the name is longer than {MAX_NAME_BYTES} bytes"

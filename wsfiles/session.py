@@ -15,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 from twisted.internet import defer, interfaces
 from twisted.internet.defer import Deferred
@@ -147,9 +148,7 @@ class CommandSession:
             "binary data belongs on the file channel; nothing was stored",
         )
 
-    def _in_order(
-        self, handler: Callable[[], Awaitable[None]], request_id: RequestId
-    ) -> Deferred:
+    def _in_order(self, handler: Callable[[], Awaitable[None]], request_id: RequestId) -> Deferred:
         async def guarded() -> None:
             await self._reporting_errors(handler, request_id)
 
@@ -411,8 +410,7 @@ class CommandSession:
         if receive.received != receive.size:
             self._fail_receive(
                 errors.SIZE_MISMATCH,
-                f"received {receive.received} bytes, declared {receive.size};"
-                " nothing was stored",
+                f"received {receive.received} bytes, declared {receive.size}; nothing was stored",
             )
             self._discarding = False
             return

@@ -16,12 +16,13 @@ Local layout (see docs/protocol.md):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from twisted.internet import defer, interfaces, threads
 from twisted.internet.defer import Deferred
@@ -113,9 +114,7 @@ class IStorage(Interface):
 
 def _open_dir_nofollow(path: str, *, dir_fd: int | None = None) -> int:
     """Open a directory without following a symlink in its last component."""
-    return os.open(
-        path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
-    )
+    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
 @implementer(IStorage)
@@ -308,10 +307,8 @@ class LocalUpload:
         self._remove_temp()
 
     def _remove_temp(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self._temp_path)
-        except FileNotFoundError:
-            pass
 
 
 @implementer(IDownload)

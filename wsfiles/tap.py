@@ -42,8 +42,18 @@ class Options(usage.Options):
     )
     optParameters = [
         ["root", "r", "./wsfiles-data", "Folder holding the clients' files (created if missing)."],
-        ["max-size", None, "1G", "Largest file accepted, in bytes; K/M/G/T suffixes are powers of 1024."],
-        ["users", None, None, "Users file (see 'wsfiles user add'); without it every client is anonymous."],
+        [
+            "max-size",
+            None,
+            "1G",
+            "Largest file accepted, in bytes; K/M/G/T suffixes are powers of 1024.",
+        ],
+        [
+            "users",
+            None,
+            None,
+            "Users file (see 'wsfiles user add'); without it every client is anonymous.",
+        ],
         ["channel-timeout", None, "30", "Seconds a client has to open an offered file channel."],
     ]
 
@@ -58,7 +68,9 @@ class Options(usage.Options):
         try:
             endpoints.serverFromString(reactor, description)
         except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(f"--listen {description!r} is not a valid endpoint: {e}") from None
+            raise usage.UsageError(
+                f"--listen {description!r} is not a valid endpoint: {e}"
+            ) from None
         self["listen"].append(description)
 
     def postOptions(self) -> None:
