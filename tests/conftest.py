@@ -156,7 +156,9 @@ class _TwistdProtocol(protocol.ProcessProtocol):
     def processEnded(self, reason: Any) -> None:
         if not self.listening.called:
             self.listening.errback(RuntimeError(f"twistd exited:\n{self.output.decode()}"))
-        self.ended.callback(reason.value.exitCode)
+        # twistd re-raises the signal that stopped it: SIGTERM ends it "by signal".
+        value = reason.value
+        self.ended.callback(value.exitCode if value.exitCode is not None else -value.signal)
 
 
 @dataclass
@@ -165,19 +167,22 @@ class TwistdServer:
     proto: _TwistdProtocol
     url: str
     root: Path
+    exit_code: int | None = None
 
     @property
     def output(self) -> str:
         return self.proto.output.decode(errors="replace")
 
     async def stop(self) -> int | None:
-        if not self.proto.ended.called:
+        """SIGTERM, then the exit code, or -SIGNAL (later calls just return it)."""
+        if self.exit_code is None:
             self.process.signalProcess("TERM")
-        return await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
+            self.exit_code = await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
+        return self.exit_code
 
     async def kill(self) -> None:
         self.process.signalProcess("KILL")
-        await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
+        self.exit_code = await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
 
 
 def twistd_args(*args: str) -> list[str]:
@@ -211,3 +216,25 @@ def twistd_factory(tmp_path):
     yield factory
     for srv in started:
         pytest_twisted.blockon(Deferred.fromCoroutine(srv.stop()))
+
+
+# -- raw handshakes -----------------------------------------------------------
+
+UPGRADE_HEADERS = {
+    "Connection": ["Upgrade"],
+    "Upgrade": ["websocket"],
+    "Sec-WebSocket-Version": ["13"],
+    "Sec-WebSocket-Key": ["dGhlIHNhbXBsZSBub25jZQ=="],
+}
+
+
+async def handshake_status(ws_url: str, path: str, headers: dict | None = None) -> int:
+    """The HTTP status a WebSocket opening handshake to ``path`` gets."""
+    import treq
+
+    http_url = ws_url.replace("ws://", "http://", 1) + path
+    response = await treq.get(
+        http_url, headers={**UPGRADE_HEADERS, **(headers or {})}, persistent=False
+    )
+    await response.text()
+    return response.code

@@ -10,6 +10,7 @@ import os
 
 from twisted.application import service, strports
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -94,17 +95,21 @@ class Options(usage.Options):
 class _AnnouncingEndpoint:
     """Wraps a server endpoint to log the address it actually bound.
 
-    Useful with port 0, and it is the line the tests wait for.
+    Useful with port 0, and it is the line the tests wait for.  It is logged
+    once the reactor runs, when signal handlers are in place: from then on
+    a SIGTERM stops the service cleanly.
     """
 
-    def __init__(self, endpoint, description: str) -> None:
+    def __init__(self, endpoint, description: str, reactor) -> None:
         self._endpoint = endpoint
         self._description = description
+        self._reactor = reactor
 
     def listen(self, factory):
         def announce(port):
             address = port.getHost()
-            _log.info(
+            self._reactor.callWhenRunning(
+                _log.info,
                 "wsfiles listening on {host}:{port} ({description})",
                 host=getattr(address, "host", ""),
                 port=getattr(address, "port", ""),
@@ -113,6 +118,17 @@ class _AnnouncingEndpoint:
             return port
 
         return self._endpoint.listen(factory).addCallback(announce)
+
+
+class WsfilesService(service.MultiService):
+    """The listeners; a listener that cannot bind stops start-up with one clear line."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            _log.critical("wsfiles cannot start: {error}", error=str(e))
+            raise SystemExit(f"wsfiles: {e}") from None
 
 
 def makeService(options: Options) -> service.IService:
@@ -130,9 +146,9 @@ def makeService(options: Options) -> service.IService:
     if swept:
         _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
     site = WsfilesSite(settings, storage, options["users"], reactor)
-    top = service.MultiService()
+    top = WsfilesService()
     for description in options["listen"]:
         listener = strports.service(description, site, reactor=reactor)
-        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description)
+        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, reactor)
         listener.setServiceParent(top)
     return top

@@ -1,0 +1,62 @@
+"""``twistd wsfiles`` options: defaults, sizes, and clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.python import usage
+
+from wsfiles.sizes import parse_size
+from wsfiles.tap import DEFAULT_LISTEN, Options
+
+
+def parse(*argv: str) -> Options:
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults():
+    options = parse()
+    assert options["listen"] == [DEFAULT_LISTEN]
+    assert options["root"] == "./wsfiles-data"
+    assert options["max-size"] == 1024**3
+    assert options["channel-timeout"] == 30
+    assert options["users"] is None
+
+
+def test_listen_is_repeatable():
+    options = parse("--listen", "tcp:0", "--listen", "unix:/tmp/x.sock")
+    assert options["listen"] == ["tcp:0", "unix:/tmp/x.sock"]
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [("0", 0), ("512", 512), ("64K", 64 * 1024), ("3m", 3 * 1024**2), ("1G", 1024**3),
+     ("2T", 2 * 1024**4), ("10GiB", 10 * 1024**3)],
+)
+def test_sizes(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-size", "lots"], "--max-size"),
+        (["--max-size", "-1"], "--max-size"),
+        (["--max-size", "1.5G"], "--max-size"),
+        (["--channel-timeout", "soon"], "--channel-timeout"),
+        (["--channel-timeout", "0"], "--channel-timeout"),
+        (["--listen", "nonsense:1234"], "--listen"),
+        (["--users", "/nonexistent/users"], "users file"),
+    ],
+)
+def test_bad_values_are_usage_errors(argv, message):
+    with pytest.raises(usage.UsageError, match=message):
+        parse(*argv)
+
+
+def test_root_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(usage.UsageError, match="not a folder"):
+        parse("--root", str(path))

@@ -1,0 +1,44 @@
+"""The plugin and console script are visible the way users run them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from conftest import BIN
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_twistd_lists_the_plugin_from_another_directory(tmp_path):
+    # From the repo root the plugin is importable via cwd even when the
+    # install is broken; from elsewhere only a real install finds it.
+    result = subprocess.run(
+        [str(BIN / "twistd"), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wsfiles" in result.stdout
+
+
+def test_console_script_and_module_show_usage(tmp_path):
+    for argv in ([str(BIN / "wsfiles"), "--help"], [sys.executable, "-m", "wsfiles", "--help"]):
+        result = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "user" in result.stdout
+
+
+def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+         "-w", str(tmp_path), str(REPO)],
+        check=True, timeout=120, capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("wsfiles-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/wsfiles_plugin.py" in names
+    assert "wsfiles/tap.py" in names
+    assert not any(n.startswith("tests/") for n in names)
+    assert "twisted/__init__.py" not in names
+    assert "twisted/plugins/__init__.py" not in names

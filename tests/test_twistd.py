@@ -1,0 +1,108 @@
+"""The real ``twistd -n wsfiles`` process: start-up, auth, logs, transfers."""
+
+from __future__ import annotations
+
+import io
+import signal
+import socket
+import subprocess
+
+import pytest_twisted
+
+from conftest import BIN, handshake_status, twistd_args
+from wsfiles.client import WsfilesError, connect
+
+
+def add_user(users, name: str) -> str:
+    result = subprocess.run(
+        [str(BIN / "wsfiles"), "user", "add", "--users", str(users), name],
+        capture_output=True, text=True, timeout=60, check=True,
+    )
+    return result.stdout.strip()
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_service_round_trip(twistd_factory):
+    srv = await twistd_factory("--max-size", "8M")
+    client = await connect(srv.url)
+    try:
+        assert client.hello["client"] == "anonymous"
+        assert client.hello["max_size"] == 8 * 1024**2
+        data = bytes(range(256)) * 12_000  # ~3 MiB: many frames
+        await client.upload("big.bin", data)
+        assert (srv.root / "big.bin").read_bytes() == data
+        sink = io.BytesIO()
+        await client.download("big.bin", sink)
+        assert sink.getvalue() == data
+        assert [f["name"] for f in await client.list()] == ["big.bin"]
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_get_their_own_folders_and_wrong_tokens_get_401(twistd_factory, tmp_path):
+    users = tmp_path / "users"
+    alice, bob = add_user(users, "alice"), add_user(users, "bob")
+    srv = await twistd_factory("--users", str(users))
+
+    assert await handshake_status(srv.url, "/command") == 401
+    assert await handshake_status(srv.url, "/command?token=nope") == 401
+    assert await handshake_status(
+        srv.url, "/command", {"Authorization": ["Bearer " + alice + "x"]}
+    ) == 401
+
+    a = await connect(srv.url, alice)
+    b = await connect(srv.url, bob, token_in_query=True)
+    try:
+        assert a.hello["client"] == "alice" and b.hello["client"] == "bob"
+        await a.upload("secret.txt", b"alice's")
+        assert (srv.root / "alice" / "secret.txt").read_bytes() == b"alice's"
+        assert await b.list() == []
+        try:
+            await b.download("secret.txt", io.BytesIO())
+            raise AssertionError("bob read alice's file")
+        except WsfilesError as e:
+            assert e.code == "not_found"
+    finally:
+        await a.close()
+        await b.close()
+    # A user added while the service runs can log in without a restart.
+    carol = add_user(users, "carol")
+    c = await connect(srv.url, carol)
+    await c.close()
+
+    await srv.stop()
+    for token in (alice, bob, carol):
+        assert token not in srv.output
+        assert token.split(".")[1] not in srv.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_is_clean(twistd_factory):
+    srv = await twistd_factory()
+    assert await srv.stop() in (0, -signal.SIGTERM)  # twistd re-raises SIGTERM
+    assert "Traceback" not in srv.output
+
+
+def test_port_in_use_fails_at_start_up_with_a_clear_message(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            twistd_args("--listen", f"tcp:{port}:interface=127.0.0.1", "--root", str(tmp_path)),
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Address already in use" in output
+    assert "Traceback" not in output
+
+
+def test_bad_option_is_a_usage_error_without_traceback(tmp_path):
+    result = subprocess.run(
+        twistd_args("--max-size", "huge"), capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "--max-size" in output and "Traceback" not in output
