@@ -31,8 +31,15 @@ def test_listen_is_repeatable():
 
 @pytest.mark.parametrize(
     "text,expected",
-    [("0", 0), ("512", 512), ("64K", 64 * 1024), ("3m", 3 * 1024**2), ("1G", 1024**3),
-     ("2T", 2 * 1024**4), ("10GiB", 10 * 1024**3)],
+    [
+        ("0", 0),
+        ("512", 512),
+        ("64K", 64 * 1024),
+        ("3m", 3 * 1024**2),
+        ("1G", 1024**3),
+        ("2T", 2 * 1024**4),
+        ("10GiB", 10 * 1024**3),
+    ],
 )
 def test_sizes(text, expected):
     assert parse_size(text) == expected

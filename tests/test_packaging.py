@@ -31,9 +31,21 @@ def test_console_script_and_module_show_usage(tmp_path):
 
 def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-         "-w", str(tmp_path), str(REPO)],
-        check=True, timeout=120, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
     )
     (wheel,) = tmp_path.glob("wsfiles-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

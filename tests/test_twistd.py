@@ -8,15 +8,18 @@ import socket
 import subprocess
 
 import pytest_twisted
-
 from conftest import BIN, handshake_status, twistd_args
+
 from wsfiles.client import WsfilesError, connect
 
 
 def add_user(users, name: str) -> str:
     result = subprocess.run(
         [str(BIN / "wsfiles"), "user", "add", "--users", str(users), name],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     return result.stdout.strip()
 
@@ -47,9 +50,10 @@ async def test_users_get_their_own_folders_and_wrong_tokens_get_401(twistd_facto
 
     assert await handshake_status(srv.url, "/command") == 401
     assert await handshake_status(srv.url, "/command?token=nope") == 401
-    assert await handshake_status(
-        srv.url, "/command", {"Authorization": ["Bearer " + alice + "x"]}
-    ) == 401
+    assert (
+        await handshake_status(srv.url, "/command", {"Authorization": ["Bearer " + alice + "x"]})
+        == 401
+    )
 
     a = await connect(srv.url, alice)
     b = await connect(srv.url, bob, token_in_query=True)
@@ -91,7 +95,10 @@ def test_port_in_use_fails_at_start_up_with_a_clear_message(tmp_path):
         port = busy.getsockname()[1]
         result = subprocess.run(
             twistd_args("--listen", f"tcp:{port}:interface=127.0.0.1", "--root", str(tmp_path)),
-            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
         )
     assert result.returncode != 0
     output = result.stdout + result.stderr

@@ -8,15 +8,13 @@ import subprocess
 
 import pytest
 import pytest_twisted
-
 from conftest import BIN
+
 from wsfiles.users import UserDirectory, UsersFileError, add_user, parse_users
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(BIN / "wsfiles"), *args], capture_output=True, text=True, timeout=60
-    )
+    return subprocess.run([str(BIN / "wsfiles"), *args], capture_output=True, text=True, timeout=60)
 
 
 def test_user_add_prints_only_the_token_and_stores_only_a_hash(tmp_path):

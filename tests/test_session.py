@@ -1,0 +1,279 @@
+"""CommandSession without a network: fake channels, a fake clock, real folders."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet import interfaces, reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from zope.interface import implementer
+
+from wsfiles.pairing import PairingRegistry
+from wsfiles.session import CommandSession
+from wsfiles.storage import LocalStorage
+
+
+@implementer(interfaces.IConsumer)
+class FakeFileChannel:
+    """Records what the session sends; a consumer with no flow control."""
+
+    def __init__(self) -> None:
+        self.messages: list[bytes] = []
+        self._current: list[bytes] | None = None
+        self.closed_with: int | None = None
+        self.producer: Any = None
+
+    def begin_message(self) -> FakeFileChannel:
+        self._current = []
+        return self
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.producer = producer
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        assert self._current is not None
+        self._current.append(data)
+
+    def end_message(self) -> None:
+        assert self._current is not None
+        self.messages.append(b"".join(self._current))
+        self._current = None
+
+    def abort(self, code: int, reason: str) -> None:
+        self.closed_with = code
+
+    def close(self) -> None:
+        self.closed_with = 1000
+
+
+class Harness:
+    def __init__(self, tmp_path, max_size: int = 1000) -> None:
+        self.clock = Clock()
+        self.storage = LocalStorage(str(tmp_path / "root"))
+        self.registry = PairingRegistry(self.clock, channel_timeout=5)
+        self.sent: list[dict[str, Any]] = []
+        self._waiting: dict[str, Deferred] = {}
+        self.session = CommandSession(
+            "anonymous", self.storage.folder(None), self.registry, max_size, self._record
+        )
+        self.session.start()
+        self.channel = FakeFileChannel()
+
+    def _record(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+        waiter = self._waiting.pop(message["op"], None)
+        if waiter is not None:
+            waiter.callback(message)
+
+    def reply(self, op: str) -> Deferred:
+        """The next message ``op`` (commits fsync in a thread, so it comes later)."""
+        self._waiting[op] = Deferred()
+        return self._waiting[op].addTimeout(10, reactor)
+
+    def command(self, **message: Any) -> None:
+        self.session.text_received(json.dumps(message).encode())
+
+    def attach(self) -> None:
+        """Redeem the ticket from the last ``channel`` message, as transfer.py does."""
+        ticket = self.sent[-1]["url"].split("ticket=")[1]
+        holder = self.registry.redeem(ticket)
+        assert holder is self.session
+        self.session.claim(self.channel)
+        self.session.attach(self.channel)
+
+    def upload(self, data: bytes, frames: int = 1) -> None:
+        self.session.file_message_begin(True)
+        step = max(1, len(data) // frames)
+        for i in range(0, len(data), step):
+            chunk = data[i : i + step]
+            if not self.session.file_frame_begin(len(chunk)):
+                return
+            self.session.file_data(chunk)
+        self.session.file_message_end()
+
+    @property
+    def ops(self) -> list[str]:
+        return [m["op"] if m["op"] != "error" else "error:" + m["code"] for m in self.sent]
+
+    @property
+    def root(self):
+        return self.storage.root
+
+
+@pytest.fixture
+def h(tmp_path):
+    harness = Harness(tmp_path)
+    yield harness
+    harness.session.close()
+
+
+def test_hello_first(h):
+    assert h.sent[0] == {
+        "op": "hello",
+        "protocol": 1,
+        "client": "anonymous",
+        "max_size": 1000,
+        "files": [],
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_save_offers_channel_then_stores_atomically(h, tmp_path):
+    h.command(op="save", name="a.txt", size=5, id="s1")
+    assert h.sent[-1]["op"] == "channel" and h.sent[-1]["id"] == "s1"
+    h.attach()
+    assert h.sent[-1] == {"op": "ready", "id": "s1"}
+    h.upload(b"hello", frames=2)
+    ack = await h.reply("ack")
+    assert ack == {
+        "op": "ack",
+        "id": "s1",
+        "name": "a.txt",
+        "size": 5,
+        "sha256": hashlib.sha256(b"hello").hexdigest(),
+    }
+    with open(f"{h.root}/a.txt", "rb") as f:
+        assert f.read() == b"hello"
+
+
+def test_channel_timeout_then_a_new_ticket(h):
+    h.command(op="get", name="missing")
+    assert h.ops[-1] == "error:not_found"
+    h.command(op="save", name="a", size=1, id=1)
+    assert h.ops[-1] == "channel"
+    h.clock.advance(5)
+    assert h.sent[-1]["code"] == "channel_timeout" and h.sent[-1]["id"] == 1
+    assert h.registry.pending_tickets == 0
+    h.command(op="save", name="a", size=1, id=2)
+    assert h.ops[-1] == "channel" and h.sent[-1]["id"] == 2
+
+
+def test_list_is_answered_while_a_save_waits_for_data(h):
+    h.command(op="save", name="a", size=3)
+    h.attach()
+    h.command(op="list", id="L")
+    assert h.sent[-1] == {"op": "list", "id": "L", "files": []}
+
+
+@pytest.mark.parametrize(
+    "payload,code",
+    [
+        (b"not json", "bad_request"),
+        (b"[1,2]", "bad_request"),
+        (b"{}", "bad_request"),
+        (b'{"op": 3}', "bad_request"),
+        (b'{"op": "list", "id": true}', "bad_request"),
+        (b'{"op": "list", "id": 1.5}', "bad_request"),
+        (b'{"op": "frobnicate"}', "unknown_op"),
+        (b'{"op": "save", "name": "a"}', "bad_request"),
+        (b'{"op": "save", "name": "a", "size": -1}', "bad_request"),
+        (b'{"op": "save", "name": "a", "size": 1.0}', "bad_request"),
+        (b'{"op": "save", "name": "a", "size": true}', "bad_request"),
+        (b'{"op": "save", "name": "a", "size": 1001}', "too_large"),
+        (b'{"op": "save", "name": 5, "size": 1}', "bad_request"),
+        (b'{"op": "save", "name": "..", "size": 1}', "invalid_name"),
+        (b'{"op": "save", "name": "a/b", "size": 1}', "invalid_name"),
+        (b'{"op": "get", "name": ".wsfiles-tmp"}', "invalid_name"),
+        (b'{"op": "get", "name": "\\ud800"}', "invalid_name"),
+        (b"[" * 100000 + b"]" * 100000, "bad_request"),
+    ],
+)
+def test_bad_commands_get_stable_codes_and_the_session_goes_on(h, payload, code):
+    h.session.text_received(payload)
+    assert h.ops[-1] == f"error:{code}"
+    h.command(op="list")
+    assert h.ops[-1] == "list"
+    assert h.registry.pending_tickets == 0
+
+
+def test_oversized_frame_is_refused_before_its_bytes(h):
+    h.command(op="save", name="a", size=10)
+    h.attach()
+    h.session.file_message_begin(True)
+    assert h.session.file_frame_begin(11) is False
+    assert h.ops[-1] == "error:size_mismatch"
+    assert h.session.file_frame_begin(2000) is True  # discarded from now on
+    h.session.file_message_end()
+    assert _temp_files(h) == []
+
+
+def test_frame_beyond_max_size_is_too_large(h):
+    h.command(op="save", name="a", size=10)
+    h.attach()
+    h.session.file_message_begin(True)
+    assert h.session.file_frame_begin(1001) is False
+    assert h.ops[-1] == "error:too_large"
+
+
+def test_short_message_is_a_size_mismatch_and_the_channel_goes_on(h):
+    h.command(op="save", name="a", size=10)
+    h.attach()
+    h.upload(b"12345")
+    assert h.ops[-1] == "error:size_mismatch"
+    assert h.channel.closed_with is None
+    assert _temp_files(h) == []
+    h.session.file_message_begin(True)
+    assert h.ops[-1] == "error:unexpected_data"
+
+
+def test_text_on_the_file_channel_is_not_executed(h):
+    h.command(op="save", name="a", size=2)
+    h.attach()
+    h.session.file_message_begin(False)
+    h.session.file_data(b'{"op":"list"}')
+    h.session.file_message_end()
+    assert h.ops[-1] == "error:wrong_channel"
+    h.upload(b"ok")  # the save still waits for its data
+
+
+def test_binary_on_the_command_channel(h):
+    h.session.binary_received()
+    assert h.ops[-1] == "error:wrong_channel"
+
+
+def test_file_channel_lost_mid_upload_removes_the_temp_file(h):
+    h.command(op="save", name="a", size=10, id=4)
+    h.attach()
+    h.session.file_message_begin(True)
+    h.session.file_frame_begin(10)
+    h.session.file_data(b"12345")
+    assert len(_temp_files(h)) == 1
+    h.session.detach(h.channel)
+    assert h.sent[-1]["code"] == "channel_closed" and h.sent[-1]["id"] == 4
+    assert _temp_files(h) == []
+    h.command(op="save", name="a", size=1)
+    assert h.ops[-1] == "channel"
+
+
+def test_closing_the_session_revokes_tickets_and_aborts(h):
+    h.command(op="save", name="a", size=10)
+    assert h.registry.pending_tickets == 1
+    h.session.close()
+    assert h.registry.pending_tickets == 0
+    assert h.clock.getDelayedCalls() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_get_streams_one_message_and_its_hash(h):
+    data = bytes(range(256)) * 2000
+    with open(f"{h.root}/f.bin", "wb") as f:
+        f.write(data)
+    h.command(op="get", name="f.bin", id=1)
+    h.attach()
+    assert h.channel.messages == [data]
+    assert h.sent[-2] == {"op": "sending", "id": 1, "name": "f.bin", "size": len(data)}
+    assert h.sent[-1]["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def _temp_files(h: Harness) -> list[str]:
+    import os
+
+    return os.listdir(os.path.join(h.root, ".wsfiles-tmp"))
