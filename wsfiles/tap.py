@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from autobahn.websocket.xormasker import USES_NVX
 from twisted.application import service, strports
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
@@ -142,6 +143,11 @@ def makeService(options: Options) -> service.IService:
         storage = LocalStorage(options["root"])
     except OSError as e:
         raise usage.UsageError(f"cannot use --root {options['root']!r}: {e.strerror}") from None
+    if not USES_NVX:
+        _log.warn(
+            "Autobahn's native accelerator (NVX) is off: uploads will be unmasked"
+            " in pure Python, several times slower (is AUTOBAHN_USE_NVX=0 set?)"
+        )
     swept = storage.sweep_temporary_files()
     if swept:
         _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
