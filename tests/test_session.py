@@ -13,7 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from wsfiles.config import Settings
 from wsfiles.pairing import PairingRegistry
+from wsfiles.quota import QuotaLedger
 from wsfiles.session import CommandSession
 from wsfiles.storage import LocalStorage
 
@@ -27,6 +29,8 @@ class FakeFileChannel:
         self._current: list[bytes] | None = None
         self.closed_with: int | None = None
         self.producer: Any = None
+        #: Act like a peer that stops reading: pause the producer for good.
+        self.pause_after_first_write = False
 
     def begin_message(self) -> FakeFileChannel:
         self._current = []
@@ -41,6 +45,8 @@ class FakeFileChannel:
     def write(self, data: bytes) -> None:
         assert self._current is not None
         self._current.append(data)
+        if self.pause_after_first_write and self.producer is not None:
+            self.producer.pauseProducing()
 
     def end_message(self) -> None:
         assert self._current is not None
@@ -55,14 +61,25 @@ class FakeFileChannel:
 
 
 class Harness:
-    def __init__(self, tmp_path, max_size: int = 1000) -> None:
+    def __init__(
+        self, tmp_path, max_size: int = 1000, quota: QuotaLedger | None = None, **settings: Any
+    ) -> None:
         self.clock = Clock()
         self.storage = LocalStorage(str(tmp_path / "root"))
         self.registry = PairingRegistry(self.clock, channel_timeout=5)
         self.sent: list[dict[str, Any]] = []
         self._waiting: dict[str, Deferred] = {}
+        self.closed_with: tuple[int, str] | None = None
+        self.settings = Settings(max_size=max_size, **settings)
         self.session = CommandSession(
-            "anonymous", self.storage.folder(None), self.registry, max_size, self._record
+            "anonymous",
+            self.storage.folder(None),
+            self.registry,
+            self.settings,
+            self._record,
+            clock=self.clock,
+            close_connection=self._close,
+            quota=quota,
         )
         self.session.start()
         self.channel = FakeFileChannel()
@@ -72,6 +89,9 @@ class Harness:
         waiter = self._waiting.pop(message["op"], None)
         if waiter is not None:
             waiter.callback(message)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.closed_with = (code, reason)
 
     def reply(self, op: str) -> Deferred:
         """The next message ``op`` (commits fsync in a thread, so it comes later)."""
@@ -277,3 +297,108 @@ def _temp_files(h: Harness) -> list[str]:
     import os
 
     return os.listdir(os.path.join(h.root, ".wsfiles-tmp"))
+
+
+# -- hardening: idle, stall, rate limit, quota --------------------------------
+
+
+def test_idle_command_channel_is_closed_but_pings_do_not_count(tmp_path):
+    h = Harness(tmp_path, idle_timeout=300)
+    h.clock.advance(299)
+    h.command(op="list")  # activity restarts the deadline
+    h.clock.advance(299)
+    assert h.closed_with is None
+    h.clock.advance(1)
+    assert h.closed_with == (1000, "idle timeout")
+    h.session.close()
+
+
+def test_no_idle_timeout_while_a_transfer_runs(tmp_path):
+    h = Harness(tmp_path, idle_timeout=300, stall_timeout=30)
+    h.command(op="save", name="a", size=10)
+    h.attach()
+    h.session.file_message_begin(True)
+    h.session.file_frame_begin(10)
+    for _ in range(40):  # 400 s of slow but steady progress
+        h.clock.advance(10)
+        h.session.file_data(b"")
+    assert h.closed_with is None
+    h.session.close()
+
+
+def test_stalled_upload_fails_and_removes_its_temp_file(tmp_path):
+    h = Harness(tmp_path, stall_timeout=30)
+    h.command(op="save", name="a", size=10, id=3)
+    h.attach()
+    h.session.file_message_begin(True)
+    h.session.file_frame_begin(10)
+    h.session.file_data(b"12345")
+    h.clock.advance(29)
+    assert h.ops[-1] == "ready"
+    h.clock.advance(1)
+    assert h.sent[-1]["code"] == "stalled" and h.sent[-1]["id"] == 3
+    assert h.channel.closed_with == 1008
+    assert _temp_files(h) == []
+    h.session.close()
+
+
+def test_stalled_download_fails(tmp_path):
+    h = Harness(tmp_path, stall_timeout=30)
+    with open(f"{h.root}/f", "wb") as f:
+        f.write(b"x" * 1_000_000)
+    h.channel.pause_after_first_write = True
+    h.command(op="get", name="f", id=9)
+    h.attach()
+    assert h.ops[-1] == "sending"
+    h.clock.advance(30)
+    assert h.sent[-1]["code"] == "stalled" and h.sent[-1]["id"] == 9
+    assert h.channel.closed_with == 1008
+    h.session.close()
+
+
+def test_rate_limit_answers_each_excess_command_in_order(tmp_path):
+    h = Harness(tmp_path, rate_limit=5)
+    for i in range(8):
+        h.command(op="list", id=i)
+    replies = h.sent[1:]
+    assert [r["op"] for r in replies] == ["list"] * 5 + ["error"] * 3
+    assert [r["id"] for r in replies] == list(range(8))
+    assert {r["code"] for r in replies[5:]} == {"rate_limited"}
+    h.clock.advance(1)  # the bucket refills
+    h.command(op="list", id="later")
+    assert h.sent[-1]["op"] == "list"
+    assert h.closed_with is None
+    h.session.close()
+
+
+def test_a_command_flood_closes_the_connection(tmp_path):
+    h = Harness(tmp_path, rate_limit=5)
+    for _ in range(5 + 10 * 5 + 1):
+        h.command(op="list")
+    assert h.closed_with == (1008, "too many commands")
+    h.session.close()
+
+
+def test_quota_counts_replacements_and_uploads_in_flight(tmp_path):
+    ledger = QuotaLedger(100, lambda _: None)
+    h = Harness(tmp_path, quota=ledger)
+    with open(f"{h.root}/old", "wb") as f:
+        f.write(b"o" * 60)
+    h.command(op="save", name="new", size=41, id=1)
+    assert h.sent[-1]["code"] == "quota_exceeded"
+    h.command(op="save", name="old", size=100, id=2)  # replacing: only the difference
+    assert h.ops[-1] == "channel"
+    h.attach()
+    assert h.ops[-1] == "ready"
+    assert ledger.reserved("anonymous") == 100
+    h.command(op="save", name="other", size=1, id=3)  # the reservation holds
+    assert h.sent[-1]["code"] == "quota_exceeded"
+    h.session.close()
+    assert ledger.reserved("anonymous") == 0
+
+
+def test_quota_can_be_reached_exactly(tmp_path):
+    h = Harness(tmp_path, quota=QuotaLedger(100, lambda _: None))
+    h.command(op="save", name="all", size=100)
+    assert h.ops[-1] == "channel"
+    h.session.close()

@@ -1,7 +1,8 @@
 """The command channel (``/command``): JSON text frames in, JSON text frames out.
 
-A thin protocol: it authenticates the handshake, then hands each message to
-a ``CommandSession`` (session.py), which does all the work.
+A thin protocol: it vets the handshake (origin, token, connection limits),
+then hands each message to a ``CommandSession`` (session.py), which does all
+the work.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.interfaces import IReactorTime, ISSLTransport
 from twisted.logger import Logger
 
+from wsfiles.admission import ConnectionSlots, origin_allowed
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
+from wsfiles.quota import QuotaLedger
 from wsfiles.session import CommandSession
 from wsfiles.storage import IStorage
 from wsfiles.users import UserDirectory
@@ -34,20 +38,50 @@ def bearer_token(request: ConnectionRequest) -> str | None:
     return tokens[0] if tokens else None
 
 
-class CommandChannelProtocol(WebSocketServerProtocol):
+class HandshakeVetting:
+    """What both channels check before they answer 101."""
+
+    factory: Any
+    transport: Any
+    peer: str
+
+    def check_origin(self, request: ConnectionRequest) -> None:
+        secure = ISSLTransport.providedBy(self.transport)
+        origin = request.headers.get("origin")
+        if not origin_allowed(origin, request.host, self.factory.settings.allow_origins, secure):
+            _log.info(
+                "refused a handshake from {peer}: origin {origin!r} not allowed",
+                peer=self.peer,
+                origin=origin,
+            )
+            raise ConnectionDeny(403, "origin not allowed")
+
+    def onOpen(self) -> None:
+        self.factory.deadlines.met(self.transport)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.deadlines.met(self.transport)
+        super().connectionLost(reason)  # type: ignore[misc]
+
+
+class CommandChannelProtocol(HandshakeVetting, WebSocketServerProtocol):
     """Translates command-channel frames into CommandSession calls."""
 
     factory: CommandChannelFactory
     session: CommandSession | None = None
     _client: str | None = None
+    _slot: tuple[str, str] | None = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
+        self.check_origin(request)
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
         users = self.factory.users
         if users is None:
+            self._take_slot(ANONYMOUS)
             return subprotocol
         token = bearer_token(request)
         if not token:
+            _log.info("refused a command channel from {peer}: no token", peer=self.peer)
             raise ConnectionDeny(401, "a token is required")
 
         def authenticated(name: str | None) -> str | None:
@@ -55,25 +89,49 @@ class CommandChannelProtocol(WebSocketServerProtocol):
                 _log.info("refused a command channel from {peer}: wrong token", peer=self.peer)
                 raise ConnectionDeny(401, "wrong token")
             self._client = name
+            self._take_slot(name)
             return subprotocol
 
         return users.authenticate(token).addCallback(authenticated)
 
+    def _take_slot(self, client: str) -> None:
+        ip = getattr(self.transport.getPeer(), "host", "")
+        slots = self.factory.slots
+        refusal = slots.refusal(client, ip)
+        if refusal is not None:
+            status, reason = refusal
+            _log.warn(
+                "refused a command channel for {client} from {ip}: {reason}",
+                client=client,
+                ip=ip,
+                reason=reason,
+            )
+            raise ConnectionDeny(status, reason)
+        slots.take(client, ip)
+        self._slot = (client, ip)
+
     def onOpen(self) -> None:
+        super().onOpen()
         factory = self.factory
         client = self._client or ANONYMOUS
         self.session = CommandSession(
             client=client,
             folder=factory.storage.folder(self._client),
             registry=factory.registry,
-            max_size=factory.settings.max_size,
+            settings=factory.settings,
             send=self._send_json,
+            clock=factory.clock,
+            close_connection=self._close,
+            quota=factory.quota,
         )
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
         self.session.start()
 
     def _send_json(self, message: dict[str, Any]) -> None:
         self.sendMessage(json.dumps(message).encode("utf-8"), isBinary=False)
+
+    def _close(self, code: int, reason: str) -> None:
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
     # Text messages are buffered by Autobahn (they are small: the factory
     # limits them); binary ones are refused at their first byte and their
@@ -100,6 +158,9 @@ class CommandChannelProtocol(WebSocketServerProtocol):
             self.session.text_received(payload)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if self._slot is not None:
+            self.factory.slots.release(*self._slot)
+            self._slot = None
         if self.session is not None:
             _log.info("client {client} disconnected", client=self.session.client)
             self.session.close()
@@ -115,18 +176,25 @@ class CommandChannelFactory(WebSocketServerFactory):
         storage: IStorage,
         registry: PairingRegistry,
         users: UserDirectory | None,
+        *,
+        clock: IReactorTime,
+        deadlines: Any,
     ) -> None:
         super().__init__()
         self.settings = settings
         self.storage = storage
         self.registry = registry
         self.users = users
+        self.clock = clock
+        self.deadlines = deadlines
+        self.slots = ConnectionSlots(settings.limits)
+        self.quota = QuotaLedger(settings.quota, users.quota_of if users else lambda _: None)
         self.setProtocolOptions(
             maxMessagePayloadSize=COMMAND_MESSAGE_LIMIT,
             maxFramePayloadSize=COMMAND_MESSAGE_LIMIT,
             failByDrop=False,
             webStatus=False,
-            openHandshakeTimeout=settings.open_handshake_timeout,
+            openHandshakeTimeout=settings.handshake_timeout,
             autoPingInterval=settings.auto_ping_interval,
             autoPingTimeout=settings.auto_ping_timeout,
         )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from wsfiles.admission import Limits
 
 SUBPROTOCOL = "wsfiles.v1"
 COMMAND_MESSAGE_LIMIT = 64 * 1024
@@ -14,6 +16,18 @@ class Settings:
 
     max_size: int = 1024**3
     channel_timeout: float = 30.0
-    open_handshake_timeout: float = 30.0
-    auto_ping_interval: float = 60.0
+    #: From TCP accept to the 101 answer; not re-armed by incoming bytes.
+    handshake_timeout: float = 10.0
+    #: A command channel with no command and no transfer for this long is closed.
+    idle_timeout: float = 600.0
+    #: A transfer that moves no byte for this long fails with ``stalled``.
+    stall_timeout: float = 60.0
+    auto_ping_interval: float = 30.0
     auto_ping_timeout: float = 30.0
+    #: Commands per second per command channel (token bucket, bursts of this size).
+    rate_limit: float = 50.0
+    #: Origins allowed besides the service's own (``*``: any).
+    allow_origins: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    #: Bytes per client folder; None: unlimited.  The users file may override it.
+    quota: int | None = None

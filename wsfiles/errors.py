@@ -17,6 +17,9 @@ CHANNEL_TIMEOUT = "channel_timeout"
 CHANNEL_CLOSED = "channel_closed"
 STORAGE_ERROR = "storage_error"
 INTERNAL_ERROR = "internal_error"
+STALLED = "stalled"
+RATE_LIMITED = "rate_limited"
+QUOTA_EXCEEDED = "quota_exceeded"
 
 
 class ProtocolError(Exception):

@@ -21,16 +21,23 @@ from typing import Any, Protocol
 
 from twisted.internet import defer, interfaces
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from wsfiles import errors
+from wsfiles.admission import TokenBucket
+from wsfiles.config import Settings
 from wsfiles.errors import ProtocolError
 from wsfiles.names import check_file_name
 from wsfiles.pairing import PairingRegistry
+from wsfiles.quota import QuotaLedger
 from wsfiles.storage import IDownload, IFolder, IUpload, NotFound, StorageFailure
 from wsfiles.streaming import HashingConsumer, StreamFailed
+from wsfiles.timers import Deadline
 
 PROTOCOL_VERSION = 1
+#: WebSocket close code for a channel dropped by policy (a stalled transfer).
+CLOSE_POLICY = 1008
 
 _log = Logger()
 
@@ -87,14 +94,24 @@ class CommandSession:
         client: str,
         folder: IFolder,
         registry: PairingRegistry,
-        max_size: int,
+        settings: Settings,
         send: Callable[[dict[str, Any]], None],
+        *,
+        clock: IReactorTime,
+        close_connection: Callable[[int, str], None],
+        quota: QuotaLedger | None = None,
     ) -> None:
         self.client = client
         self.folder = folder
         self.registry = registry
-        self.max_size = max_size
+        self.max_size = settings.max_size
+        self.quota = quota
         self._send_json = send
+        self._close_connection = close_connection
+        self._idle = Deadline(clock, settings.idle_timeout, self._idle_expired)
+        self._stall = Deadline(clock, settings.stall_timeout, self._stall_expired)
+        self._bucket = TokenBucket(settings.rate_limit, clock)
+        self._stalled = False
         self._commands: Deferred = defer.succeed(None)
         self._transfers: deque[Callable[[], Awaitable[None]]] = deque()
         self._transferring = False
@@ -135,11 +152,40 @@ class CommandSession:
                 }
             )
 
+        self._idle.reset()
         return self._in_order(hello, None)
 
     def text_received(self, payload: bytes) -> None:
         """A command arrived: handle it after the ones before it."""
-        self._in_order(lambda: self._dispatch(payload), None)
+        if not self._busy:
+            self._idle.reset()
+        if self._bucket.take():
+            self._in_order(lambda: self._dispatch(payload), None)
+        elif self._bucket.flooding:
+            _log.warn("closing {client}'s command channel: command flood", client=self.client)
+            self._close_connection(1008, "too many commands")
+        else:
+            self._in_order(lambda: self._refuse_rate_limited(payload), None)
+
+    async def _refuse_rate_limited(self, payload: bytes) -> None:
+        try:
+            message = json.loads(payload)
+            request_id = _request_id(message) if isinstance(message, dict) else None
+        except (ValueError, RecursionError, ProtocolError):
+            request_id = None
+        self._send_error(
+            errors.RATE_LIMITED,
+            f"more than {self._bucket.rate:g} commands per second; this one was not run",
+            request_id,
+        )
+
+    @property
+    def _busy(self) -> bool:
+        return self._transferring or bool(self._transfers)
+
+    def _idle_expired(self) -> None:
+        _log.info("closing {client}'s idle command channel", client=self.client)
+        self._close_connection(1000, "idle timeout")
 
     def binary_received(self) -> None:
         """Data on the command channel: refused, nothing stored."""
@@ -207,6 +253,8 @@ class CommandSession:
             raise ProtocolError(
                 errors.TOO_LARGE, f"{size} bytes is over the limit of {self.max_size}"
             )
+        if self.quota is not None:
+            await self.quota.check(self.client, self.folder, name, size)
         self._enqueue(lambda: self._run_save(name, size, request_id), request_id)
 
     _handlers = {"list": _list, "get": _get, "save": _save}
@@ -216,6 +264,8 @@ class CommandSession:
         if self.closed:
             return
         self.closed = True
+        self._idle.cancel()
+        self._stall.cancel()
         self._transfers.clear()
         self.registry.revoke(self)
         if self._channel_waiter is not None:
@@ -231,6 +281,7 @@ class CommandSession:
 
     def _enqueue(self, transfer: Callable[[], Awaitable[None]], request_id: RequestId) -> None:
         self._transfers.append(lambda: self._reporting_errors(transfer, request_id))
+        self._idle.cancel()  # a command channel never idles out while it transfers
         if not self._transferring:
             Deferred.fromCoroutine(self._run_transfers())
 
@@ -241,6 +292,8 @@ class CommandSession:
                 await self._transfers.popleft()()
         finally:
             self._transferring = False
+            if not self.closed:
+                self._idle.reset()
 
     async def _file_channel_ready(self, request_id: RequestId) -> FileChannel:
         """The file channel, set up first if this session has none."""
@@ -260,10 +313,15 @@ class CommandSession:
         self._download = download
         try:
             self._send({"op": "sending", "name": name, "size": download.size}, request_id)
-            consumer = HashingConsumer(channel.begin_message())
+            consumer = HashingConsumer(channel.begin_message(), progress=self._stall.reset)
+            self._stalled = False
+            self._stall.reset()
             try:
                 await download.stream_to(consumer)
             except StreamFailed as e:
+                if self._stalled:
+                    channel.abort(CLOSE_POLICY, "transfer stalled")
+                    raise ProtocolError(errors.STALLED, self._stall_message) from None
                 if channel is not self._file_channel:
                     raise ProtocolError(
                         errors.CHANNEL_CLOSED, "the file channel closed during the transfer"
@@ -282,19 +340,43 @@ class CommandSession:
                 request_id,
             )
         finally:
+            self._stall.cancel()
             self._download = None
             download.close()
 
     async def _run_save(self, name: str, size: int, request_id: RequestId) -> None:
         await self._file_channel_ready(request_id)
-        upload = await self.folder.begin_upload(name, size)
-        receive = self._receive = _Receive(upload, size)
+        reservation = None
+        if self.quota is not None:
+            reservation = await self.quota.reserve(self.client, self.folder, name, size)
         try:
-            self._send({"op": "ready"}, request_id)
-            digest = await receive.done
+            upload = await self.folder.begin_upload(name, size)
+            receive = self._receive = _Receive(upload, size)
+            try:
+                self._send({"op": "ready"}, request_id)
+                self._stall.reset()
+                digest = await receive.done
+            finally:
+                self._stall.cancel()
+                self._receive = None
         finally:
-            self._receive = None
+            if reservation is not None:
+                reservation.release()
         self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
+
+    @property
+    def _stall_message(self) -> str:
+        return f"no progress for {self._stall.seconds:g} s; the transfer was abandoned"
+
+    def _stall_expired(self) -> None:
+        self._stalled = True
+        channel = self._file_channel
+        if self._receive is not None and not self._receive.finished:
+            self._fail_receive(errors.STALLED, self._stall_message)
+            if channel is not None:
+                channel.abort(CLOSE_POLICY, "transfer stalled")
+        elif self._download is not None:
+            self._download.stop()
 
     def _fail_receive(self, code: str, text: str) -> None:
         receive = self._receive
@@ -394,6 +476,7 @@ class CommandSession:
         receive = self._receive
         if self._discarding or receive is None or receive.finished:
             return
+        self._stall.reset()
         try:
             receive.upload.write(data)
         except StorageFailure as e:
@@ -415,6 +498,7 @@ class CommandSession:
             self._discarding = False
             return
         receive.finished = True
+        self._stall.cancel()
         d = receive.upload.commit()
         d.addCallbacks(
             lambda _: receive.done.callback(receive.sha256.hexdigest()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from twisted.internet import interfaces
@@ -114,8 +115,11 @@ class MessageFrames:
 class HashingConsumer:
     """Passes writes through to ``inner`` while computing their SHA-256."""
 
-    def __init__(self, inner: interfaces.IConsumer) -> None:
+    def __init__(
+        self, inner: interfaces.IConsumer, progress: Callable[[], None] | None = None
+    ) -> None:
         self._inner = inner
+        self._progress = progress
         self.sha256 = hashlib.sha256()
         self.written = 0
 
@@ -129,3 +133,5 @@ class HashingConsumer:
         self.sha256.update(data)
         self.written += len(data)
         self._inner.write(data)
+        if self._progress is not None:
+            self._progress()

@@ -15,6 +15,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
 
+from wsfiles.admission import Limits
 from wsfiles.config import Settings
 from wsfiles.sizes import parse_size
 from wsfiles.storage import LocalStorage
@@ -30,9 +31,19 @@ def _positive_seconds(option: str, text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise usage.UsageError(f"--{option} must be a number of seconds, not {text!r}") from None
+        raise usage.UsageError(f"--{option} must be a number, not {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise usage.UsageError(f"--{option} must be a positive number of seconds")
+        raise usage.UsageError(f"--{option} must be a positive number")
+    return value
+
+
+def _positive_count(option: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise usage.UsageError(f"--{option} must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise usage.UsageError(f"--{option} must be at least 1")
     return value
 
 
@@ -57,11 +68,51 @@ class Options(usage.Options):
             "Users file (see 'wsfiles user add'); without it every client is anonymous.",
         ],
         ["channel-timeout", None, "30", "Seconds a client has to open an offered file channel."],
+        [
+            "handshake-timeout",
+            None,
+            "10",
+            "Seconds from TCP accept to a completed WebSocket handshake.",
+        ],
+        [
+            "idle-timeout",
+            None,
+            "600",
+            "Seconds a command channel may stay silent while nothing transfers.",
+        ],
+        ["stall-timeout", None, "60", "Seconds a transfer may go without moving a byte."],
+        ["ping-interval", None, "30", "Seconds between WebSocket pings on quiet connections."],
+        ["ping-timeout", None, "30", "Seconds to wait for a pong before dropping a dead peer."],
+        ["max-connections", None, "4096", "Command channels open at once, in total."],
+        [
+            "max-connections-per-client",
+            None,
+            "256",
+            "Command channels open at once per client name.",
+        ],
+        [
+            "max-connections-per-ip",
+            None,
+            "256",
+            "Command channels open at once per remote address.",
+        ],
+        [
+            "rate-limit",
+            None,
+            "50",
+            "Commands per second per command channel (bursts of the same size).",
+        ],
+        ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override it."],
     ]
 
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+        self["allow-origin"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """Origin allowed besides the service's own, e.g. https://app.example (repeatable; '*' allows any)."""
+        self["allow-origin"].append(origin.strip())
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:8080:interface=127.0.0.1 (repeatable)."""
@@ -82,7 +133,23 @@ class Options(usage.Options):
             self["max-size"] = parse_size(self["max-size"])
         except ValueError as e:
             raise usage.UsageError(f"--max-size: {e}") from None
-        self["channel-timeout"] = _positive_seconds("channel-timeout", self["channel-timeout"])
+        for option in (
+            "channel-timeout",
+            "handshake-timeout",
+            "idle-timeout",
+            "stall-timeout",
+            "ping-interval",
+            "ping-timeout",
+            "rate-limit",
+        ):
+            self[option] = _positive_seconds(option, self[option])
+        for option in ("max-connections", "max-connections-per-client", "max-connections-per-ip"):
+            self[option] = _positive_count(option, self[option])
+        if self["quota"] is not None:
+            try:
+                self["quota"] = parse_size(self["quota"])
+            except ValueError as e:
+                raise usage.UsageError(f"--quota: {e}") from None
         if self["users"] is not None:
             try:
                 self["users"] = UserDirectory(self["users"])
@@ -138,6 +205,19 @@ def makeService(options: Options) -> service.IService:
     settings = Settings(
         max_size=options["max-size"],
         channel_timeout=options["channel-timeout"],
+        handshake_timeout=options["handshake-timeout"],
+        idle_timeout=options["idle-timeout"],
+        stall_timeout=options["stall-timeout"],
+        auto_ping_interval=options["ping-interval"],
+        auto_ping_timeout=options["ping-timeout"],
+        rate_limit=options["rate-limit"],
+        allow_origins=tuple(options["allow-origin"]),
+        limits=Limits(
+            total=options["max-connections"],
+            per_client=options["max-connections-per-client"],
+            per_ip=options["max-connections-per-ip"],
+        ),
+        quota=options["quota"],
     )
     try:
         storage = LocalStorage(options["root"])

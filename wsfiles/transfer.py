@@ -9,11 +9,14 @@ the file.
 
 from __future__ import annotations
 
+from typing import Any
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import interfaces
 from twisted.logger import Logger
 
+from wsfiles.command import HandshakeVetting
 from wsfiles.config import SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.session import CommandSession
@@ -24,13 +27,14 @@ _log = Logger()
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 
-class FileChannelProtocol(WebSocketServerProtocol):
+class FileChannelProtocol(HandshakeVetting, WebSocketServerProtocol):
     """Translates file-channel frames into CommandSession calls."""
 
     factory: FileChannelFactory
     session: CommandSession | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
+        self.check_origin(request)
         tickets = request.params.get("ticket")
         session = self.factory.registry.redeem(tickets[0]) if tickets else None
         if session is None:
@@ -42,6 +46,7 @@ class FileChannelProtocol(WebSocketServerProtocol):
         return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
     def onOpen(self) -> None:
+        super().onOpen()
         # Behind WebSocketResource the HTTPChannel is still registered as the
         # transport's producer; ours could not be registered otherwise.
         if getattr(self.transport, "producer", None) is not None:
@@ -101,10 +106,11 @@ class FileChannelProtocol(WebSocketServerProtocol):
 class FileChannelFactory(WebSocketServerFactory):
     protocol = FileChannelProtocol
 
-    def __init__(self, settings: Settings, registry: PairingRegistry) -> None:
+    def __init__(self, settings: Settings, registry: PairingRegistry, *, deadlines: Any) -> None:
         super().__init__()
         self.settings = settings
         self.registry = registry
+        self.deadlines = deadlines
         # One frame may carry a whole file (browsers never fragment), so the
         # frame limit is the file limit; the session enforces each transfer's
         # declared size as frames arrive.  Autobahn treats 0 as "unlimited".
@@ -114,7 +120,7 @@ class FileChannelFactory(WebSocketServerFactory):
             maxFramePayloadSize=limit,
             failByDrop=False,
             webStatus=False,
-            openHandshakeTimeout=settings.open_handshake_timeout,
+            openHandshakeTimeout=settings.handshake_timeout,
             autoPingInterval=settings.auto_ping_interval,
             autoPingTimeout=settings.auto_ping_timeout,
         )

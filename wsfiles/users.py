@@ -2,8 +2,10 @@
 
 One line per client::
 
-    NAME TOKEN_ID scrypt$N$r$p$SALT_HEX$HASH_HEX
+    NAME TOKEN_ID scrypt$N$r$p$SALT_HEX$HASH_HEX [quota=SIZE]
 
+The optional ``quota=SIZE`` (``10G``, powers of 1024) overrides ``--quota``
+for that client; ``quota=none`` lifts it.
 A token is ``TOKEN_ID.SECRET`` (both hex).  The id finds the line without
 trying every hash; only the scrypt hash of the secret is stored, with a salt
 of its own.  Lines starting with ``#`` and blank lines are ignored.
@@ -18,10 +20,11 @@ import secrets
 from dataclasses import dataclass
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from wsfiles.names import is_valid_client_name
+from wsfiles.sizes import parse_size
 
 _log = Logger()
 
@@ -39,6 +42,18 @@ class UserEntry:
     name: str
     token_id: str
     hashed: str
+    #: Bytes; None: the service's default.  NO_QUOTA: unlimited.
+    quota: int | None = None
+
+
+NO_QUOTA = -1
+
+
+def _parse_quota(field: str) -> int:
+    key, _, value = field.partition("=")
+    if key != "quota" or not value:
+        raise ValueError(f"expected quota=SIZE, not {field!r}")
+    return NO_QUOTA if value.lower() == "none" else parse_size(value)
 
 
 def _hash_secret(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -68,9 +83,13 @@ def parse_users(text: str, path: str = "users file") -> dict[str, UserEntry]:
         if not line or line.startswith("#"):
             continue
         fields = line.split()
-        if len(fields) != 3 or not is_valid_client_name(fields[0]):
-            raise UsersFileError(f"{path}:{number}: expected 'NAME TOKEN_ID HASH'")
-        entry = UserEntry(*fields)
+        if len(fields) not in (3, 4) or not is_valid_client_name(fields[0]):
+            raise UsersFileError(f"{path}:{number}: expected 'NAME TOKEN_ID HASH [quota=SIZE]'")
+        try:
+            quota = _parse_quota(fields[3]) if len(fields) == 4 else None
+        except ValueError as e:
+            raise UsersFileError(f"{path}:{number}: {e}") from None
+        entry = UserEntry(fields[0], fields[1], fields[2], quota)
         if entry.name in names or entry.token_id in entries:
             raise UsersFileError(f"{path}:{number}: duplicate user {entry.name!r}")
         names.add(entry.name)
@@ -140,6 +159,17 @@ class UserDirectory:
             _log.error("keeping the previous users: {error}", error=str(e))
         self._stamp = stamp
 
+    def quota_of(self, name: str) -> int | None:
+        """This client's own quota in bytes; None when the default applies.
+
+        (The ledger maps NO_QUOTA to "unlimited".)
+        """
+        self._refresh()
+        for entry in self._entries.values():
+            if entry.name == name:
+                return entry.quota
+        return None
+
     def authenticate(self, token: str) -> Deferred:
         """Fire with the client name for ``token``, or None.
 
@@ -149,8 +179,6 @@ class UserDirectory:
         token_id, dot, secret = token.partition(".")
         entry = self._entries.get(token_id) if dot else None
         if entry is None:
-            from twisted.internet.defer import succeed
-
             return succeed(None)
         d = threads.deferToThread(_verify, secret, entry.hashed)
         d.addCallback(lambda ok: entry.name if ok else None)

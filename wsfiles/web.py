@@ -6,8 +6,11 @@ WebSocketResource, so later pages and endpoints can join them on one port.
 
 from __future__ import annotations
 
+from typing import Any
+
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from wsfiles.command import CommandChannelFactory
@@ -16,6 +19,8 @@ from wsfiles.pairing import PairingRegistry
 from wsfiles.storage import IStorage
 from wsfiles.transfer import FileChannelFactory
 from wsfiles.users import UserDirectory
+
+_log = Logger()
 
 
 class IndexPage(resource.Resource):
@@ -48,6 +53,61 @@ def redacting_log_formatter(timestamp: str, request: server.Request) -> str:
     return http.combinedLogFormatter(timestamp, _RedactedRequest(request))
 
 
+class HandshakeDeadlines:
+    """Aborts connections that have not completed a handshake in time.
+
+    The deadline runs from TCP accept until the WebSocket handshake's 101 is
+    sent (or a plain HTTP request has been answered), and incoming bytes do
+    not re-arm it: a slowloris client that trickles a header byte by byte is
+    dropped all the same.
+    """
+
+    def __init__(self, clock: IReactorTime, seconds: float) -> None:
+        self._clock = clock
+        self.seconds = seconds
+        self._calls: dict[object, IDelayedCall] = {}
+
+    def start(self, transport: object) -> None:
+        self._calls[transport] = self._clock.callLater(self.seconds, self._expire, transport)
+
+    def met(self, transport: object) -> None:
+        call = self._calls.pop(transport, None)
+        if call is not None and call.active():
+            call.cancel()
+
+    def _expire(self, transport: Any) -> None:
+        del self._calls[transport]
+        _log.info(
+            "dropped {peer}: no handshake within {seconds:g} s",
+            peer=str(transport.getPeer()),
+            seconds=self.seconds,
+        )
+        transport.abortConnection()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+
+class _DeadlineHTTPChannel(http.HTTPChannel):
+    """An HTTPChannel whose connection must finish its first exchange in time."""
+
+    site: WsfilesSite
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.deadlines.start(self.transport)
+
+    def requestDone(self, request: Any) -> None:
+        if self.transport is not None:
+            self.site.deadlines.met(self.transport)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Any) -> None:
+        if self.transport is not None:
+            self.site.deadlines.met(self.transport)
+        super().connectionLost(reason)
+
+
 class WsfilesSite(server.Site):
     """The Site, with the objects its protocols share reachable for tests and tools."""
 
@@ -60,10 +120,14 @@ class WsfilesSite(server.Site):
     ) -> None:
         self.settings = settings
         self.registry = PairingRegistry(clock, settings.channel_timeout)
-        self.command_factory = CommandChannelFactory(settings, storage, self.registry, users)
-        self.file_factory = FileChannelFactory(settings, self.registry)
+        self.deadlines = HandshakeDeadlines(clock, settings.handshake_timeout)
+        self.command_factory = CommandChannelFactory(
+            settings, storage, self.registry, users, clock=clock, deadlines=self.deadlines
+        )
+        self.file_factory = FileChannelFactory(settings, self.registry, deadlines=self.deadlines)
         root = resource.Resource()
         root.putChild(b"", IndexPage())
         root.putChild(b"command", WebSocketResource(self.command_factory))
         root.putChild(b"file", WebSocketResource(self.file_factory))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
+        self.protocol = _DeadlineHTTPChannel
