@@ -92,6 +92,19 @@ class InProcessServer:
         self.clients.append(client)
         return client
 
+    async def close_client(self, client: WsfilesClient) -> None:
+        """Close ``client`` and wait until the server has seen its connections end."""
+        ports = {
+            proto.transport.getHost().port
+            for proto in (client._command, client._file)
+            if proto is not None and proto.transport is not None
+        }
+        ours = [w for w in self.tracker.protocols if w.transport.getPeer().port in ports]
+        await _with_timeout(client.close(), TEARDOWN_TIMEOUT)
+        await _with_timeout(defer.gatherResults([w.lost for w in ours]), TEARDOWN_TIMEOUT)
+        if client in self.clients:
+            self.clients.remove(client)
+
     def folder(self, client: str | None = None) -> Path:
         return self.root if client is None else self.root / client
 
@@ -228,13 +241,40 @@ UPGRADE_HEADERS = {
 }
 
 
+class _StatusLine(protocol.Protocol):
+    """Sends one request, reads the status line, hangs up, and waits for the close."""
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self._buffer = b""
+        self.status: Deferred = Deferred()
+        self.lost: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        if not self.status.called and b"\r\n" in self._buffer:
+            self.status.callback(int(self._buffer.split(b" ", 2)[1]))
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.status.called:
+            self.status.errback(RuntimeError(f"closed without a status line: {self._buffer!r}"))
+        self.lost.callback(None)
+
+
 async def handshake_status(ws_url: str, path: str, headers: dict | None = None) -> int:
     """The HTTP status a WebSocket opening handshake to ``path`` gets."""
-    import treq
-
-    http_url = ws_url.replace("ws://", "http://", 1) + path
-    response = await treq.get(
-        http_url, headers={**UPGRADE_HEADERS, **(headers or {})}, persistent=False
-    )
-    await response.text()
-    return response.code
+    host, port = ws_url.split("://", 1)[1].rsplit(":", 1)
+    all_headers = {"Host": [f"{host}:{port}"], **UPGRADE_HEADERS, **(headers or {})}
+    lines = [f"GET {path} HTTP/1.1"]
+    lines += [f"{name}: {value}" for name, values in all_headers.items() for value in values]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
+    peer = await endpoints.connectProtocol(endpoint, _StatusLine(request))
+    try:
+        return await _with_timeout(peer.status, TEARDOWN_TIMEOUT)
+    finally:
+        await _with_timeout(peer.lost, TEARDOWN_TIMEOUT)

@@ -170,9 +170,11 @@ class WsfilesClient:
             raise WsfilesError(CONNECTION_FAILED, f"cannot connect to {url}: {e}") from None
         return await factory.opened, factory
 
-    async def _connect(self, token: str | None, token_in_query: bool) -> None:
+    async def _connect(
+        self, token: str | None, token_in_query: bool, extra_headers: dict[str, str]
+    ) -> None:
         url = self.base_url + "/command"
-        headers = {}
+        headers = dict(extra_headers)
         if token is not None and token_in_query:
             url += "?" + urlencode({"token": token})
         elif token is not None:
@@ -383,12 +385,17 @@ async def connect(
     reactor: Any = None,
     token_in_query: bool = False,
     tls_options: Any = None,
+    headers: dict[str, str] | None = None,
 ) -> WsfilesClient:
-    """Open a command channel to ``base_url`` (``ws://host:port``) and wait for hello."""
+    """Open a command channel to ``base_url`` (``ws://host:port``) and wait for hello.
+
+    ``headers`` are added to the command channel's handshake (an ``Origin``,
+    say, to act like a page).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     client = WsfilesClient(base_url.rstrip("/"), reactor, tls_options)
-    await client._connect(token, token_in_query)
+    await client._connect(token, token_in_query, headers or {})
     return client

@@ -12,10 +12,10 @@ from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.interfaces import IReactorTime, ISSLTransport
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from wsfiles.admission import ConnectionSlots, origin_allowed
+from wsfiles.admission import ConnectionSlots
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
@@ -38,23 +38,11 @@ def bearer_token(request: ConnectionRequest) -> str | None:
     return tokens[0] if tokens else None
 
 
-class HandshakeVetting:
-    """What both channels check before they answer 101."""
+class HandshakeDeadline:
+    """Both channels: the site's handshake deadline is met once 101 is sent."""
 
     factory: Any
     transport: Any
-    peer: str
-
-    def check_origin(self, request: ConnectionRequest) -> None:
-        secure = ISSLTransport.providedBy(self.transport)
-        origin = request.headers.get("origin")
-        if not origin_allowed(origin, request.host, self.factory.settings.allow_origins, secure):
-            _log.info(
-                "refused a handshake from {peer}: origin {origin!r} not allowed",
-                peer=self.peer,
-                origin=origin,
-            )
-            raise ConnectionDeny(403, "origin not allowed")
 
     def onOpen(self) -> None:
         self.factory.deadlines.met(self.transport)
@@ -64,7 +52,7 @@ class HandshakeVetting:
         super().connectionLost(reason)  # type: ignore[misc]
 
 
-class CommandChannelProtocol(HandshakeVetting, WebSocketServerProtocol):
+class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
     """Translates command-channel frames into CommandSession calls."""
 
     factory: CommandChannelFactory
@@ -73,7 +61,6 @@ class CommandChannelProtocol(HandshakeVetting, WebSocketServerProtocol):
     _slot: tuple[str, str] | None = None
 
     def onConnect(self, request: ConnectionRequest) -> Any:
-        self.check_origin(request)
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
         users = self.factory.users
         if users is None:

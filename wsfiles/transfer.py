@@ -16,7 +16,7 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet import interfaces
 from twisted.logger import Logger
 
-from wsfiles.command import HandshakeVetting
+from wsfiles.command import HandshakeDeadline
 from wsfiles.config import SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.session import CommandSession
@@ -27,14 +27,13 @@ _log = Logger()
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 
-class FileChannelProtocol(HandshakeVetting, WebSocketServerProtocol):
+class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
     """Translates file-channel frames into CommandSession calls."""
 
     factory: FileChannelFactory
     session: CommandSession | None = None
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
-        self.check_origin(request)
         tickets = request.params.get("ticket")
         session = self.factory.registry.redeem(tickets[0]) if tickets else None
         if session is None:

@@ -13,6 +13,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from wsfiles.admission import origin_allowed
 from wsfiles.command import CommandChannelFactory
 from wsfiles.config import Settings
 from wsfiles.pairing import PairingRegistry
@@ -34,6 +35,38 @@ class IndexPage(resource.Resource):
             b"wsfiles: a WebSocket file service.\n"
             b"Connect a WebSocket to /command; see docs/protocol.md.\n"
         )
+
+
+class GuardedWebSocketResource(WebSocketResource):
+    """WebSocketResource that refuses cross-site handshakes with 403.
+
+    Checked here, before Autobahn parses the handshake, so every refused
+    origin gets the same answer (Autobahn's own checks answer 400).
+    """
+
+    def __init__(self, factory: Any, allowed_origins: tuple[str, ...]) -> None:
+        super().__init__(factory)
+        self._allowed_origins = allowed_origins
+
+    def render(self, request: server.Request) -> Any:
+        origins = request.requestHeaders.getRawHeaders(b"origin") or []
+        host = request.getHeader(b"host")
+        allowed = len(origins) <= 1 and origin_allowed(
+            origins[0].decode("latin-1") if origins else None,
+            host.decode("latin-1") if host else None,
+            self._allowed_origins,
+            request.isSecure(),
+        )
+        if not allowed:
+            _log.info(
+                "refused a handshake from {peer}: origin {origins!r} not allowed",
+                peer=str(request.getClientAddress()),
+                origins=origins,
+            )
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"origin not allowed\n"
+        return super().render(request)
 
 
 class _RedactedRequest:
@@ -127,7 +160,8 @@ class WsfilesSite(server.Site):
         self.file_factory = FileChannelFactory(settings, self.registry, deadlines=self.deadlines)
         root = resource.Resource()
         root.putChild(b"", IndexPage())
-        root.putChild(b"command", WebSocketResource(self.command_factory))
-        root.putChild(b"file", WebSocketResource(self.file_factory))
+        origins = settings.allow_origins
+        root.putChild(b"command", GuardedWebSocketResource(self.command_factory, origins))
+        root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
         self.protocol = _DeadlineHTTPChannel

@@ -1,0 +1,213 @@
+"""Hostile and broken clients over real loopback sockets: origin, deadlines, limits."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import pytest_twisted
+from conftest import handshake_status
+from twisted.internet import endpoints, protocol, reactor, task
+from twisted.internet.defer import Deferred
+
+from wsfiles.admission import Limits
+from wsfiles.client import WsfilesError
+
+
+class _RawPeer(protocol.Protocol):
+    """A TCP client that sends what it is told and notices when it is dropped."""
+
+    def __init__(self) -> None:
+        self.lost: Deferred = Deferred()
+        self.received = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: object) -> None:
+        self.lost.callback(None)
+
+
+async def raw_connect(server) -> _RawPeer:
+    port = int(server.url.rsplit(":", 1)[1])
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    return await endpoints.connectProtocol(endpoint, _RawPeer())
+
+
+# -- Origin --------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_foreign_and_null_origins_get_403(server):
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1", "file://"):
+        status = await handshake_status(server.url, "/command", {"Origin": [origin]})
+        assert status == 403, origin
+
+
+@pytest_twisted.ensureDeferred
+async def test_same_origin_and_originless_clients_are_allowed(server):
+    port = server.url.rsplit(":", 1)[1]
+    page = await server.connect(headers={"Origin": f"http://127.0.0.1:{port}"})
+    assert page.hello["op"] == "hello"
+    plain = await server.connect()  # no Origin: not a browser
+    assert plain.hello["op"] == "hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_listed_origins_and_star(server_factory):
+    srv = await server_factory(allow_origins=("https://app.example",))
+    client = await srv.connect(headers={"Origin": "https://app.example"})
+    assert client.hello["op"] == "hello"
+    assert (
+        await handshake_status(srv.url, "/command", {"Origin": ["https://app.example:444"]}) == 403
+    )
+    anything = await server_factory(allow_origins=("*",))
+    client = await anything.connect(headers={"Origin": "https://anywhere.example"})
+    assert client.hello["op"] == "hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_channel_checks_origin_too(server):
+    client = await server.connect()
+    request_id = client.send({"op": "save", "name": "a", "size": 1})
+    offer = await client.reply(request_id)
+    assert offer["op"] == "channel"
+    status = await handshake_status(server.url, offer["url"], {"Origin": ["http://evil.example"]})
+    assert status == 403
+    # The refused attempt did not use the ticket up.
+    await client._open_file_channel(offer["url"])
+    assert (await client.reply(request_id))["op"] == "ready"
+    client.send_on_file_channel(b"x")
+    assert (await client.reply(request_id))["op"] == "ack"
+
+
+# -- deadlines -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first_bytes",
+    [b"", b"GET /command HTTP/1.1\r\nHost: 127.0.0.1\r\n"],
+    ids=["silent", "half-handshake"],
+)
+@pytest_twisted.ensureDeferred
+async def test_slowloris_is_dropped_at_the_handshake_deadline(server_factory, first_bytes):
+    srv = await server_factory(handshake_timeout=0.5, limits=Limits(total=1))
+    peer = await raw_connect(srv)
+    peer.transport.write(first_bytes)
+    # It holds no slot while it dawdles: a real client gets in meanwhile...
+    client = await srv.connect()
+    await srv.close_client(client)
+    # ...and it is dropped, whatever it sent.
+    await peer.lost.addTimeout(10, reactor)
+    assert peer.received == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_trickling_bytes_do_not_extend_the_handshake_deadline(server_factory):
+    srv = await server_factory(handshake_timeout=0.5)
+    peer = await raw_connect(srv)
+    request = b"GET /command HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Padding: " + b"a" * 1000
+    sent = iter(request)
+
+    def trickle() -> None:
+        byte = next(sent, None)
+        if byte is not None and peer.transport.connected:
+            peer.transport.write(bytes([byte]))
+
+    loop = task.LoopingCall(trickle)
+    loop.clock = reactor
+    loop.start(0.05)
+    try:
+        await peer.lost.addTimeout(10, reactor)
+    finally:
+        loop.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_command_channel_is_closed(server_factory):
+    srv = await server_factory(idle_timeout=0.5)
+    client = await srv.connect()
+    code = await client._command_factory.closed.addTimeout(10, reactor)
+    assert code == 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_upload_fails_with_stalled_and_leaves_nothing(server_factory):
+    srv = await server_factory(stall_timeout=0.5)
+    (srv.root / "keep").write_bytes(b"old")
+    client = await srv.connect()
+    request_id = client.send({"op": "save", "name": "keep", "size": 100})
+    offer = await client.reply(request_id)
+    await client._open_file_channel(offer["url"])
+    assert (await client.reply(request_id))["op"] == "ready"
+    client._file.beginMessage(isBinary=True)
+    client._file.sendMessageFrame(b"x" * 10)  # ...and then nothing more
+    error = await client.reply(request_id)
+    assert error["code"] == "stalled"
+    assert (srv.root / "keep").read_bytes() == b"old"
+    assert os.listdir(srv.root / ".wsfiles-tmp") == []
+    assert [f["name"] for f in await client.list()] == ["keep"]
+
+
+# -- limits --------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_total_limit_answers_503_and_a_closed_connection_frees_its_slot(server_factory):
+    srv = await server_factory(limits=Limits(total=2))
+    first, second = await srv.connect(), await srv.connect()
+    for _ in range(3):  # refused attempts hold no slot
+        assert await handshake_status(srv.url, "/command") == 503
+    with pytest.raises(WsfilesError):
+        await srv.connect()
+    await srv.close_client(first)
+    third = await srv.connect()
+    assert third.hello["op"] == "hello"
+    assert second.hello["op"] == "hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_ip_limit_answers_429(server_factory):
+    srv = await server_factory(limits=Limits(per_ip=1))
+    await srv.connect()
+    assert await handshake_status(srv.url, "/command") == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_per_client_limit_answers_429(server_factory, tmp_path):
+    from wsfiles.users import UserDirectory, add_user
+
+    path = str(tmp_path / "users")
+    alice, bob = add_user(path, "alice"), add_user(path, "bob")
+    srv = await server_factory(users=UserDirectory(path), limits=Limits(per_client=1))
+    await srv.connect(alice)
+    status = await handshake_status(srv.url, "/command", {"Authorization": [f"Bearer {alice}"]})
+    assert status == 429
+    other = await srv.connect(bob)  # another client is not affected
+    assert other.hello["client"] == "bob"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rate_limited_commands_are_answered_and_the_connection_stays(server_factory):
+    srv = await server_factory(rate_limit=5)
+    client = await srv.connect()
+    ids = [client.send({"op": "list"}) for _ in range(8)]
+    replies = [await client.reply(i) for i in ids]
+    codes = [r.get("code") for r in replies]
+    assert codes.count("rate_limited") >= 1
+    assert codes[:5] == [None] * 5
+    await task.deferLater(reactor, 1.0, lambda: None)  # let the bucket refill: time is the subject
+    assert isinstance(await client.list(), list)
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_refuses_before_any_channel_is_offered(server_factory):
+    srv = await server_factory(quota=1000)
+    client = await srv.connect()
+    await client.upload("a", b"x" * 600)
+    with pytest.raises(WsfilesError) as refused:
+        await client.upload("b", b"y" * 401)
+    assert refused.value.code == "quota_exceeded"
+    await client.upload("b", b"y" * 400)  # reaching the quota exactly is fine
+    await client.upload("a", b"z" * 600)  # replacing counts the difference only
+    assert sorted(os.listdir(srv.root)) == [".wsfiles-tmp", "a", "b"]
