@@ -211,3 +211,22 @@ async def test_quota_refuses_before_any_channel_is_offered(server_factory):
     await client.upload("b", b"y" * 400)  # reaching the quota exactly is fine
     await client.upload("a", b"z" * 600)  # replacing counts the difference only
     assert sorted(os.listdir(srv.root)) == [".wsfiles-tmp", "a", "b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_dead_peer_is_found_by_auto_ping_and_frees_its_slot(server_factory):
+    srv = await server_factory(
+        auto_ping_interval=0.3, auto_ping_timeout=0.3, limits=Limits(total=1)
+    )
+    peer = await raw_connect(srv)
+    host_port = srv.url.split("://", 1)[1]
+    peer.transport.write(
+        f"GET /command HTTP/1.1\r\nHost: {host_port}\r\nConnection: Upgrade\r\n"
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode()
+    )
+    # The peer completes the handshake, then never answers a ping.
+    await peer.lost.addTimeout(10, reactor)
+    assert peer.received.startswith(b"HTTP/1.1 101")
+    client = await srv.connect()  # its slot is free again
+    assert client.hello["op"] == "hello"
