@@ -210,7 +210,7 @@ async def test_quota_refuses_before_any_channel_is_offered(server_factory):
     assert refused.value.code == "quota_exceeded"
     await client.upload("b", b"y" * 400)  # reaching the quota exactly is fine
     await client.upload("a", b"z" * 600)  # replacing counts the difference only
-    assert sorted(os.listdir(srv.root)) == [".wsfiles-tmp", "a", "b"]
+    assert sorted(f["name"] for f in await client.list()) == ["a", "b"]
 
 
 @pytest_twisted.ensureDeferred

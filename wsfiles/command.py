@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from wsfiles.admission import ConnectionSlots
+from wsfiles.changes import ChangeHub
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
@@ -110,6 +111,8 @@ class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
             clock=factory.clock,
             close_connection=self._close,
             quota=factory.quota,
+            changes=factory.changes,
+            folder_key=self._client,
         )
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
         self.session.start()
@@ -175,6 +178,7 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.clock = clock
         self.deadlines = deadlines
         self.slots = ConnectionSlots(settings.limits)
+        self.changes = ChangeHub(storage, clock)
         self.quota = QuotaLedger(settings.quota, users.quota_of if users else lambda _: None)
         self.setProtocolOptions(
             maxMessagePayloadSize=COMMAND_MESSAGE_LIMIT,

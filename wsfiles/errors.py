@@ -20,6 +20,9 @@ INTERNAL_ERROR = "internal_error"
 STALLED = "stalled"
 RATE_LIMITED = "rate_limited"
 QUOTA_EXCEEDED = "quota_exceeded"
+CHECKSUM_MISMATCH = "checksum_mismatch"
+EXISTS = "exists"
+SUPERSEDED = "superseded"
 
 
 class ProtocolError(Exception):

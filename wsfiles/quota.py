@@ -1,4 +1,4 @@
-"""Per-client quotas, counting uploads in flight.
+"""Per-client quotas, counting uploads in flight and interrupted ones kept for resuming.
 
 A save reserves its full declared size from ``ready`` until it ends, so a
 client with one byte left cannot start a terabyte upload.  Replacing a file
@@ -70,7 +70,9 @@ class QuotaLedger:
         if quota is None:
             return
         files = await folder.list()
-        used = sum(f.size for f in files)
+        partials = await folder.partial_bytes()
+        partials.pop(name, None)  # a resumed upload's own bytes are in its size
+        used = sum(f.size for f in files) + sum(partials.values())
         replaced = next((f.size for f in files if f.name == name), 0)
         needed = used - replaced + self._reserved[client] + extra
         if needed > quota:

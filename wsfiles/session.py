@@ -12,7 +12,6 @@ the session's file channel.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -23,19 +22,32 @@ from twisted.internet import defer, interfaces
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from wsfiles import errors
 from wsfiles.admission import TokenBucket
+from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
 from wsfiles.errors import ProtocolError
 from wsfiles.names import check_file_name
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
-from wsfiles.storage import IDownload, IFolder, IUpload, NotFound, StorageFailure
+from wsfiles.storage import (
+    ChecksumMismatch,
+    Exists,
+    FileInfo,
+    IDownload,
+    IFolder,
+    IUpload,
+    NotFound,
+    StorageFailure,
+)
 from wsfiles.streaming import HashingConsumer, StreamFailed
 from wsfiles.timers import Deadline
 
 PROTOCOL_VERSION = 1
+#: What this server supports beyond protocol 1.0 (announced in ``hello``).
+FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed")
 #: WebSocket close code for a channel dropped by policy (a stalled transfer).
 CLOSE_POLICY = 1008
 
@@ -61,12 +73,12 @@ class _Receive:
     """An upload waiting for, or receiving, its binary message."""
 
     upload: IUpload
-    size: int
+    size: int  # bytes expected in this message (the rest, after a resume)
+    offset: int = 0  # bytes already stored by an earlier attempt
     done: Deferred = field(default_factory=Deferred)
     started: bool = False
     announced: int = 0  # sum of the frame lengths seen so far
     received: int = 0
-    sha256: Any = field(default_factory=hashlib.sha256)
     finished: bool = False
 
 
@@ -79,11 +91,31 @@ def _request_id(message: dict[str, Any]) -> RequestId:
     raise ProtocolError(errors.BAD_REQUEST, "'id' must be a string or an integer")
 
 
-def _size_field(message: dict[str, Any]) -> int:
-    size = message.get("size")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise ProtocolError(errors.BAD_REQUEST, "'size' must be an integer >= 0")
-    return size
+def _count_field(message: dict[str, Any], key: str, default: int | None = None) -> int:
+    value = message.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(errors.BAD_REQUEST, f"'{key}' must be an integer >= 0")
+    return value
+
+
+def _flag_field(message: dict[str, Any], key: str) -> bool:
+    value = message.get(key, False)
+    if not isinstance(value, bool):
+        raise ProtocolError(errors.BAD_REQUEST, f"'{key}' must be true or false")
+    return value
+
+
+def _sha256_field(message: dict[str, Any]) -> str | None:
+    value = message.get("sha256")
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) != 64
+        or any(ch not in "0123456789abcdefABCDEF" for ch in value)
+    ):
+        raise ProtocolError(errors.BAD_REQUEST, "'sha256' must be 64 hexadecimal digits")
+    return value.lower()
 
 
 class CommandSession:
@@ -100,9 +132,13 @@ class CommandSession:
         clock: IReactorTime,
         close_connection: Callable[[int, str], None],
         quota: QuotaLedger | None = None,
+        changes: ChangeHub | None = None,
+        folder_key: str | None = None,
     ) -> None:
         self.client = client
         self.folder = folder
+        self._changes = changes
+        self._folder_key = folder_key
         self.registry = registry
         self.max_size = settings.max_size
         self.quota = quota
@@ -146,12 +182,15 @@ class CommandSession:
                 {
                     "op": "hello",
                     "protocol": PROTOCOL_VERSION,
+                    "features": list(FEATURES),
                     "client": self.client,
                     "max_size": self.max_size,
                     "files": [info.as_json() for info in files],
                 }
             )
 
+        if self._changes is not None:
+            self._changes.subscribe(self._folder_key, self._folder_changed)
         self._idle.reset()
         return self._in_order(hello, None)
 
@@ -240,30 +279,84 @@ class CommandSession:
         files = await self.folder.list()
         self._send({"op": "list", "files": [info.as_json() for info in files]}, request_id)
 
+    async def _stat(self, name: str) -> FileInfo:
+        try:
+            return await self.folder.stat(name)
+        except NotFound:
+            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+
     async def _get(self, message: dict[str, Any], request_id: RequestId) -> None:
         name = check_file_name(message.get("name"))
-        if not await self.folder.exists(name):
-            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}")
-        self._enqueue(lambda: self._run_get(name, request_id), request_id)
+        offset = _count_field(message, "offset", 0)
+        info = await self._stat(name)
+        if offset > info.size:
+            raise ProtocolError(
+                errors.BAD_REQUEST, f"offset {offset} is beyond the file's {info.size} bytes"
+            )
+        ranged = "offset" in message
+        self._enqueue(lambda: self._run_get(name, offset, ranged, request_id), request_id)
 
     async def _save(self, message: dict[str, Any], request_id: RequestId) -> None:
         name = check_file_name(message.get("name"))
-        size = _size_field(message)
+        size = _count_field(message, "size")
+        sha256 = _sha256_field(message)
+        resume = _flag_field(message, "resume")
         if size > self.max_size:
             raise ProtocolError(
                 errors.TOO_LARGE, f"{size} bytes is over the limit of {self.max_size}"
             )
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
-        self._enqueue(lambda: self._run_save(name, size, request_id), request_id)
+        self._enqueue(lambda: self._run_save(name, size, sha256, resume, request_id), request_id)
 
-    _handlers = {"list": _list, "get": _get, "save": _save}
+    async def _delete(self, message: dict[str, Any], request_id: RequestId) -> None:
+        name = check_file_name(message.get("name"))
+        try:
+            await self.folder.delete(name)
+        except NotFound:
+            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        self._send({"op": "deleted", "name": name}, request_id)
+        self._announce_change()
+
+    async def _rename(self, message: dict[str, Any], request_id: RequestId) -> None:
+        name = check_file_name(message.get("name"))
+        to = check_file_name(message.get("to"))
+        overwrite = _flag_field(message, "overwrite")
+        try:
+            await self.folder.rename(name, to, overwrite)
+        except NotFound:
+            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        except Exists:
+            raise ProtocolError(
+                errors.EXISTS, f'{to!r} exists; send "overwrite": true to replace it'
+            ) from None
+        self._send({"op": "renamed", "name": name, "to": to}, request_id)
+        self._announce_change()
+
+    _handlers = {
+        "list": _list,
+        "get": _get,
+        "save": _save,
+        "delete": _delete,
+        "rename": _rename,
+    }
+
+    # -- live updates ------------------------------------------------------
+
+    def _announce_change(self) -> None:
+        if self._changes is not None:
+            self._changes.changed(self._folder_key)
+
+    def _folder_changed(self, files: list[dict[str, Any]]) -> None:
+        self._send({"op": "changed", "files": files})
 
     def close(self) -> None:
         """The command channel is gone: stop everything that belongs to it."""
         if self.closed:
             return
         self.closed = True
+        if self._changes is not None:
+            self._changes.unsubscribe(self._folder_key, self._folder_changed)
         self._idle.cancel()
         self._stall.cancel()
         self._transfers.clear()
@@ -271,7 +364,7 @@ class CommandSession:
         if self._channel_waiter is not None:
             waiter, self._channel_waiter = self._channel_waiter, None
             waiter.errback(ProtocolError(errors.CHANNEL_CLOSED, "the command channel closed"))
-        self._fail_receive(errors.CHANNEL_CLOSED, "the command channel closed")
+        self._fail_receive(errors.CHANNEL_CLOSED, "the command channel closed", keep=True)
         if self._download is not None:
             self._download.stop()
         if self._file_channel is not None:
@@ -304,16 +397,24 @@ class CommandSession:
         self._send({"op": "channel", "url": f"/file?ticket={ticket}"}, request_id)
         return await self._channel_waiter
 
-    async def _run_get(self, name: str, request_id: RequestId) -> None:
+    async def _run_get(self, name: str, offset: int, ranged: bool, request_id: RequestId) -> None:
         channel = await self._file_channel_ready(request_id)
         try:
-            download = await self.folder.open_download(name)
+            download = await self.folder.open_download(name, offset)
         except NotFound:
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        except ValueError as e:  # the file shrank below the offset meanwhile
+            raise ProtocolError(errors.BAD_REQUEST, str(e)) from None
         self._download = download
         try:
-            self._send({"op": "sending", "name": name, "size": download.size}, request_id)
-            consumer = HashingConsumer(channel.begin_message(), progress=self._stall.reset)
+            prefix = await download.prefix_sha256()
+            sending = {"op": "sending", "name": name, "size": download.size}
+            if ranged:
+                sending["offset"] = offset
+            self._send(sending, request_id)
+            consumer = HashingConsumer(
+                channel.begin_message(), progress=self._stall.reset, sha256=prefix
+            )
             self._stalled = False
             self._stall.reset()
             try:
@@ -344,25 +445,39 @@ class CommandSession:
             self._download = None
             download.close()
 
-    async def _run_save(self, name: str, size: int, request_id: RequestId) -> None:
+    async def _run_save(
+        self, name: str, size: int, sha256: str | None, resume: bool, request_id: RequestId
+    ) -> None:
         await self._file_channel_ready(request_id)
         reservation = None
         if self.quota is not None:
             reservation = await self.quota.reserve(self.client, self.folder, name, size)
         try:
-            upload = await self.folder.begin_upload(name, size)
-            receive = self._receive = _Receive(upload, size)
+            upload = await self.folder.begin_upload(name, size, sha256, resume)
+            receive = self._receive = _Receive(upload, size - upload.offset, upload.offset)
+            upload.on_superseded = lambda: self._superseded(receive)
             try:
-                self._send({"op": "ready"}, request_id)
+                ready: dict[str, Any] = {"op": "ready"}
+                if resume:
+                    ready["offset"] = upload.offset
+                self._send(ready, request_id)
                 self._stall.reset()
                 digest = await receive.done
             finally:
                 self._stall.cancel()
-                self._receive = None
+                if self._receive is receive:
+                    self._receive = None
         finally:
             if reservation is not None:
                 reservation.release()
         self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
+        self._announce_change()
+
+    def _superseded(self, receive: _Receive) -> None:
+        if self._receive is receive:
+            self._fail_receive(
+                errors.SUPERSEDED, "a resumed upload of this file took over", keep=True
+            )
 
     @property
     def _stall_message(self) -> str:
@@ -372,18 +487,22 @@ class CommandSession:
         self._stalled = True
         channel = self._file_channel
         if self._receive is not None and not self._receive.finished:
-            self._fail_receive(errors.STALLED, self._stall_message)
+            self._fail_receive(errors.STALLED, self._stall_message, keep=True)
             if channel is not None:
                 channel.abort(CLOSE_POLICY, "transfer stalled")
         elif self._download is not None:
             self._download.stop()
 
-    def _fail_receive(self, code: str, text: str) -> None:
+    def _fail_receive(self, code: str, text: str, *, keep: bool = False) -> None:
+        """End the upload with an error; ``keep`` what arrived if it was cut, not refused."""
         receive = self._receive
         if receive is None or receive.finished:
             return
         receive.finished = True
-        receive.upload.abort()
+        if keep:
+            receive.upload.interrupt()
+        else:
+            receive.upload.abort()
         self._discarding = receive.started
         receive.done.errback(ProtocolError(code, text))
 
@@ -430,7 +549,9 @@ class CommandSession:
         self._file_channel = None
         self.registry.unpair(self, channel)
         self._discarding = False
-        self._fail_receive(errors.CHANNEL_CLOSED, "the file channel closed during the upload")
+        self._fail_receive(
+            errors.CHANNEL_CLOSED, "the file channel closed during the upload", keep=True
+        )
         if self._download is not None:
             self._download.stop()
 
@@ -458,7 +579,7 @@ class CommandSession:
         if self._discarding or receive is None or receive.finished:
             return True
         receive.announced += length
-        if receive.announced > self.max_size:
+        if receive.offset + receive.announced > self.max_size:
             self._fail_receive(
                 errors.TOO_LARGE,
                 f"the data exceeds the limit of {self.max_size} bytes; nothing was stored",
@@ -482,7 +603,6 @@ class CommandSession:
         except StorageFailure as e:
             self._fail_receive(errors.STORAGE_ERROR, str(e))
             return
-        receive.sha256.update(data)
         receive.received += len(data)
 
     def file_message_end(self) -> None:
@@ -499,10 +619,15 @@ class CommandSession:
             return
         receive.finished = True
         self._stall.cancel()
-        d = receive.upload.commit()
-        d.addCallbacks(
-            lambda _: receive.done.callback(receive.sha256.hexdigest()),
-            lambda failure: receive.done.errback(
-                ProtocolError(errors.STORAGE_ERROR, str(failure.value))
-            ),
-        )
+
+        def failed(failure: Failure) -> None:
+            if failure.check(ChecksumMismatch):
+                error = ProtocolError(
+                    errors.CHECKSUM_MISMATCH,
+                    f"{failure.value}, not the declared one; nothing was stored",
+                )
+            else:
+                error = ProtocolError(errors.STORAGE_ERROR, str(failure.value))
+            receive.done.errback(error)
+
+        receive.upload.commit().addCallbacks(receive.done.callback, failed)

@@ -12,27 +12,35 @@ Local layout (see docs/protocol.md):
 - ``ROOT/.wsfiles-tmp/`` holds uploads in progress.  No valid file name can
   reach it (names starting with ``.wsfiles-`` are reserved), it is never
   listed, and it is emptied at start-up.
+- ``ROOT/.wsfiles-partial/CLIENT/`` keeps interrupted resumable uploads (a
+  ``.part`` file and a ``.json`` record each) until they are resumed or swept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import stat
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer, interfaces, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from wsfiles.names import RESERVED_PREFIX
 from wsfiles.streaming import FileStreamer
 
 TEMP_FOLDER = ".wsfiles-tmp"
+PARTIAL_FOLDER = ".wsfiles-partial"
 
 _log = Logger()
 
@@ -53,17 +61,29 @@ class NotFound(Exception):
     """No regular file by that name in the client's folder."""
 
 
+class Exists(Exception):
+    """The target name is taken (a rename without overwrite)."""
+
+
 class StorageFailure(Exception):
     """The backend could not do what was asked (disk full, permissions...)."""
+
+
+class ChecksumMismatch(Exception):
+    """The upload's SHA-256 is not the one the client declared."""
 
 
 class IDownload(Interface):
     """An opened file, ready to be streamed to a consumer."""
 
-    size = Attribute("The number of bytes the stream will deliver.")
+    size = Attribute("The file's total size.")
+    offset = Attribute("Where the stream starts; it delivers size - offset bytes.")
+
+    def prefix_sha256() -> Deferred:
+        """Fire with a hashlib object fed with bytes [0, offset)."""
 
     def stream_to(consumer: interfaces.IConsumer) -> Deferred:
-        """Write the file to ``consumer``, honouring its flow control.
+        """Write bytes [offset, size) to ``consumer``, honouring its flow control.
 
         Fires with None once every byte was written, or fails with
         StreamFailed.  The caller must call ``close`` afterwards.
@@ -79,14 +99,28 @@ class IDownload(Interface):
 class IUpload(Interface):
     """A file being written; invisible to listings until committed."""
 
+    offset = Attribute("Bytes already stored by an earlier, resumed attempt.")
+
     def write(data: bytes) -> None:
         """Append ``data``; raise StorageFailure if it cannot be stored."""
 
     def commit() -> Deferred:
-        """Make the file durable and visible under its name, atomically."""
+        """Make the file durable and visible under its name, atomically.
+
+        Fires with the hex SHA-256 of the whole file; fails with
+        ChecksumMismatch (and removes the upload) if a declared hash differs.
+        """
+
+    def interrupt() -> Deferred:
+        """The transfer was cut: keep what arrived if resumable, else abort."""
 
     def abort() -> None:
         """Throw the upload away; the previous file of that name is untouched."""
+
+    on_superseded = Attribute(
+        "Called with no arguments when a resumed upload of the same name takes"
+        " this one over; set by the caller."
+    )
 
 
 class IFolder(Interface):
@@ -95,14 +129,29 @@ class IFolder(Interface):
     def list() -> Deferred:
         """Fire with a list of FileInfo for regular files, sorted by name."""
 
-    def open_download(name: str) -> Deferred:
-        """Fire with an IDownload, or fail with NotFound."""
+    def stat(name: str) -> Deferred:
+        """Fire with the FileInfo of ``name``, or fail with NotFound."""
 
-    def exists(name: str) -> Deferred:
-        """Fire with True when ``name`` is a regular file in the folder."""
+    def open_download(name: str, offset: int = 0) -> Deferred:
+        """Fire with an IDownload starting at ``offset``, or fail with NotFound."""
 
-    def begin_upload(name: str, size: int) -> Deferred:
-        """Fire with an IUpload that will become ``name`` on commit."""
+    def begin_upload(
+        name: str, size: int, sha256: str | None = None, resume: bool = False
+    ) -> Deferred:
+        """Fire with an IUpload that will become ``name`` on commit.
+
+        With ``resume``, an interrupted resumable upload of ``name`` with the
+        same size and hash carries on from its durable offset.
+        """
+
+    def partial_bytes() -> Deferred:
+        """Fire with {name: bytes} kept for this client's interrupted uploads."""
+
+    def delete(name: str) -> Deferred:
+        """Remove ``name``; fail with NotFound."""
+
+    def rename(name: str, to: str, overwrite: bool) -> Deferred:
+        """Rename atomically; fail with NotFound, or Exists unless ``overwrite``."""
 
 
 class IStorage(Interface):
@@ -117,6 +166,16 @@ def _open_dir_nofollow(path: str, *, dir_fd: int | None = None) -> int:
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
 
 
+def _failure(e: OSError) -> StorageFailure:
+    return StorageFailure(os.strerror(e.errno) if e.errno else str(e))
+
+
+#: A resumable upload is fsynced (and its durable offset recorded) at least
+#: this often, so a crash loses at most this much of it.
+CHECKPOINT_BYTES = 32 * 1024 * 1024
+ANONYMOUS_PARTIALS = "@anonymous"  # '@' is not allowed in client names
+
+
 @implementer(IStorage)
 class LocalStorage:
     """Client folders on the local file system, under one root."""
@@ -126,14 +185,45 @@ class LocalStorage:
         os.makedirs(self.root, exist_ok=True)
         self.temp_dir = os.path.join(self.root, TEMP_FOLDER)
         os.makedirs(self.temp_dir, exist_ok=True)
+        self.partial_dir = os.path.join(self.root, PARTIAL_FOLDER)
+        os.makedirs(self.partial_dir, exist_ok=True)
+        #: Resumable uploads in flight, by partial path: a resume takes them over.
+        self._resumable: dict[str, LocalUpload] = {}
 
     def sweep_temporary_files(self) -> int:
-        """Remove leftovers of uploads cut by a crash; return how many."""
+        """Remove leftovers of plain uploads cut by a crash; return how many.
+
+        Interrupted resumable uploads (``.wsfiles-partial/``) are kept for resuming.
+        """
         removed = 0
         with os.scandir(self.temp_dir) as entries:
             for entry in entries:
                 if entry.is_file(follow_symlinks=False) or entry.is_symlink():
                     os.unlink(entry.path)
+                    removed += 1
+        return removed
+
+    def sweep_partials(self, max_age: float, now: float | None = None) -> int:
+        """Remove interrupted resumable uploads idle for more than ``max_age`` s."""
+        now = time.time() if now is None else now
+        removed = 0
+        for client_dir in os.scandir(self.partial_dir):
+            if not client_dir.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(client_dir.path):
+                if not entry.name.endswith(".json"):
+                    continue
+                part = entry.path[: -len(".json")] + ".part"
+                if part in self._resumable:
+                    continue
+                try:
+                    age = now - entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > max_age:
+                    for path in (part, entry.path):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
                     removed += 1
         return removed
 
@@ -186,7 +276,7 @@ class LocalFolder:
     def list(self) -> Deferred:
         return _guarded(self._list_now)
 
-    def _open_regular(self, name: str) -> tuple[int, int]:
+    def _open_regular(self, name: str) -> tuple[int, os.stat_result]:
         folder_fd = self._open_folder()
         try:
             fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
@@ -202,32 +292,184 @@ class LocalFolder:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise NotFound(name)
-        return fd, st.st_size
+        return fd, st
 
-    def exists(self, name: str) -> Deferred:
-        def check() -> bool:
-            try:
-                fd, _ = self._open_regular(name)
-            except NotFound:
-                return False
+    def stat(self, name: str) -> Deferred:
+        def stat_it() -> FileInfo:
+            fd, st = self._open_regular(name)
             os.close(fd)
-            return True
+            return FileInfo(name, st.st_size, st.st_mtime)
 
-        return _guarded(check)
+        return _guarded(stat_it)
 
-    def open_download(self, name: str) -> Deferred:
+    def open_download(self, name: str, offset: int = 0) -> Deferred:
         def open_it() -> LocalDownload:
-            fd, size = self._open_regular(name)
-            return LocalDownload(os.fdopen(fd, "rb", buffering=0), size)
+            fd, st = self._open_regular(name)
+            source = os.fdopen(fd, "rb", buffering=0)
+            if offset > st.st_size:
+                source.close()
+                raise ValueError(f"offset {offset} is beyond the size {st.st_size}")
+            return LocalDownload(source, st.st_size, offset)
 
         return _guarded(open_it)
 
-    def begin_upload(self, name: str, size: int) -> Deferred:
-        def begin() -> LocalUpload:
-            fd, temp_name = tempfile.mkstemp(prefix="upload-", dir=self._storage.temp_dir)
-            return LocalUpload(self, name, fd, temp_name)
+    # -- uploads ---------------------------------------------------------
 
-        return _guarded(begin)
+    def _partial_paths(self, name: str) -> tuple[str, str]:
+        folder = os.path.join(self._storage.partial_dir, self._client or ANONYMOUS_PARTIALS)
+        key = hashlib.sha256(name.encode("utf-8")).hexdigest()
+        return os.path.join(folder, key + ".part"), os.path.join(folder, key + ".json")
+
+    def begin_upload(
+        self, name: str, size: int, sha256: str | None = None, resume: bool = False
+    ) -> Deferred:
+        if not resume:
+
+            def begin() -> LocalUpload:
+                fd, temp_path = tempfile.mkstemp(prefix="upload-", dir=self._storage.temp_dir)
+                return LocalUpload(self, name, size, sha256, fd, temp_path)
+
+            return _guarded(begin)
+        return Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+
+    async def _begin_resumable(self, name: str, size: int, sha256: str | None) -> LocalUpload:
+        part, meta = self._partial_paths(name)
+        earlier = self._storage._resumable.get(part)
+        if earlier is not None:
+            # The same client resumes while its earlier attempt still looks
+            # alive (its dead connection not yet noticed): take it over.
+            await earlier.interrupt()
+            earlier.superseded()
+        try:
+            fd, offset, digest = await threads.deferToThread(
+                self._open_partial, name, size, sha256, part, meta
+            )
+        except OSError as e:
+            raise _failure(e) from e
+        upload = LocalUpload(self, name, size, sha256, fd, part, meta=meta, offset=offset)
+        upload._sha256 = digest
+        return upload
+
+    def _open_partial(
+        self, name: str, size: int, sha256: str | None, part: str, meta: str
+    ) -> tuple[int, int, Any]:
+        """Reopen a matching partial at its durable offset, or start a new one (thread)."""
+        os.makedirs(os.path.dirname(part), mode=0o700, exist_ok=True)
+        record = _read_meta(meta)
+        offset = 0
+        digest = hashlib.sha256()
+        if record is not None and record.get("size") == size and record.get("sha256") == sha256:
+            offset = min(int(record.get("durable", 0)), size)
+        fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < offset:
+                offset = 0  # the record claims more than the file holds
+            os.ftruncate(fd, offset)
+            position = 0
+            while position < offset:
+                chunk = os.pread(fd, min(1 << 20, offset - position), position)
+                if not chunk:
+                    raise StorageFailure("the partial file shrank")
+                digest.update(chunk)
+                position += len(chunk)
+            os.lseek(fd, offset, os.SEEK_SET)
+            _write_meta(meta, {"name": name, "size": size, "sha256": sha256, "durable": offset})
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, offset, digest
+
+    def partial_bytes(self) -> Deferred:
+        def scan() -> dict[str, int]:
+            folder = os.path.join(self._storage.partial_dir, self._client or ANONYMOUS_PARTIALS)
+            found: dict[str, int] = {}
+            if not os.path.isdir(folder):
+                return found
+            for entry in os.scandir(folder):
+                if entry.name.endswith(".json"):
+                    record = _read_meta(entry.path)
+                    part = entry.path[: -len(".json")] + ".part"
+                    with contextlib.suppress(FileNotFoundError):
+                        if record is not None:
+                            found[record["name"]] = os.stat(part).st_size
+            return found
+
+        return _guarded(scan)
+
+    # -- file management ---------------------------------------------------
+
+    def delete(self, name: str) -> Deferred:
+        def delete_it() -> None:
+            folder_fd = self._open_folder()
+            try:
+                st = _lstat_or_none(name, folder_fd)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    raise NotFound(name)
+                os.unlink(name, dir_fd=folder_fd)
+            finally:
+                os.close(folder_fd)
+
+        return _guarded(delete_it)
+
+    def rename(self, name: str, to: str, overwrite: bool) -> Deferred:
+        def rename_it() -> None:
+            folder_fd = self._open_folder()
+            try:
+                st = _lstat_or_none(name, folder_fd)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    raise NotFound(name)
+                if name == to:
+                    return
+                target = _lstat_or_none(to, folder_fd)
+                if target is not None and not stat.S_ISREG(target.st_mode):
+                    raise Exists(to)  # never replace a folder or a symlink
+                if overwrite:
+                    os.rename(name, to, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
+                else:
+                    # link() refuses an existing target atomically; then drop
+                    # the old name.  Readers may see both names for a moment.
+                    try:
+                        os.link(
+                            name,
+                            to,
+                            src_dir_fd=folder_fd,
+                            dst_dir_fd=folder_fd,
+                            follow_symlinks=False,
+                        )
+                    except FileExistsError:
+                        raise Exists(to) from None
+                    os.unlink(name, dir_fd=folder_fd)
+                os.fsync(folder_fd)
+            finally:
+                os.close(folder_fd)
+
+        return _guarded(rename_it)
+
+
+def _lstat_or_none(name: str, folder_fd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=folder_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _read_meta(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _write_meta(path: str, record: dict[str, Any]) -> None:
+    """Replace a partial's record durably (write, fsync, rename)."""
+    temp = path + ".new"
+    with open(temp, "w", encoding="utf-8") as f:
+        json.dump(record, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temp, path)
 
 
 def _listable(name: str) -> bool:
@@ -245,22 +487,55 @@ def _guarded(operation: Callable[[], object]) -> Deferred:
     """Run a quick file-system operation now; OSErrors become StorageFailure."""
     try:
         return defer.succeed(operation())
-    except NotFound as e:
+    except (NotFound, Exists, ValueError) as e:
         return defer.fail(e)
     except OSError as e:
         _log.warn("storage operation failed: {error}", error=e)
-        return defer.fail(StorageFailure(os.strerror(e.errno) if e.errno else str(e)))
+        return defer.fail(_failure(e))
 
 
 @implementer(IUpload)
 class LocalUpload:
-    """An upload streamed into ``ROOT/.wsfiles-tmp`` and renamed into place."""
+    """An upload streamed into ``ROOT/.wsfiles-tmp`` and renamed into place.
 
-    def __init__(self, folder: LocalFolder, name: str, fd: int, temp_path: str) -> None:
+    A plain upload uses a throw-away temp file.  A resumable one uses a
+    partial file under ``ROOT/.wsfiles-partial/CLIENT/`` with a JSON record of its size,
+    hash and durable offset, fsynced every CHECKPOINT_BYTES and when cut.
+    File-system work that may block (fsync, rename) runs in a thread, one
+    step at a time in order.
+    """
+
+    def __init__(
+        self,
+        folder: LocalFolder,
+        name: str,
+        size: int,
+        sha256: str | None,
+        fd: int,
+        path: str,
+        *,
+        meta: str | None = None,
+        offset: int = 0,
+    ) -> None:
         self._folder = folder
         self._name = name
+        self._size = size
+        self._expected = sha256
         self._fd: int | None = fd
-        self._temp_path = temp_path
+        self._path = path
+        self._meta = meta
+        self.offset = offset
+        self._written = offset
+        self._checkpointed = offset
+        self._sha256 = hashlib.sha256()
+        self._steps: Deferred = defer.succeed(None)
+        self.on_superseded: Callable[[], None] | None = None
+        if meta is not None:
+            folder._storage._resumable[path] = self
+
+    @property
+    def resumable(self) -> bool:
+        return self._meta is not None
 
     def write(self, data: bytes) -> None:
         if self._fd is None:
@@ -271,10 +546,40 @@ class LocalUpload:
                 written = os.write(self._fd, view)
                 view = view[written:]
         except OSError as e:
-            raise StorageFailure(os.strerror(e.errno) if e.errno else str(e)) from e
+            raise _failure(e) from e
+        self._sha256.update(data)
+        self._written += len(data)
+        if self.resumable and self._written - self._checkpointed >= CHECKPOINT_BYTES:
+            self._checkpointed = self._written
+            self._step(self._checkpoint, self._written)
 
-    def _finish(self) -> None:
-        """fsync, close, and rename over the target (run in a thread)."""
+    def _step(self, work: Callable[..., Any], *args: Any) -> Deferred:
+        """Run ``work`` in a thread after the steps before it."""
+        self._steps.addCallback(lambda _: threads.deferToThread(work, *args))
+        result: Deferred = Deferred()
+
+        def done(value: Any) -> None:
+            result.callback(value)
+
+        def failed(failure: Any) -> None:
+            result.errback(failure)
+
+        self._steps.addCallbacks(done, failed)
+        return result
+
+    def _checkpoint(self, durable: int) -> None:
+        """fsync the bytes so far and record them as durable (thread)."""
+        fd, meta = self._fd, self._meta
+        if fd is None or meta is None:
+            return
+        os.fsync(fd)
+        _write_meta(
+            meta,
+            {"name": self._name, "size": self._size, "sha256": self._expected, "durable": durable},
+        )
+
+    def _finish(self, digest: str) -> None:
+        """fsync, close, and rename over the target (thread)."""
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
@@ -283,37 +588,100 @@ class LocalUpload:
             os.close(fd)
         folder_fd = self._folder._open_folder()
         try:
-            os.rename(self._temp_path, self._name, dst_dir_fd=folder_fd)
+            os.rename(self._path, self._name, dst_dir_fd=folder_fd)
             os.fsync(folder_fd)  # make the rename itself durable
         finally:
             os.close(folder_fd)
+        if self._meta is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._meta)
 
     def commit(self) -> Deferred:
-        d = threads.deferToThread(self._finish)
+        self._release()
+        digest = self._sha256.hexdigest()
+        if self._expected is not None and digest != self._expected.lower():
+            self.abort()
+            return defer.fail(ChecksumMismatch(f"the data's SHA-256 is {digest}"))
+        d = self._step(self._finish, digest)
 
-        def failed(failure):
-            self._remove_temp()
+        def failed(failure: Any) -> Any:
+            self._discard()
             if failure.check(OSError):
-                e = failure.value
-                raise StorageFailure(os.strerror(e.errno) if e.errno else str(e))
+                raise _failure(failure.value)
             return failure
 
-        return d.addErrback(failed)
+        return d.addCallbacks(lambda _: digest, failed)
 
-    def abort(self) -> None:
+    def interrupt(self) -> Deferred:
+        if not self.resumable:
+            self.abort()
+            return defer.succeed(None)
+        self._release()
+        written = self._written
+        d = self._step(self._checkpoint, written)
+        d.addBoth(self._close_after)
+        return d
+
+    def _close_after(self, result: Any) -> Any:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._remove_temp()
+        if not isinstance(result, Failure):
+            return result
+        _log.warn("could not keep an interrupted upload: {error}", error=result.value)
+        return None
 
-    def _remove_temp(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._temp_path)
+    def superseded(self) -> None:
+        if self.on_superseded is not None:
+            self.on_superseded()
+
+    def abort(self) -> None:
+        self._release()
+        self._steps.addBoth(lambda _: self._discard())
+
+    def _discard(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for path in (self._path, self._meta):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def _release(self) -> None:
+        """No longer the in-flight upload of its partial."""
+        if self._folder._storage._resumable.get(self._path) is self:
+            del self._folder._storage._resumable[self._path]
 
 
 @implementer(IDownload)
 class LocalDownload(FileStreamer):
-    """A file opened for reading, streamed by FileStreamer."""
+    """A file opened for reading from ``offset``, streamed by FileStreamer."""
+
+    def __init__(self, source: Any, size: int, offset: int = 0) -> None:
+        source.seek(offset)
+        super().__init__(source, size - offset)
+        self.size = size
+        self.offset = offset
+
+    def prefix_sha256(self) -> Deferred:
+        """Hash bytes [0, offset) in a thread (a resumed download's first part)."""
+        fd, offset = self._source.fileno(), self.offset
+
+        def hash_prefix() -> Any:
+            digest = hashlib.sha256()
+            position = 0
+            while position < offset:
+                chunk = os.pread(fd, min(1 << 20, offset - position), position)
+                if not chunk:
+                    raise StorageFailure("the file shrank")
+                digest.update(chunk)
+                position += len(chunk)
+            return digest
+
+        if offset == 0:
+            return defer.succeed(hashlib.sha256())
+        return threads.deferToThread(hash_prefix)
 
     def close(self) -> None:
         self._source.close()

@@ -116,11 +116,15 @@ class HashingConsumer:
     """Passes writes through to ``inner`` while computing their SHA-256."""
 
     def __init__(
-        self, inner: interfaces.IConsumer, progress: Callable[[], None] | None = None
+        self,
+        inner: interfaces.IConsumer,
+        progress: Callable[[], None] | None = None,
+        sha256: Any = None,
     ) -> None:
         self._inner = inner
         self._progress = progress
-        self.sha256 = hashlib.sha256()
+        #: Pass a hash already fed with earlier bytes to continue it.
+        self.sha256 = sha256 if sha256 is not None else hashlib.sha256()
         self.written = 0
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
