@@ -18,11 +18,12 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, threads
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTCP
 
@@ -39,6 +40,8 @@ from wsfiles.streaming import (
 CONNECTION_FAILED = "connection_failed"
 CHANNEL_CLOSED = "channel_closed"
 CHECKSUM_MISMATCH = "checksum_mismatch"
+#: Failures a resumable transfer retries after.
+RETRYABLE = frozenset({CONNECTION_FAILED, CHANNEL_CLOSED, "stalled", "superseded"})
 
 
 class WsfilesError(Exception):
@@ -137,6 +140,8 @@ class WsfilesClient:
         self._transfer_lock = defer.DeferredLock()
         #: Messages that answer no command of ours (errors without an id).
         self.notices: DeferredQueue = DeferredQueue()
+        #: File lists from ``changed`` events, in order.
+        self.changes: DeferredQueue = DeferredQueue()
         self.close_code: int | None = None
         self.file_close_codes: list[int | None] = []
 
@@ -173,6 +178,7 @@ class WsfilesClient:
     async def _connect(
         self, token: str | None, token_in_query: bool, extra_headers: dict[str, str]
     ) -> None:
+        self._connect_args = (token, token_in_query, extra_headers)
         url = self.base_url + "/command"
         headers = dict(extra_headers)
         if token is not None and token_in_query:
@@ -248,6 +254,9 @@ class WsfilesClient:
         if message.get("op") == "hello" and not self._hello.called:
             self._hello.callback(message)
             return
+        if message.get("op") == "changed":
+            self.changes.put(message["files"])
+            return
         queue = self._replies.get(message.get("id"))  # type: ignore[arg-type]
         if queue is None:
             self.notices.put(message)
@@ -267,30 +276,95 @@ class WsfilesClient:
     async def list(self) -> list[dict[str, Any]]:
         return (await self.request({"op": "list"}))["files"]
 
+    async def delete(self, name: str) -> dict[str, Any]:
+        return await self.request({"op": "delete", "name": name})
+
+    async def rename(self, name: str, to: str, *, overwrite: bool = False) -> dict[str, Any]:
+        message = {"op": "rename", "name": name, "to": to}
+        if overwrite:
+            message["overwrite"] = True
+        return await self.request(message)
+
     async def upload(
-        self, name: str, source: bytes | BinaryIO, *, size: int | None = None
+        self,
+        name: str,
+        source: bytes | BinaryIO,
+        *,
+        size: int | None = None,
+        resume: bool = False,
+        checksum: bool = False,
+        retries: int = 5,
     ) -> dict[str, Any]:
-        async with self._transfer_lock:
-            return await self._upload(name, source, size)
+        """Save ``source`` (bytes, or a binary file from its position) as ``name``.
 
-    async def download(self, name: str, sink: BinaryIO) -> dict[str, Any]:
-        """Write file ``name`` into ``sink``; return the server's ``sent``."""
-        async with self._transfer_lock:
-            return await self._download_into(name, sink)
-
-    async def _upload(
-        self, name: str, source: bytes | BinaryIO, size: int | None
-    ) -> dict[str, Any]:
-        """Save ``source`` as ``name``; return the server's ``ack``.
-
-        ``size`` is what to declare, by default the true size; declaring
-        another is a protocol error the server must refuse.
+        Returns the server's ``ack`` after checking its SHA-256 against the
+        bytes sent.  ``resume`` makes the upload resumable and retries it from
+        where the server stopped when a connection drops (reconnecting the
+        command channel if needed), up to ``retries`` times.  ``checksum``
+        declares the file's SHA-256 first (one extra read of the source), so
+        the server refuses to store anything else.  ``size`` is what to
+        declare, by default the true size; declaring another is a protocol
+        error the server must refuse.
         """
         if isinstance(source, bytes | bytearray | memoryview):
             source = io.BytesIO(source)
+        start = source.tell()
         actual = _source_size(source)
         declared = actual if size is None else size
-        request_id = self.send({"op": "save", "name": name, "size": declared})
+        sha256 = _hash_range(source, start, actual) if checksum else None
+        return await self._transfer(
+            lambda: self._upload_once(name, source, start, actual, declared, sha256, resume),
+            resume,
+            retries,
+        )
+
+    async def download(
+        self, name: str, sink: BinaryIO, *, resume: bool = False, retries: int = 5
+    ) -> dict[str, Any]:
+        """Write file ``name`` into ``sink``; return the server's ``sent``.
+
+        The SHA-256 of everything written is checked against ``sent``. With
+        ``resume``, a dropped connection is retried from the bytes already
+        written (a ranged ``get``), up to ``retries`` times.
+        """
+        download = _Download(sink)
+        return await self._transfer(
+            lambda: self._download_once(name, download, resume), resume, retries
+        )
+
+    async def _transfer(
+        self, attempt: Callable[[], Awaitable[dict[str, Any]]], resume: bool, retries: int
+    ) -> dict[str, Any]:
+        """One transfer at a time; a resumable one is retried after a dropped connection."""
+        async with self._transfer_lock:
+            failures = 0
+            while True:
+                try:
+                    return await attempt()
+                except WsfilesError as e:
+                    failures += 1
+                    if not resume or e.code not in RETRYABLE or failures > retries:
+                        raise
+                    if self._command is None:  # the command channel went too
+                        self._hello = Deferred()
+                        await self._connect(*self._connect_args)
+
+    async def _upload_once(
+        self,
+        name: str,
+        source: BinaryIO,
+        start: int,
+        actual: int,
+        declared: int,
+        sha256: str | None,
+        resume: bool,
+    ) -> dict[str, Any]:
+        message: dict[str, Any] = {"op": "save", "name": name, "size": declared}
+        if sha256 is not None:
+            message["sha256"] = sha256
+        if resume:
+            message["resume"] = True
+        request_id = self.send(message)
         sending: Deferred | None = None
         streamer: FileStreamer | None = None
         hashing: HashingConsumer | None = None
@@ -302,11 +376,16 @@ class WsfilesClient:
                     await self._open_file_channel(reply["url"])
                 elif op == "ready":
                     assert self._file is not None
-                    self._file.beginMessage(isBinary=True)
-                    streamer = FileStreamer(source, actual)
-                    hashing = HashingConsumer(MessageFrames(self._file))
+                    offset = min(int(reply.get("offset", 0)), actual)
+                    prefix = hashlib.sha256()
+                    if offset:  # the server has these: hash them, in a thread
+                        prefix = await threads.deferToThread(_feed_hash, source, start, offset)
+                    source.seek(start + offset)
+                    frames = MessageFrames(self._file)
+                    streamer = FileStreamer(source, actual - offset)
+                    hashing = HashingConsumer(frames, sha256=prefix)
                     sending = streamer.stream_to(hashing)
-                    sending.addCallback(lambda _, f=self._file: f.endMessage())
+                    sending.addCallback(lambda _, frames=frames: frames.end())
                     sending.addErrback(lambda failure: failure.trap(StreamFailed))
                 else:
                     _checked(reply)
@@ -324,11 +403,15 @@ class WsfilesClient:
         finally:
             del self._replies[request_id]
 
-    async def _download_into(self, name: str, sink: BinaryIO) -> dict[str, Any]:
+    async def _download_once(self, name: str, download: _Download, resume: bool) -> dict[str, Any]:
         # Armed before asking: the file channel's bytes may overtake the
         # command channel's "sending" (they are separate connections).
-        download = self._download = _Download(sink)
-        request_id = self.send({"op": "get", "name": name})
+        download.done = Deferred()
+        self._download = download
+        message: dict[str, Any] = {"op": "get", "name": name}
+        if resume and download.received:
+            message["offset"] = download.received
+        request_id = self.send(message)
         try:
             while True:
                 reply = await self.reply(request_id)
@@ -370,6 +453,27 @@ class WsfilesClient:
         download, self._download = self._download, None
         if download is not None:
             download.done.callback(None)
+
+
+def _feed_hash(source: BinaryIO, start: int, length: int) -> Any:
+    """A SHA-256 object fed with ``length`` bytes of ``source`` from ``start``."""
+    digest = hashlib.sha256()
+    source.seek(start)
+    remaining = length
+    while remaining > 0:
+        chunk = source.read(min(1 << 20, remaining))
+        if not chunk:
+            raise WsfilesError(CHANNEL_CLOSED, "the source shrank while it was read")
+        digest.update(chunk)
+        remaining -= len(chunk)
+    return digest
+
+
+def _hash_range(source: BinaryIO, start: int, length: int) -> str:
+    """Hex SHA-256 of ``length`` bytes from ``start``; leaves the position at ``start``."""
+    digest = _feed_hash(source, start, length).hexdigest()
+    source.seek(start)
+    return digest
 
 
 def _checked(reply: dict[str, Any]) -> dict[str, Any]:

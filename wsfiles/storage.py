@@ -189,6 +189,8 @@ class LocalStorage:
         os.makedirs(self.partial_dir, exist_ok=True)
         #: Resumable uploads in flight, by partial path: a resume takes them over.
         self._resumable: dict[str, LocalUpload] = {}
+        #: Partials being fsynced after an interruption: a resume waits for them.
+        self._settling: dict[str, Deferred] = {}
 
     def sweep_temporary_files(self) -> int:
         """Remove leftovers of plain uploads cut by a crash; return how many.
@@ -340,6 +342,11 @@ class LocalFolder:
             # alive (its dead connection not yet noticed): take it over.
             await earlier.interrupt()
             earlier.superseded()
+        settling = self._storage._settling.get(part)
+        if settling is not None:
+            waiter: Deferred = Deferred()
+            settling.addBoth(lambda result: (waiter.callback(None), result)[1])
+            await waiter
         try:
             fd, offset, digest = await threads.deferToThread(
                 self._open_partial, name, size, sha256, part, meta
@@ -357,21 +364,15 @@ class LocalFolder:
         os.makedirs(os.path.dirname(part), mode=0o700, exist_ok=True)
         record = _read_meta(meta)
         offset = 0
-        digest = hashlib.sha256()
         if record is not None and record.get("size") == size and record.get("sha256") == sha256:
-            offset = min(int(record.get("durable", 0)), size)
+            durable = record.get("durable")
+            offset = min(durable, size) if isinstance(durable, int) and durable > 0 else 0
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             if os.fstat(fd).st_size < offset:
                 offset = 0  # the record claims more than the file holds
             os.ftruncate(fd, offset)
-            position = 0
-            while position < offset:
-                chunk = os.pread(fd, min(1 << 20, offset - position), position)
-                if not chunk:
-                    raise StorageFailure("the partial file shrank")
-                digest.update(chunk)
-                position += len(chunk)
+            digest = _hash_fd_prefix(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
             _write_meta(meta, {"name": name, "size": size, "sha256": sha256, "durable": offset})
         except BaseException:
@@ -444,6 +445,19 @@ class LocalFolder:
                 os.close(folder_fd)
 
         return _guarded(rename_it)
+
+
+def _hash_fd_prefix(fd: int, length: int) -> Any:
+    """A SHA-256 object fed with the first ``length`` bytes of ``fd`` (blocking)."""
+    digest = hashlib.sha256()
+    position = 0
+    while position < length:
+        chunk = os.pread(fd, min(1 << 20, length - position), position)
+        if not chunk:
+            raise StorageFailure("the file shrank while it was read")
+        digest.update(chunk)
+        position += len(chunk)
+    return digest
 
 
 def _lstat_or_none(name: str, folder_fd: int) -> os.stat_result | None:
@@ -617,9 +631,17 @@ class LocalUpload:
             self.abort()
             return defer.succeed(None)
         self._release()
-        written = self._written
-        d = self._step(self._checkpoint, written)
+        settling = self._folder._storage._settling
+        d = self._step(self._checkpoint, self._written)
         d.addBoth(self._close_after)
+        settling[self._path] = d
+
+        def settled(result: Any) -> Any:
+            if settling.get(self._path) is d:
+                del settling[self._path]
+            return result
+
+        d.addBoth(settled)
         return d
 
     def _close_after(self, result: Any) -> Any:
@@ -666,22 +688,9 @@ class LocalDownload(FileStreamer):
 
     def prefix_sha256(self) -> Deferred:
         """Hash bytes [0, offset) in a thread (a resumed download's first part)."""
-        fd, offset = self._source.fileno(), self.offset
-
-        def hash_prefix() -> Any:
-            digest = hashlib.sha256()
-            position = 0
-            while position < offset:
-                chunk = os.pread(fd, min(1 << 20, offset - position), position)
-                if not chunk:
-                    raise StorageFailure("the file shrank")
-                digest.update(chunk)
-                position += len(chunk)
-            return digest
-
-        if offset == 0:
+        if self.offset == 0:
             return defer.succeed(hashlib.sha256())
-        return threads.deferToThread(hash_prefix)
+        return threads.deferToThread(_hash_fd_prefix, self._source.fileno(), self.offset)
 
     def close(self) -> None:
         self._source.close()

@@ -94,10 +94,16 @@ class FileStreamer:
 
 @implementer(interfaces.IConsumer)
 class MessageFrames:
-    """An IConsumer whose writes become frames of a binary message already begun."""
+    """An IConsumer whose writes become the frames of one binary message.
+
+    The message begins with the first write; ``end`` closes it, and sends an
+    empty message if nothing was written (Autobahn cannot end a message that
+    has no frame).
+    """
 
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol
+        self._begun = False
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self._protocol.transport.registerProducer(producer, streaming)
@@ -108,7 +114,16 @@ class MessageFrames:
             transport.unregisterProducer()
 
     def write(self, data: bytes) -> None:
+        if not self._begun:
+            self._begun = True
+            self._protocol.beginMessage(isBinary=True)
         self._protocol.sendMessageFrame(data)
+
+    def end(self) -> None:
+        if self._begun:
+            self._protocol.endMessage()
+        else:
+            self._protocol.sendMessage(b"", isBinary=True)
 
 
 @implementer(interfaces.IConsumer)

@@ -10,6 +10,7 @@ import os
 
 from autobahn.websocket.xormasker import USES_NVX
 from twisted.application import service, strports
+from twisted.application.internet import TimerService
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
@@ -103,6 +104,12 @@ class Options(usage.Options):
             "Commands per second per command channel (bursts of the same size).",
         ],
         ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override it."],
+        [
+            "partial-ttl",
+            None,
+            "86400",
+            "Seconds an interrupted resumable upload is kept for resuming.",
+        ],
     ]
 
     def __init__(self) -> None:
@@ -141,6 +148,7 @@ class Options(usage.Options):
             "ping-interval",
             "ping-timeout",
             "rate-limit",
+            "partial-ttl",
         ):
             self[option] = _positive_seconds(option, self[option])
         for option in ("max-connections", "max-connections-per-client", "max-connections-per-ip"):
@@ -188,6 +196,16 @@ class _AnnouncingEndpoint:
         return self._endpoint.listen(factory).addCallback(announce)
 
 
+#: Interrupted resumable uploads are removed within --partial-ttl + this.
+SWEEP_EVERY = 60.0
+
+
+def _sweep_partials(storage: LocalStorage, ttl: float) -> None:
+    removed = storage.sweep_partials(ttl)
+    if removed:
+        _log.info("removed {count} expired partial uploads", count=removed)
+
+
 class WsfilesService(service.MultiService):
     """The listeners; a listener that cannot bind stops start-up with one clear line."""
 
@@ -233,6 +251,9 @@ def makeService(options: Options) -> service.IService:
         _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
     site = WsfilesSite(settings, storage, options["users"], reactor)
     top = WsfilesService()
+    ttl = options["partial-ttl"]
+    sweeper = TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl)
+    sweeper.setServiceParent(top)
     for description in options["listen"]:
         listener = strports.service(description, site, reactor=reactor)
         listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, reactor)

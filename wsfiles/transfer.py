@@ -58,11 +58,11 @@ class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
     # -- sending (called by the session) ---------------------------------
 
     def begin_message(self) -> interfaces.IConsumer:
-        self.beginMessage(isBinary=True)
-        return MessageFrames(self)
+        self._frames = MessageFrames(self)
+        return self._frames
 
     def end_message(self) -> None:
-        self.endMessage()
+        self._frames.end()
 
     def abort(self, code: int, reason: str) -> None:
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
