@@ -441,3 +441,46 @@ async def test_client_resumes_a_download_cut_mid_transfer(server, proxied):
     sent = await client.download("big", sink, resume=True)
     assert proxy.cuts == 1
     assert sent["sha256"] == sha(data) and sink.getvalue() == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_after_a_crash_a_resume_offers_only_what_was_durable(twistd_factory):
+    import json
+
+    from twisted.internet import task
+
+    from wsfiles.client import connect
+    from wsfiles.storage import CHECKPOINT_BYTES
+
+    srv = await twistd_factory()
+    data = os.urandom(CHECKPOINT_BYTES + 16 * 1024 * 1024)
+    client = await connect(srv.url)
+    upload = defer.ensureDeferred(client.upload("big", data, resume=True, retries=0))
+    partials = srv.root / ".wsfiles-partial" / "@anonymous"
+    durable = 0
+    # The server is another process: watch its partial's record, bounded.
+    for _ in range(1500):
+        records = list(partials.glob("*.json")) if partials.exists() else []
+        if records:
+            try:
+                durable = json.loads(records[0].read_text()).get("durable", 0)
+            except ValueError:
+                durable = 0  # caught mid-rename
+        if durable:
+            break
+        await task.deferLater(reactor, 0.02, lambda: None)
+    assert durable >= CHECKPOINT_BYTES
+    await srv.kill()
+    assert await refused(upload) in ("channel_closed", "connection_failed")
+    await client.close()
+
+    again = await twistd_factory(root=srv.root)
+    client = await connect(again.url)
+    try:
+        request_id, offset = await resume_offset(client, "big", len(data))
+        assert offset == durable
+        client.send_on_file_channel(data[offset:])
+        assert (await client.reply(request_id))["sha256"] == sha(data)
+        assert (again.root / "big").read_bytes() == data
+    finally:
+        await client.close()

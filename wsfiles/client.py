@@ -206,7 +206,7 @@ class WsfilesClient:
         self._command = None
         if not self._hello.called:
             self._hello.errback(WsfilesError(CONNECTION_FAILED, str(reason)))
-        for queue in self._replies.values():
+        for queue in list(self._replies.values()):
             queue.put({"op": "error", "code": CHANNEL_CLOSED, "message": "connection closed"})
 
     def _file_closed(self, protocol: _FileProtocol, code: int | None) -> None:
