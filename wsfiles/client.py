@@ -101,13 +101,18 @@ class _FileProtocol(WebSocketClientProtocol):
         self.factory.closed.callback(code)
 
 
+Progress = Callable[[int, int], None]
+
+
 class _Download:
     """Where the bytes of the current download go."""
 
-    def __init__(self, sink: BinaryIO) -> None:
+    def __init__(self, sink: BinaryIO, progress: Progress | None = None) -> None:
         self.sink = sink
         self.sha256 = hashlib.sha256()
         self.received = 0
+        self.total = 0
+        self.progress = progress
         self.done: Deferred = Deferred()
 
 
@@ -294,6 +299,7 @@ class WsfilesClient:
         resume: bool = False,
         checksum: bool = False,
         retries: int = 5,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Save ``source`` (bytes, or a binary file from its position) as ``name``.
 
@@ -313,21 +319,36 @@ class WsfilesClient:
         declared = actual if size is None else size
         sha256 = _hash_range(source, start, actual) if checksum else None
         return await self._transfer(
-            lambda: self._upload_once(name, source, start, actual, declared, sha256, resume),
+            lambda: self._upload_once(
+                name, source, start, actual, declared, sha256, resume, progress
+            ),
             resume,
             retries,
         )
 
     async def download(
-        self, name: str, sink: BinaryIO, *, resume: bool = False, retries: int = 5
+        self,
+        name: str,
+        sink: BinaryIO,
+        *,
+        resume: bool = False,
+        retries: int = 5,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         """Write file ``name`` into ``sink``; return the server's ``sent``.
 
         The SHA-256 of everything written is checked against ``sent``. With
         ``resume``, a dropped connection is retried from the bytes already
-        written (a ranged ``get``), up to ``retries`` times.
+        written (a ranged ``get``), up to ``retries`` times; and a sink that
+        already holds bytes (opened for reading and appending, positioned at
+        its end) is taken as the start of the file: only the rest is fetched.
         """
-        download = _Download(sink)
+        download = _Download(sink, progress)
+        if resume and sink.tell() > 0:
+            held = sink.tell()
+            download.sha256 = await threads.deferToThread(_feed_hash, sink, 0, held)
+            sink.seek(held)
+            download.received = held
         return await self._transfer(
             lambda: self._download_once(name, download, resume), resume, retries
         )
@@ -358,6 +379,7 @@ class WsfilesClient:
         declared: int,
         sha256: str | None,
         resume: bool,
+        progress: Progress | None = None,
     ) -> dict[str, Any]:
         message: dict[str, Any] = {"op": "save", "name": name, "size": declared}
         if sha256 is not None:
@@ -383,7 +405,13 @@ class WsfilesClient:
                     source.seek(start + offset)
                     frames = MessageFrames(self._file)
                     streamer = FileStreamer(source, actual - offset)
-                    hashing = HashingConsumer(frames, sha256=prefix)
+                    report = None
+                    if progress is not None:
+
+                        def report(written: int, offset: int = offset) -> None:
+                            progress(offset + written, actual)
+
+                    hashing = HashingConsumer(frames, progress=report, sha256=prefix)
                     sending = streamer.stream_to(hashing)
                     sending.addCallback(lambda _, frames=frames: frames.end())
                     sending.addErrback(lambda failure: failure.trap(StreamFailed))
@@ -419,7 +447,7 @@ class WsfilesClient:
                 if op == "channel":
                     await self._open_file_channel(reply["url"])
                 elif op == "sending":
-                    pass
+                    download.total = reply["size"]
                 elif op == "sent":
                     await download.done
                     if download.received != reply["size"]:
@@ -448,6 +476,8 @@ class WsfilesClient:
             download.sink.write(data)
             download.sha256.update(data)
             download.received += len(data)
+            if download.progress is not None:
+                download.progress(download.received, download.total)
 
     def _file_message_end(self) -> None:
         download, self._download = self._download, None

@@ -82,6 +82,19 @@ class _Receive:
     finished: bool = False
 
 
+@dataclass
+class TransferRecord:
+    """What the log (and metrics) hear about each transfer when it ends."""
+
+    op: str
+    name: str
+    started: float
+    size: int = 0
+    offset: int = 0
+    sha256: str | None = None
+    result: str = "unfinished"
+
+
 def _request_id(message: dict[str, Any]) -> RequestId:
     request_id = message.get("id")
     if request_id is None or isinstance(request_id, str):
@@ -144,6 +157,7 @@ class CommandSession:
         self.quota = quota
         self._send_json = send
         self._close_connection = close_connection
+        self._clock = clock
         self._idle = Deadline(clock, settings.idle_timeout, self._idle_expired)
         self._stall = Deadline(clock, settings.stall_timeout, self._stall_expired)
         self._bucket = TokenBucket(settings.rate_limit, clock)
@@ -294,7 +308,12 @@ class CommandSession:
                 errors.BAD_REQUEST, f"offset {offset} is beyond the file's {info.size} bytes"
             )
         ranged = "offset" in message
-        self._enqueue(lambda: self._run_get(name, offset, ranged, request_id), request_id)
+        self._enqueue(
+            "get",
+            name,
+            lambda record: self._run_get(name, offset, ranged, request_id, record),
+            request_id,
+        )
 
     async def _save(self, message: dict[str, Any], request_id: RequestId) -> None:
         name = check_file_name(message.get("name"))
@@ -307,7 +326,12 @@ class CommandSession:
             )
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
-        self._enqueue(lambda: self._run_save(name, size, sha256, resume, request_id), request_id)
+        self._enqueue(
+            "save",
+            name,
+            lambda record: self._run_save(name, size, sha256, resume, request_id, record),
+            request_id,
+        )
 
     async def _delete(self, message: dict[str, Any], request_id: RequestId) -> None:
         name = check_file_name(message.get("name"))
@@ -372,11 +396,49 @@ class CommandSession:
 
     # -- transfers -------------------------------------------------------
 
-    def _enqueue(self, transfer: Callable[[], Awaitable[None]], request_id: RequestId) -> None:
-        self._transfers.append(lambda: self._reporting_errors(transfer, request_id))
+    def _enqueue(
+        self,
+        op: str,
+        name: str,
+        transfer: Callable[[TransferRecord], Awaitable[None]],
+        request_id: RequestId,
+    ) -> None:
+        async def run() -> None:
+            record = TransferRecord(op, name, self._clock.seconds())
+            try:
+                await transfer(record)
+                record.result = "ok"
+            except ProtocolError as e:
+                record.result = e.code
+                raise
+            except StorageFailure:
+                record.result = errors.STORAGE_ERROR
+                raise
+            except Exception:
+                record.result = errors.INTERNAL_ERROR
+                raise
+            finally:
+                self._log_transfer(record)
+
+        self._transfers.append(lambda: self._reporting_errors(run, request_id))
         self._idle.cancel()  # a command channel never idles out while it transfers
         if not self._transferring:
             Deferred.fromCoroutine(self._run_transfers())
+
+    def _log_transfer(self, record: TransferRecord) -> None:
+        _log.info(
+            "{op} {name!r} by {client}: {result}, {size} bytes"
+            " (from offset {offset}) in {duration:.3f} s, sha256 {sha256}",
+            op=record.op,
+            name=record.name,
+            client=self.client,
+            result=record.result,
+            size=record.size,
+            offset=record.offset,
+            duration=self._clock.seconds() - record.started,
+            sha256=record.sha256,
+            transfer=True,
+        )
 
     async def _run_transfers(self) -> None:
         self._transferring = True
@@ -397,7 +459,9 @@ class CommandSession:
         self._send({"op": "channel", "url": f"/file?ticket={ticket}"}, request_id)
         return await self._channel_waiter
 
-    async def _run_get(self, name: str, offset: int, ranged: bool, request_id: RequestId) -> None:
+    async def _run_get(
+        self, name: str, offset: int, ranged: bool, request_id: RequestId, record: TransferRecord
+    ) -> None:
         channel = await self._file_channel_ready(request_id)
         try:
             download = await self.folder.open_download(name, offset)
@@ -413,7 +477,7 @@ class CommandSession:
                 sending["offset"] = offset
             self._send(sending, request_id)
             consumer = HashingConsumer(
-                channel.begin_message(), progress=self._stall.reset, sha256=prefix
+                channel.begin_message(), progress=lambda _: self._stall.reset(), sha256=prefix
             )
             self._stalled = False
             self._stall.reset()
@@ -431,6 +495,8 @@ class CommandSession:
                 channel.abort(1011, "storage error")
                 raise ProtocolError(errors.STORAGE_ERROR, str(e)) from None
             channel.end_message()
+            record.size, record.offset = download.size, offset
+            record.sha256 = consumer.sha256.hexdigest()
             self._send(
                 {
                     "op": "sent",
@@ -446,7 +512,13 @@ class CommandSession:
             download.close()
 
     async def _run_save(
-        self, name: str, size: int, sha256: str | None, resume: bool, request_id: RequestId
+        self,
+        name: str,
+        size: int,
+        sha256: str | None,
+        resume: bool,
+        request_id: RequestId,
+        record: TransferRecord,
     ) -> None:
         await self._file_channel_ready(request_id)
         reservation = None
@@ -455,6 +527,7 @@ class CommandSession:
         try:
             upload = await self.folder.begin_upload(name, size, sha256, resume)
             receive = self._receive = _Receive(upload, size - upload.offset, upload.offset)
+            record.size, record.offset = size, upload.offset
             upload.on_superseded = lambda: self._superseded(receive)
             try:
                 ready: dict[str, Any] = {"op": "ready"}
@@ -470,6 +543,7 @@ class CommandSession:
         finally:
             if reservation is not None:
                 reservation.release()
+        record.sha256 = digest
         self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
         self._announce_change()
 

@@ -133,7 +133,7 @@ class HashingConsumer:
     def __init__(
         self,
         inner: interfaces.IConsumer,
-        progress: Callable[[], None] | None = None,
+        progress: Callable[[int], None] | None = None,
         sha256: Any = None,
     ) -> None:
         self._inner = inner
@@ -153,4 +153,4 @@ class HashingConsumer:
         self.written += len(data)
         self._inner.write(data)
         if self._progress is not None:
-            self._progress()
+            self._progress(self.written)
