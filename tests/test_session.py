@@ -110,14 +110,14 @@ class Harness:
         self.session.attach(self.channel)
 
     def upload(self, data: bytes, frames: int = 1) -> None:
-        self.session.file_message_begin(True)
+        self.session.file_message_begin(self.channel, True)
         step = max(1, len(data) // frames)
         for i in range(0, len(data), step):
             chunk = data[i : i + step]
-            if not self.session.file_frame_begin(len(chunk)):
+            if not self.session.file_frame_begin(self.channel, len(chunk)):
                 return
-            self.session.file_data(chunk)
-        self.session.file_message_end()
+            self.session.file_data(self.channel, chunk)
+        self.session.file_message_end(self.channel)
 
     @property
     def ops(self) -> list[str]:
@@ -218,19 +218,19 @@ def test_bad_commands_get_stable_codes_and_the_session_goes_on(h, payload, code)
 def test_oversized_frame_is_refused_before_its_bytes(h):
     h.command(op="save", name="a", size=10)
     h.attach()
-    h.session.file_message_begin(True)
-    assert h.session.file_frame_begin(11) is False
+    h.session.file_message_begin(h.channel, True)
+    assert h.session.file_frame_begin(h.channel, 11) is False
     assert h.ops[-1] == "error:size_mismatch"
-    assert h.session.file_frame_begin(2000) is True  # discarded from now on
-    h.session.file_message_end()
+    assert h.session.file_frame_begin(h.channel, 2000) is True  # discarded from now on
+    h.session.file_message_end(h.channel)
     assert _temp_files(h) == []
 
 
 def test_frame_beyond_max_size_is_too_large(h):
     h.command(op="save", name="a", size=10)
     h.attach()
-    h.session.file_message_begin(True)
-    assert h.session.file_frame_begin(1001) is False
+    h.session.file_message_begin(h.channel, True)
+    assert h.session.file_frame_begin(h.channel, 1001) is False
     assert h.ops[-1] == "error:too_large"
 
 
@@ -241,16 +241,16 @@ def test_short_message_is_a_size_mismatch_and_the_channel_goes_on(h):
     assert h.ops[-1] == "error:size_mismatch"
     assert h.channel.closed_with is None
     assert _temp_files(h) == []
-    h.session.file_message_begin(True)
+    h.session.file_message_begin(h.channel, True)
     assert h.ops[-1] == "error:unexpected_data"
 
 
 def test_text_on_the_file_channel_is_not_executed(h):
     h.command(op="save", name="a", size=2)
     h.attach()
-    h.session.file_message_begin(False)
-    h.session.file_data(b'{"op":"list"}')
-    h.session.file_message_end()
+    h.session.file_message_begin(h.channel, False)
+    h.session.file_data(h.channel, b'{"op":"list"}')
+    h.session.file_message_end(h.channel)
     assert h.ops[-1] == "error:wrong_channel"
     h.upload(b"ok")  # the save still waits for its data
 
@@ -263,9 +263,9 @@ def test_binary_on_the_command_channel(h):
 def test_file_channel_lost_mid_upload_removes_the_temp_file(h):
     h.command(op="save", name="a", size=10, id=4)
     h.attach()
-    h.session.file_message_begin(True)
-    h.session.file_frame_begin(10)
-    h.session.file_data(b"12345")
+    h.session.file_message_begin(h.channel, True)
+    h.session.file_frame_begin(h.channel, 10)
+    h.session.file_data(h.channel, b"12345")
     assert len(_temp_files(h)) == 1
     h.session.detach(h.channel)
     assert h.sent[-1]["code"] == "channel_closed" and h.sent[-1]["id"] == 4
@@ -318,11 +318,11 @@ def test_no_idle_timeout_while_a_transfer_runs(tmp_path):
     h = Harness(tmp_path, idle_timeout=300, stall_timeout=30)
     h.command(op="save", name="a", size=10)
     h.attach()
-    h.session.file_message_begin(True)
-    h.session.file_frame_begin(10)
+    h.session.file_message_begin(h.channel, True)
+    h.session.file_frame_begin(h.channel, 10)
     for _ in range(40):  # 400 s of slow but steady progress
         h.clock.advance(10)
-        h.session.file_data(b"")
+        h.session.file_data(h.channel, b"")
     assert h.closed_with is None
     h.session.close()
 
@@ -331,9 +331,9 @@ def test_stalled_upload_fails_and_removes_its_temp_file(tmp_path):
     h = Harness(tmp_path, stall_timeout=30)
     h.command(op="save", name="a", size=10, id=3)
     h.attach()
-    h.session.file_message_begin(True)
-    h.session.file_frame_begin(10)
-    h.session.file_data(b"12345")
+    h.session.file_message_begin(h.channel, True)
+    h.session.file_frame_begin(h.channel, 10)
+    h.session.file_data(h.channel, b"12345")
     h.clock.advance(29)
     assert h.ops[-1] == "ready"
     h.clock.advance(1)

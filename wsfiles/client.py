@@ -462,6 +462,8 @@ class WsfilesClient:
         finally:
             if self._download is download:
                 self._download = None
+            # Nobody awaits a download cut before "sent": do not log it as unhandled.
+            download.done.addErrback(lambda _: None)
             del self._replies[request_id]
 
     # -- the file channel's incoming data --------------------------------

@@ -48,8 +48,10 @@ from wsfiles.timers import Deadline
 PROTOCOL_VERSION = 1
 #: What this server supports beyond protocol 1.0 (announced in ``hello``).
 FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed")
-#: WebSocket close code for a channel dropped by policy (a stalled transfer).
-CLOSE_POLICY = 1008
+#: WebSocket close codes for a file channel the server gives up on.
+CLOSE_POLICY = 1008  # a stalled transfer
+CLOSE_MESSAGE_TOO_BIG = 1009  # more data than allowed
+CLOSE_INTERNAL_ERROR = 1011  # the file could not be read mid-message
 
 _log = Logger()
 
@@ -485,14 +487,14 @@ class CommandSession:
                 await download.stream_to(consumer)
             except StreamFailed as e:
                 if self._stalled:
-                    channel.abort(CLOSE_POLICY, "transfer stalled")
+                    self._abandon_file_channel(channel, CLOSE_POLICY, "transfer stalled")
                     raise ProtocolError(errors.STALLED, self._stall_message) from None
-                if channel is not self._file_channel:
+                if e.consumer_gone or channel is not self._file_channel:
                     raise ProtocolError(
                         errors.CHANNEL_CLOSED, "the file channel closed during the transfer"
                     ) from None
                 # Part of a message is out: the channel cannot carry on.
-                channel.abort(1011, "storage error")
+                self._abandon_file_channel(channel, CLOSE_INTERNAL_ERROR, "storage error")
                 raise ProtocolError(errors.STORAGE_ERROR, str(e)) from None
             channel.end_message()
             record.size, record.offset = download.size, offset
@@ -563,7 +565,7 @@ class CommandSession:
         if self._receive is not None and not self._receive.finished:
             self._fail_receive(errors.STALLED, self._stall_message, keep=True)
             if channel is not None:
-                channel.abort(CLOSE_POLICY, "transfer stalled")
+                self._abandon_file_channel(channel, CLOSE_POLICY, "transfer stalled")
         elif self._download is not None:
             self._download.stop()
 
@@ -608,6 +610,17 @@ class CommandSession:
         if waiter is not None:
             waiter.callback(channel)
 
+    def _abandon_file_channel(self, channel: FileChannel, code: int, reason: str) -> None:
+        """Close a file channel that cannot carry on, and stop using it at once.
+
+        Until its TCP connection is gone it may still deliver frames; those
+        are ignored, and the next transfer is offered a new channel.
+        """
+        if channel is self._file_channel:
+            self._file_channel = None
+            self.registry.unpair(self, channel)
+        channel.abort(code, reason)
+
     def detach(self, channel: FileChannel) -> None:
         """The file channel closed; a transfer on it fails, the next asks anew."""
         if channel is self._claimed_by:
@@ -629,7 +642,9 @@ class CommandSession:
         if self._download is not None:
             self._download.stop()
 
-    def file_message_begin(self, is_binary: bool) -> None:
+    def file_message_begin(self, channel: FileChannel, is_binary: bool) -> None:
+        if channel is not self._file_channel:
+            return  # an abandoned channel's last frames
         receive = self._receive
         if not is_binary:
             self._discarding = True
@@ -647,10 +662,15 @@ class CommandSession:
             self._discarding = False
             receive.started = True
 
-    def file_frame_begin(self, length: int) -> bool:
-        """A frame of ``length`` bytes is coming; False means cut the channel."""
+    def file_frame_begin(self, channel: FileChannel, length: int) -> bool:
+        """A frame of ``length`` bytes is coming; False: the channel was cut (1009)."""
         receive = self._receive
-        if self._discarding or receive is None or receive.finished:
+        if (
+            channel is not self._file_channel
+            or self._discarding
+            or receive is None
+            or receive.finished
+        ):
             return True
         receive.announced += length
         if receive.offset + receive.announced > self.max_size:
@@ -658,18 +678,25 @@ class CommandSession:
                 errors.TOO_LARGE,
                 f"the data exceeds the limit of {self.max_size} bytes; nothing was stored",
             )
+            self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than max_size")
             return False
         if receive.announced > receive.size:
             self._fail_receive(
                 errors.SIZE_MISMATCH,
                 f"more data than the declared {receive.size} bytes; nothing was stored",
             )
+            self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than declared")
             return False
         return True
 
-    def file_data(self, data: bytes) -> None:
+    def file_data(self, channel: FileChannel, data: bytes) -> None:
         receive = self._receive
-        if self._discarding or receive is None or receive.finished:
+        if (
+            channel is not self._file_channel
+            or self._discarding
+            or receive is None
+            or receive.finished
+        ):
             return
         self._stall.reset()
         try:
@@ -679,7 +706,9 @@ class CommandSession:
             return
         receive.received += len(data)
 
-    def file_message_end(self) -> None:
+    def file_message_end(self, channel: FileChannel) -> None:
+        if channel is not self._file_channel:
+            return
         receive = self._receive
         if self._discarding or receive is None or receive.finished:
             self._discarding = False

@@ -24,7 +24,15 @@ SEND_BUFFER = 256 * 1024
 
 
 class StreamFailed(Exception):
-    """The source could not be read, or streaming was stopped."""
+    """The source could not be read, or streaming was stopped.
+
+    ``consumer_gone`` tells a lost connection (the transport stopped us)
+    from a failure of the source.
+    """
+
+    def __init__(self, message: str, *, consumer_gone: bool = False) -> None:
+        super().__init__(message)
+        self.consumer_gone = consumer_gone
 
 
 @implementer(interfaces.IPushProducer)
@@ -72,7 +80,9 @@ class FileStreamer:
         self._paused = True
 
     def stopProducing(self) -> None:
-        self.stop()
+        """The transport is gone (it calls this before the protocol hears of it)."""
+        if self._done is not None:
+            self._finish(StreamFailed("the connection was lost", consumer_gone=True))
 
     def stop(self) -> None:
         """Give up: the Deferred from ``stream_to`` fails with StreamFailed."""

@@ -24,8 +24,6 @@ from wsfiles.streaming import SEND_BUFFER, MessageFrames
 
 _log = Logger()
 
-CLOSE_MESSAGE_TOO_BIG = 1009
-
 
 class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
     """Translates file-channel frames into CommandSession calls."""
@@ -65,36 +63,37 @@ class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
         self._frames.end()
 
     def abort(self, code: int, reason: str) -> None:
-        self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
+        if self.state == self.STATE_OPEN:  # a dead connection needs no close frame
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
     def close(self) -> None:
-        self.sendClose(1000, "the command channel closed")
+        if self.state == self.STATE_OPEN:
+            self.sendClose(1000, "the command channel closed")
 
     # -- receiving: stream frames to the session, never buffer them ------
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
         if self.session is not None:
-            self.session.file_message_begin(isBinary)
+            self.session.file_message_begin(self, isBinary)
 
     def onMessageFrameBegin(self, length: int) -> None:
         # Check the transfer's size ourselves first: Autobahn's own limit
         # would close the channel without telling the session why.
-        if self.session is not None and not self.session.file_frame_begin(length):
-            self.abort(CLOSE_MESSAGE_TOO_BIG, "more data than the transfer allows")
-            return
+        if self.session is not None and not self.session.file_frame_begin(self, length):
+            return  # the session closed this channel (1009)
         super().onMessageFrameBegin(length)
 
     def onMessageFrameData(self, payload: bytes) -> None:
         if self.session is not None:
-            self.session.file_data(payload)
+            self.session.file_data(self, payload)
 
     def onMessageFrameEnd(self) -> None:
         pass
 
     def onMessageEnd(self) -> None:
         if self.session is not None:
-            self.session.file_message_end()
+            self.session.file_message_end(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if self.session is not None:
