@@ -33,7 +33,7 @@ async def test_hello_names_the_features(server):
     assert (
         set(client.hello["features"])
         == set(FEATURES)
-        == {"resume", "range", "checksum", "delete", "rename", "changed"}
+        == {"resume", "range", "checksum", "delete", "rename", "changed", "chunked"}
     )
 
 
@@ -484,3 +484,25 @@ async def test_after_a_crash_a_resume_offers_only_what_was_durable(twistd_factor
         assert (again.root / "big").read_bytes() == data
     finally:
         await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_chunked_save_takes_several_messages(server):
+    data = os.urandom(250_000)
+    client = await server.connect()
+    message = {"op": "save", "name": "f", "size": len(data), "chunked": True}
+    request_id = client.send(message)
+    reply = await client.reply(request_id)
+    await client._open_file_channel(reply["url"])
+    assert (await client.reply(request_id))["op"] == "ready"
+    for start in range(0, len(data), 100_000):
+        client.send_on_file_channel(data[start : start + 100_000])
+    ack = await client.reply(request_id)
+    assert ack["op"] == "ack" and ack["sha256"] == sha(data)
+    # Still exactly the declared size: one byte too many is refused.
+    request_id = client.send({**message, "size": 3})
+    assert (await client.reply(request_id))["op"] == "ready"
+    client.send_on_file_channel(b"ab")
+    client.send_on_file_channel(b"cd")
+    assert (await client.reply(request_id))["code"] == "size_mismatch"
+    assert (server.root / "f").read_bytes() == data

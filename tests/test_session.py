@@ -139,7 +139,7 @@ def test_hello_first(h):
     assert h.sent[0] == {
         "op": "hello",
         "protocol": 1,
-        "features": ["resume", "range", "checksum", "delete", "rename", "changed"],
+        "features": ["resume", "range", "checksum", "delete", "rename", "changed", "chunked"],
         "client": "anonymous",
         "max_size": 1000,
         "files": [],

@@ -47,7 +47,7 @@ from wsfiles.timers import Deadline
 
 PROTOCOL_VERSION = 1
 #: What this server supports beyond protocol 1.0 (announced in ``hello``).
-FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed")
+FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed", "chunked")
 #: WebSocket close codes for a file channel the server gives up on.
 CLOSE_POLICY = 1008  # a stalled transfer
 CLOSE_MESSAGE_TOO_BIG = 1009  # more data than allowed
@@ -82,6 +82,8 @@ class _Receive:
     announced: int = 0  # sum of the frame lengths seen so far
     received: int = 0
     finished: bool = False
+    #: 1.1 ``chunked``: the data may come as several messages (browsers).
+    chunked: bool = False
 
 
 @dataclass
@@ -322,6 +324,7 @@ class CommandSession:
         size = _count_field(message, "size")
         sha256 = _sha256_field(message)
         resume = _flag_field(message, "resume")
+        chunked = _flag_field(message, "chunked")
         if size > self.max_size:
             raise ProtocolError(
                 errors.TOO_LARGE, f"{size} bytes is over the limit of {self.max_size}"
@@ -331,7 +334,7 @@ class CommandSession:
         self._enqueue(
             "save",
             name,
-            lambda record: self._run_save(name, size, sha256, resume, request_id, record),
+            lambda record: self._run_save(name, size, sha256, resume, chunked, request_id, record),
             request_id,
         )
 
@@ -519,6 +522,7 @@ class CommandSession:
         size: int,
         sha256: str | None,
         resume: bool,
+        chunked: bool,
         request_id: RequestId,
         record: TransferRecord,
     ) -> None:
@@ -528,7 +532,9 @@ class CommandSession:
             reservation = await self.quota.reserve(self.client, self.folder, name, size)
         try:
             upload = await self.folder.begin_upload(name, size, sha256, resume)
-            receive = self._receive = _Receive(upload, size - upload.offset, upload.offset)
+            receive = self._receive = _Receive(
+                upload, size - upload.offset, upload.offset, chunked=chunked
+            )
             record.size, record.offset = size, upload.offset
             upload.on_superseded = lambda: self._superseded(receive)
             try:
@@ -712,6 +718,9 @@ class CommandSession:
         receive = self._receive
         if self._discarding or receive is None or receive.finished:
             self._discarding = False
+            return
+        if receive.chunked and receive.received < receive.size:
+            receive.started = False  # the next message carries on
             return
         if receive.received != receive.size:
             self._fail_receive(
