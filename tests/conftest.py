@@ -238,6 +238,41 @@ def twistd_factory(tmp_path):
         pytest_twisted.blockon(Deferred.fromCoroutine(srv.stop()))
 
 
+# -- other processes (CLI, example clients) -------------------------------------
+
+
+class _Collect(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.ended: Deferred = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+
+    def processEnded(self, reason: Any) -> None:
+        code = reason.value.exitCode
+        self.ended.callback(code if code is not None else -reason.value.signal)
+
+
+def spawn_process(argv: list[str], env: dict | None = None, cwd: Path | None = None):
+    """Start ``argv`` on the reactor; return the process and its output collector."""
+    proto = _Collect()
+    full_env = {**os.environ, **(env or {})}
+    process = reactor.spawnProcess(proto, argv[0], argv, env=full_env, path=str(cwd or "."))
+    return process, proto
+
+
+async def run_process(argv: list[str], **kwargs: Any) -> tuple[int, str, str]:
+    """Run ``argv`` to its end without blocking the reactor: (exit code, stdout, stderr)."""
+    _, proto = spawn_process(argv, **kwargs)
+    code = await _with_timeout(proto.ended, 60)
+    return code, proto.out.decode(), proto.err.decode()
+
+
 # -- raw handshakes -----------------------------------------------------------
 
 UPGRADE_HEADERS = {

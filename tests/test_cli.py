@@ -10,40 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest_twisted
-from conftest import BIN, TEARDOWN_TIMEOUT
-from twisted.internet import defer, protocol, reactor, task
-
-
-class _Collect(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.out = b""
-        self.err = b""
-        self.ended: defer.Deferred = defer.Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.out += data
-
-    def errReceived(self, data: bytes) -> None:
-        self.err += data
-
-    def processEnded(self, reason) -> None:
-        code = reason.value.exitCode
-        self.ended.callback(code if code is not None else -reason.value.signal)
+from conftest import BIN, TEARDOWN_TIMEOUT, run_process, spawn_process
+from twisted.internet import reactor, task
 
 
 def spawn(*args: str, env: dict | None = None, cwd: Path | None = None):
-    proto = _Collect()
-    argv = [str(BIN / "wsfiles"), *args]
-    full_env = {**os.environ, **(env or {})}
-    process = reactor.spawnProcess(proto, argv[0], argv, env=full_env, path=str(cwd or "."))
-    return process, proto
+    return spawn_process([str(BIN / "wsfiles"), *args], env=env, cwd=cwd)
 
 
 async def run(*args: str, **kwargs) -> tuple[int, str, str]:
     """Run the CLI without blocking the reactor (the server may be in this process)."""
-    _, proto = spawn(*args, **kwargs)
-    code = await proto.ended.addTimeout(60, reactor)
-    return code, proto.out.decode(), proto.err.decode()
+    return await run_process([str(BIN / "wsfiles"), *args], **kwargs)
 
 
 def sha(path: Path) -> str:

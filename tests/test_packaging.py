@@ -61,3 +61,10 @@ def test_autobahn_native_masker_is_in_use():
     from autobahn.websocket.xormasker import USES_NVX
 
     assert USES_NVX
+
+
+def test_ci_runs_the_test_command_from_the_readme():
+    readme = (REPO / "README.md").read_text().splitlines()
+    commands = [line.strip() for line in readme[:12] if line.startswith("    ")]
+    assert len(commands) == 2, "the README opens with two commands: run, and test"
+    assert commands[1] in (REPO / ".ci" / "run").read_text()

@@ -6,12 +6,13 @@ WebSocketResource, so later pages and endpoints can join them on one port.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
-from twisted.web import http, resource, server
+from twisted.web import http, resource, server, static
 
 from wsfiles.admission import origin_allowed
 from wsfiles.command import CommandChannelFactory
@@ -24,17 +25,27 @@ from wsfiles.users import UserDirectory
 _log = Logger()
 
 
-class IndexPage(resource.Resource):
-    """``GET /``: says what this is, for a person who opens it in a browser."""
+STATIC = os.path.join(os.path.dirname(__file__), "static")
 
-    isLeaf = True
 
-    def render_GET(self, request: server.Request) -> bytes:
-        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-        return (
-            b"wsfiles: a WebSocket file service.\n"
-            b"Connect a WebSocket to /command; see docs/protocol.md.\n"
+class PageFile(static.File):
+    """A file of the web client, sent with headers that keep it to itself."""
+
+    def render_GET(self, request: server.Request) -> Any:
+        request.setHeader(
+            b"content-security-policy",
+            b"default-src 'self'; connect-src 'self' ws: wss:; frame-ancestors 'none'",
         )
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        request.setHeader(b"referrer-policy", b"no-referrer")
+        return super().render_GET(request)
+
+
+def add_web_client(root: resource.Resource) -> None:
+    """``/`` serves the single-page client; its two assets sit beside it."""
+    root.putChild(b"", PageFile(os.path.join(STATIC, "index.html"), "text/html; charset=utf-8"))
+    root.putChild(b"app.js", PageFile(os.path.join(STATIC, "app.js"), "text/javascript"))
+    root.putChild(b"app.css", PageFile(os.path.join(STATIC, "app.css"), "text/css"))
 
 
 class GuardedWebSocketResource(WebSocketResource):
@@ -159,7 +170,7 @@ class WsfilesSite(server.Site):
         )
         self.file_factory = FileChannelFactory(settings, self.registry, deadlines=self.deadlines)
         root = resource.Resource()
-        root.putChild(b"", IndexPage())
+        add_web_client(root)
         origins = settings.allow_origins
         root.putChild(b"command", GuardedWebSocketResource(self.command_factory, origins))
         root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
