@@ -195,3 +195,24 @@ def test_token_login_wrong_then_right(web, page, tmp_path):
     page.locator("#status.ok").wait_for()
     assert page.locator("#who").inner_text() == "alice"
     assert page.locator("#login").is_hidden()
+
+
+def test_an_upload_cut_mid_way_resumes_where_it_stopped(web, page, tmp_path):
+    srv = web()
+    page.goto(srv.url)
+    page.locator("#status.ok").wait_for()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(64 * 1024 * 1024))
+    page.set_input_files("#picker", str(big))
+    page.wait_for_function(
+        "() => { const p = document.querySelector('#transfers progress');"
+        " return p && p.value > 0.1 && p.value < 0.9; }",
+        polling=10,
+    )
+    page.evaluate("() => connection.fileSocket.close()")  # the connection drops
+    row(page, "big.bin").wait_for(timeout=60_000)
+    assert (srv.root / "big.bin").read_bytes() == big.read_bytes()
+    saves = [line for line in srv.stop().splitlines() if "save 'big.bin'" in line]
+    assert len(saves) == 2, saves
+    assert "channel_closed" in saves[0]
+    assert "ok" in saves[1] and "(from offset 0)" not in saves[1]
