@@ -503,3 +503,16 @@ async def test_conformance_with_the_websockets_library(server):
     assert [f["name"] for f in out["list"]["files"]] == ["existing", "ws.bin"]
     assert (server.folder() / "ws.bin").read_bytes() == data
     assert temp_files(server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_folder_whose_list_is_larger_than_a_command_is_still_listed(server):
+    names = [f"a-rather-long-file-name-to-make-a-big-listing-{i:05}.txt" for i in range(2000)]
+    for name in names:
+        (server.folder() / name).write_bytes(b"x")
+    client = await server.connect()
+    assert [f["name"] for f in client.hello["files"]] == names
+    assert [f["name"] for f in await client.list()] == names
+    await client.delete(names[0])
+    changed = await client.changes.get().addTimeout(10, reactor)
+    assert [f["name"] for f in changed] == names[1:]

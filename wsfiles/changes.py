@@ -9,6 +9,7 @@ pub/sub, say) would plug into for several instances.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -21,9 +22,10 @@ from wsfiles.storage import IStorage
 _log = Logger()
 
 #: How long changes are gathered before one ``changed`` event goes out.
-COALESCE_SECONDS = 0.05
+COALESCE_SECONDS = 0.25
 
-Listener = Callable[[list[dict[str, Any]]], None]
+#: Gets the encoded ``changed`` message.
+Listener = Callable[[bytes], None]
 
 
 class ChangeHub:
@@ -63,9 +65,15 @@ class ChangeHub:
         d: Deferred = self._storage.folder(folder).list()
 
         def send(files: list[Any]) -> None:
-            message = [info.as_json() for info in files]
+            # Encoded once for every listener: a big folder makes a big message.
+            payload = json.dumps(
+                {"op": "changed", "files": [info.as_json() for info in files]}
+            ).encode("utf-8")
             for listener in list(self._listeners.get(folder, [])):
-                listener(message)
+                try:
+                    listener(payload)
+                except Exception:  # one broken connection must not starve the others
+                    _log.failure("could not send a changed event")
 
         def done(result: Any) -> None:
             self._listing.discard(folder)

@@ -190,10 +190,20 @@ class WsfilesClient:
             url += "?" + urlencode({"token": token})
         elif token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        self._command, self._command_factory = await self._open(url, _CommandProtocol, headers)
+        try:
+            self._command, self._command_factory = await self._open(url, _CommandProtocol, headers)
+        except BaseException:
+            self._hello.addErrback(lambda _: None)  # _open's error says it already
+            raise
         self.hello = await self._hello
 
     async def _open_file_channel(self, path: str) -> None:
+        """Open the channel the server offered.
+
+        An offer means the server has given up any earlier file channel, so
+        that one's late close must not fail the transfer about to start.
+        """
+        self._file = None
         self._file, self._file_factory = await self._open(self.base_url + path, _FileProtocol)
 
     async def close(self) -> None:
@@ -427,6 +437,8 @@ class WsfilesClient:
         except BaseException:
             if streamer is not None:
                 streamer.stop()
+                if self._file is not None and self._file.state == self._file.STATE_OPEN:
+                    frames.end()  # close the half-sent message; the server discards it
             raise
         finally:
             del self._replies[request_id]

@@ -11,13 +11,14 @@ import json
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from wsfiles.admission import ConnectionSlots
 from wsfiles.changes import ChangeHub
-from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
+from wsfiles.channels import ChannelBook, TrackedChannel
+from wsfiles.config import CLOSE_HANDSHAKE_TIMEOUT, COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
 from wsfiles.session import CommandSession
@@ -39,22 +40,10 @@ def bearer_token(request: ConnectionRequest) -> str | None:
     return tokens[0] if tokens else None
 
 
-class HandshakeDeadline:
-    """Both channels: the site's handshake deadline is met once 101 is sent."""
-
-    factory: Any
-    transport: Any
-
-    def onOpen(self) -> None:
-        self.factory.deadlines.met(self.transport)
-
-    def connectionLost(self, reason: Any) -> None:
-        self.factory.deadlines.met(self.transport)
-        super().connectionLost(reason)  # type: ignore[misc]
-
-
-class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
+class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     """Translates command-channel frames into CommandSession calls."""
+
+    channel_name = "command"
 
     factory: CommandChannelFactory
     session: CommandSession | None = None
@@ -70,12 +59,12 @@ class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
         token = bearer_token(request)
         if not token:
             _log.info("refused a command channel from {peer}: no token", peer=self.peer)
-            raise ConnectionDeny(401, "a token is required")
+            raise self.factory.book.refuse(401, "a token is required")
 
         def authenticated(name: str | None) -> str | None:
             if name is None:
                 _log.info("refused a command channel from {peer}: wrong token", peer=self.peer)
-                raise ConnectionDeny(401, "wrong token")
+                raise self.factory.book.refuse(401, "wrong token")
             self._client = name
             self._take_slot(name)
             return subprotocol
@@ -94,7 +83,7 @@ class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
                 ip=ip,
                 reason=reason,
             )
-            raise ConnectionDeny(status, reason)
+            raise self.factory.book.refuse(status, reason)
         slots.take(client, ip)
         self._slot = (client, ip)
 
@@ -108,17 +97,28 @@ class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
             registry=factory.registry,
             settings=factory.settings,
             send=self._send_json,
+            send_raw=self._send_text,
             clock=factory.clock,
             close_connection=self._close,
             quota=factory.quota,
             changes=factory.changes,
             folder_key=self._client,
+            metrics=factory.book.metrics,
         )
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
         self.session.start()
 
     def _send_json(self, message: dict[str, Any]) -> None:
-        self.sendMessage(json.dumps(message).encode("utf-8"), isBinary=False)
+        self._send_text(json.dumps(message).encode("utf-8"))
+
+    def _send_text(self, payload: bytes) -> None:
+        if self.state == self.STATE_OPEN:  # closing or closed: nobody to tell
+            self.sendMessage(payload, isBinary=False)
+
+    def going_away(self) -> None:
+        """The server is stopping: close with 1001."""
+        if self.state == self.STATE_OPEN:
+            self.sendCloseFrame(code=1001, reasonUtf8=b"server shutting down", isReply=False)
 
     def _close(self, code: int, reason: str) -> None:
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
@@ -130,6 +130,13 @@ class CommandChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
         super().onMessageBegin(isBinary)
         if isBinary and self.session is not None:
             self.session.binary_received()
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        # The message limit is ours, not Autobahn's: Autobahn would also apply
+        # it to what we send, and a long file list is a large message.
+        if self.message_data_total_length > COMMAND_MESSAGE_LIMIT and not self.failedByMe:
+            self._fail_connection(1009, f"commands are limited to {COMMAND_MESSAGE_LIMIT} bytes")
 
     def onMessageFrameData(self, payload: bytes) -> None:
         if not self.message_is_binary:
@@ -168,7 +175,7 @@ class CommandChannelFactory(WebSocketServerFactory):
         users: UserDirectory | None,
         *,
         clock: IReactorTime,
-        deadlines: Any,
+        book: ChannelBook,
     ) -> None:
         super().__init__()
         self.settings = settings
@@ -176,13 +183,14 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.registry = registry
         self.users = users
         self.clock = clock
-        self.deadlines = deadlines
+        self.book = book
         self.slots = ConnectionSlots(settings.limits)
         self.changes = ChangeHub(storage, clock)
         self.quota = QuotaLedger(settings.quota, users.quota_of if users else lambda _: None)
         self.setProtocolOptions(
-            maxMessagePayloadSize=COMMAND_MESSAGE_LIMIT,
+            maxMessagePayloadSize=0,  # checked in onMessageFrameBegin, incoming only
             maxFramePayloadSize=COMMAND_MESSAGE_LIMIT,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
             webStatus=False,
             openHandshakeTimeout=settings.handshake_timeout,

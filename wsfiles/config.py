@@ -8,6 +8,8 @@ from wsfiles.admission import Limits
 
 SUBPROTOCOL = "wsfiles.v1"
 COMMAND_MESSAGE_LIMIT = 64 * 1024
+#: Seconds a peer has to answer our close frame (Autobahn's 1 s is short under load).
+CLOSE_HANDSHAKE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -31,3 +33,7 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     #: Bytes per client folder; None: unlimited.  The users file may override it.
     quota: int | None = None
+    #: /healthz answers 503 when less than this is free.
+    min_free: int = 64 * 1024**2
+    #: False when --metrics-listen serves /metrics elsewhere.
+    metrics_on_main_listener: bool = True

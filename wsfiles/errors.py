@@ -23,6 +23,7 @@ QUOTA_EXCEEDED = "quota_exceeded"
 CHECKSUM_MISMATCH = "checksum_mismatch"
 EXISTS = "exists"
 SUPERSEDED = "superseded"
+UNAVAILABLE = "unavailable"
 
 
 class ProtocolError(Exception):

@@ -29,6 +29,7 @@ from wsfiles.admission import TokenBucket
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
 from wsfiles.errors import ProtocolError
+from wsfiles.metrics import Metrics
 from wsfiles.names import check_file_name
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
@@ -97,6 +98,7 @@ class TransferRecord:
     offset: int = 0
     sha256: str | None = None
     result: str = "unfinished"
+    moved: int = 0  # bytes that crossed the wire (size - offset when complete)
 
 
 def _request_id(message: dict[str, Any]) -> RequestId:
@@ -146,11 +148,13 @@ class CommandSession:
         settings: Settings,
         send: Callable[[dict[str, Any]], None],
         *,
+        send_raw: Callable[[bytes], None] | None = None,
         clock: IReactorTime,
         close_connection: Callable[[int, str], None],
         quota: QuotaLedger | None = None,
         changes: ChangeHub | None = None,
         folder_key: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.client = client
         self.folder = folder
@@ -160,8 +164,12 @@ class CommandSession:
         self.max_size = settings.max_size
         self.quota = quota
         self._send_json = send
+        self._send_raw = send_raw or (lambda payload: send(json.loads(payload)))
         self._close_connection = close_connection
         self._clock = clock
+        self._metrics = metrics
+        self.draining = False
+        self._quiet_waiters: list[Deferred] = []
         self._idle = Deadline(clock, settings.idle_timeout, self._idle_expired)
         self._stall = Deadline(clock, settings.stall_timeout, self._stall_expired)
         self._bucket = TokenBucket(settings.rate_limit, clock)
@@ -187,6 +195,9 @@ class CommandSession:
         self._send_json(message)
 
     def _send_error(self, code: str, text: str, request_id: RequestId = None) -> None:
+        _log.info("refused a command of {client}: {code}", client=self.client, code=code)
+        if self._metrics is not None:
+            self._metrics.refusals.labels(code).inc()
         self._send({"op": "error", "code": code, "message": text}, request_id)
 
     # -- the command channel ---------------------------------------------
@@ -303,7 +314,14 @@ class CommandSession:
         except NotFound:
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
 
+    def _refuse_while_draining(self) -> None:
+        if self.draining:
+            raise ProtocolError(
+                errors.UNAVAILABLE, "the server is shutting down; try again in a moment"
+            )
+
     async def _get(self, message: dict[str, Any], request_id: RequestId) -> None:
+        self._refuse_while_draining()
         name = check_file_name(message.get("name"))
         offset = _count_field(message, "offset", 0)
         info = await self._stat(name)
@@ -320,6 +338,7 @@ class CommandSession:
         )
 
     async def _save(self, message: dict[str, Any], request_id: RequestId) -> None:
+        self._refuse_while_draining()
         name = check_file_name(message.get("name"))
         size = _count_field(message, "size")
         sha256 = _sha256_field(message)
@@ -376,8 +395,9 @@ class CommandSession:
         if self._changes is not None:
             self._changes.changed(self._folder_key)
 
-    def _folder_changed(self, files: list[dict[str, Any]]) -> None:
-        self._send({"op": "changed", "files": files})
+    def _folder_changed(self, payload: bytes) -> None:
+        if not self.closed:
+            self._send_raw(payload)
 
     def close(self) -> None:
         """The command channel is gone: stop everything that belongs to it."""
@@ -410,6 +430,8 @@ class CommandSession:
     ) -> None:
         async def run() -> None:
             record = TransferRecord(op, name, self._clock.seconds())
+            if self._metrics is not None:
+                self._metrics.transfer_started(op)
             try:
                 await transfer(record)
                 record.result = "ok"
@@ -424,6 +446,14 @@ class CommandSession:
                 raise
             finally:
                 self._log_transfer(record)
+                if self._metrics is not None:
+                    self._metrics.transfer_ended(
+                        op,
+                        record.result,
+                        record.moved,
+                        record.size,
+                        self._clock.seconds() - record.started,
+                    )
 
         self._transfers.append(lambda: self._reporting_errors(run, request_id))
         self._idle.cancel()  # a command channel never idles out while it transfers
@@ -454,6 +484,19 @@ class CommandSession:
             self._transferring = False
             if not self.closed:
                 self._idle.reset()
+            waiters, self._quiet_waiters = self._quiet_waiters, []
+            for waiter in waiters:
+                if not waiter.called:  # a grace period may have given up on it
+                    waiter.callback(None)
+
+    def begin_drain(self) -> Deferred:
+        """The service is stopping: refuse new transfers; fire when none is left."""
+        self.draining = True
+        if not self._busy or self.closed:
+            return defer.succeed(None)
+        waiter: Deferred = Deferred()
+        self._quiet_waiters.append(waiter)
+        return waiter
 
     async def _file_channel_ready(self, request_id: RequestId) -> FileChannel:
         """The file channel, set up first if this session has none."""
@@ -488,6 +531,7 @@ class CommandSession:
             self._stall.reset()
             try:
                 await download.stream_to(consumer)
+                record.moved = consumer.written
             except StreamFailed as e:
                 if self._stalled:
                     self._abandon_file_channel(channel, CLOSE_POLICY, "transfer stalled")
@@ -545,6 +589,7 @@ class CommandSession:
                 self._stall.reset()
                 digest = await receive.done
             finally:
+                record.moved = receive.received
                 self._stall.cancel()
                 if self._receive is receive:
                     self._receive = None

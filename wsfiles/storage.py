@@ -160,6 +160,13 @@ class IStorage(Interface):
     def folder(client: str | None) -> IFolder:
         """The folder of ``client``; None is the anonymous client."""
 
+    def check(min_free: int) -> Deferred:
+        """Fire with details when files can be listed and written, with at least
+        ``min_free`` bytes free; fail with StorageFailure saying why not."""
+
+    def free_bytes() -> float:
+        """Bytes free for new files (NaN when unknown)."""
+
 
 def _open_dir_nofollow(path: str, *, dir_fd: int | None = None) -> int:
     """Open a directory without following a symlink in its last component."""
@@ -231,6 +238,36 @@ class LocalStorage:
 
     def folder(self, client: str | None) -> LocalFolder:
         return LocalFolder(self, client)
+
+    def free_bytes(self) -> float:
+        try:
+            st = os.statvfs(self.root)
+        except OSError:
+            return float("nan")
+        return float(st.f_bavail * st.f_frsize)
+
+    def check(self, min_free: int) -> Deferred:
+        def probe() -> dict[str, Any]:
+            if not os.path.isdir(self.root):
+                raise StorageFailure(f"the root {self.root} is missing")
+            os.listdir(self.root)
+            fd, path = tempfile.mkstemp(prefix="health-", dir=self.temp_dir)
+            try:
+                os.write(fd, b"ok")
+            finally:
+                os.close(fd)
+                os.unlink(path)
+            free = self.free_bytes()
+            if free < min_free:
+                raise StorageFailure(f"disk nearly full: {int(free)} bytes free")
+            return {"free_bytes": int(free)}
+
+        try:
+            return defer.succeed(probe())
+        except StorageFailure as e:
+            return defer.fail(e)
+        except OSError as e:
+            return defer.fail(StorageFailure(f"cannot use the root: {os.strerror(e.errno or 0)}"))
 
 
 @implementer(IFolder)

@@ -114,6 +114,7 @@ class MessageFrames:
     def __init__(self, protocol: Any) -> None:
         self._protocol = protocol
         self._begun = False
+        self.ended = False
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         self._protocol.transport.registerProducer(producer, streaming)
@@ -130,6 +131,10 @@ class MessageFrames:
         self._protocol.sendMessageFrame(data)
 
     def end(self) -> None:
+        """Finish the message (once; later calls do nothing)."""
+        if self.ended:
+            return
+        self.ended = True
         if self._begun:
             self._protocol.endMessage()
         else:

@@ -11,21 +11,62 @@ import os
 from autobahn.websocket.xormasker import USES_NVX
 from twisted.application import service, strports
 from twisted.application.internet import TimerService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
+from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.python import usage
+from twisted.web import server
 
 from wsfiles.admission import Limits
 from wsfiles.config import Settings
 from wsfiles.sizes import parse_size
 from wsfiles.storage import LocalStorage
+from wsfiles.systemd import notify
 from wsfiles.users import UserDirectory, UsersFileError
 from wsfiles.web import WsfilesSite
 
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
 
 _log = Logger()
+
+# (option, default, help): parsed as sizes, seconds and counts in postOptions.
+SIZE_OPTIONS = [
+    ("max-size", "1G", "Largest file accepted; K/M/G/T are powers of 1024."),
+    ("min-free", "64M", "/healthz reports 503 when less than this is free."),
+]
+SECONDS_OPTIONS = [
+    ("channel-timeout", "30", "Seconds a client has to open an offered file channel."),
+    ("handshake-timeout", "10", "Seconds from TCP accept to a completed WebSocket handshake."),
+    ("idle-timeout", "600", "Seconds a command channel may stay silent while nothing transfers."),
+    ("stall-timeout", "60", "Seconds a transfer may go without moving a byte."),
+    ("ping-interval", "30", "Seconds between WebSocket pings on quiet connections."),
+    ("ping-timeout", "30", "Seconds to wait for a pong before dropping a dead peer."),
+    ("rate-limit", "50", "Commands per second per command channel (bursts of the same size)."),
+    ("partial-ttl", "86400", "Seconds an interrupted resumable upload is kept for resuming."),
+    ("grace", "30", "On SIGTERM, seconds transfers in flight get to finish."),
+]
+COUNT_OPTIONS = [
+    ("max-connections", "4096", "Command channels open at once, in total."),
+    ("max-connections-per-client", "256", "Command channels open at once per client name."),
+    ("max-connections-per-ip", "256", "Command channels open at once per remote address."),
+]
+
+
+def _check_endpoint(option: str, description: str) -> None:
+    from twisted.internet import reactor
+
+    try:
+        endpoints.serverFromString(reactor, description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
+
+
+def _size(option: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise usage.UsageError(f"--{option}: {e}") from None
 
 
 def _positive_seconds(option: str, text: str) -> float:
@@ -52,64 +93,16 @@ class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
         "Serve per-client folders over WebSockets: JSON commands on /command,"
-        " file data on /file.  See docs/protocol.md."
+        " file data on /file, a web page on /.  See docs/configuration.md."
     )
     optParameters = [
         ["root", "r", "./wsfiles-data", "Folder holding the clients' files (created if missing)."],
-        [
-            "max-size",
-            None,
-            "1G",
-            "Largest file accepted, in bytes; K/M/G/T suffixes are powers of 1024.",
-        ],
-        [
-            "users",
-            None,
-            None,
-            "Users file (see 'wsfiles user add'); without it every client is anonymous.",
-        ],
-        ["channel-timeout", None, "30", "Seconds a client has to open an offered file channel."],
-        [
-            "handshake-timeout",
-            None,
-            "10",
-            "Seconds from TCP accept to a completed WebSocket handshake.",
-        ],
-        [
-            "idle-timeout",
-            None,
-            "600",
-            "Seconds a command channel may stay silent while nothing transfers.",
-        ],
-        ["stall-timeout", None, "60", "Seconds a transfer may go without moving a byte."],
-        ["ping-interval", None, "30", "Seconds between WebSocket pings on quiet connections."],
-        ["ping-timeout", None, "30", "Seconds to wait for a pong before dropping a dead peer."],
-        ["max-connections", None, "4096", "Command channels open at once, in total."],
-        [
-            "max-connections-per-client",
-            None,
-            "256",
-            "Command channels open at once per client name.",
-        ],
-        [
-            "max-connections-per-ip",
-            None,
-            "256",
-            "Command channels open at once per remote address.",
-        ],
-        [
-            "rate-limit",
-            None,
-            "50",
-            "Commands per second per command channel (bursts of the same size).",
-        ],
-        ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override it."],
-        [
-            "partial-ttl",
-            None,
-            "86400",
-            "Seconds an interrupted resumable upload is kept for resuming.",
-        ],
+        ["users", None, None, "Users file ('wsfiles user add'); without it all are anonymous."],
+        ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override."],
+        ["metrics-listen", None, None, "Serve /metrics and /healthz here, not on --listen."],
+        *([name, None, default, text] for name, default, text in SIZE_OPTIONS),
+        *([name, None, default, text] for name, default, text in SECONDS_OPTIONS),
+        *([name, None, default, text] for name, default, text in COUNT_OPTIONS),
     ]
 
     def __init__(self) -> None:
@@ -117,47 +110,28 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow-origin"] = []
 
-    def opt_allow_origin(self, origin: str) -> None:
-        """Origin allowed besides the service's own, e.g. https://app.example (repeatable; '*' allows any)."""
-        self["allow-origin"].append(origin.strip())
-
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:8080:interface=127.0.0.1 (repeatable)."""
-        from twisted.internet import reactor
-
-        try:
-            endpoints.serverFromString(reactor, description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise usage.UsageError(
-                f"--listen {description!r} is not a valid endpoint: {e}"
-            ) from None
+        _check_endpoint("--listen", description)
         self["listen"].append(description)
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """A web origin allowed besides the service's own (repeatable; '*': any)."""
+        self["allow-origin"].append(origin.strip())
 
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
-        try:
-            self["max-size"] = parse_size(self["max-size"])
-        except ValueError as e:
-            raise usage.UsageError(f"--max-size: {e}") from None
-        for option in (
-            "channel-timeout",
-            "handshake-timeout",
-            "idle-timeout",
-            "stall-timeout",
-            "ping-interval",
-            "ping-timeout",
-            "rate-limit",
-            "partial-ttl",
-        ):
-            self[option] = _positive_seconds(option, self[option])
-        for option in ("max-connections", "max-connections-per-client", "max-connections-per-ip"):
-            self[option] = _positive_count(option, self[option])
+        for name, _, _ in SIZE_OPTIONS:
+            self[name] = _size(name, self[name])
+        for name, _, _ in SECONDS_OPTIONS:
+            self[name] = _positive_seconds(name, self[name])
+        for name, _, _ in COUNT_OPTIONS:
+            self[name] = _positive_count(name, self[name])
         if self["quota"] is not None:
-            try:
-                self["quota"] = parse_size(self["quota"])
-            except ValueError as e:
-                raise usage.UsageError(f"--quota: {e}") from None
+            self["quota"] = _size("quota", self["quota"])
+        if self["metrics-listen"] is not None:
+            _check_endpoint("--metrics-listen", self["metrics-listen"])
         if self["users"] is not None:
             try:
                 self["users"] = UserDirectory(self["users"])
@@ -167,30 +141,56 @@ class Options(usage.Options):
         if os.path.exists(root) and not os.path.isdir(root):
             raise usage.UsageError(f"--root {root!r} exists and is not a folder")
 
+    def settings(self) -> Settings:
+        return Settings(
+            max_size=self["max-size"],
+            channel_timeout=self["channel-timeout"],
+            handshake_timeout=self["handshake-timeout"],
+            idle_timeout=self["idle-timeout"],
+            stall_timeout=self["stall-timeout"],
+            auto_ping_interval=self["ping-interval"],
+            auto_ping_timeout=self["ping-timeout"],
+            rate_limit=self["rate-limit"],
+            allow_origins=tuple(self["allow-origin"]),
+            limits=Limits(
+                total=self["max-connections"],
+                per_client=self["max-connections-per-client"],
+                per_ip=self["max-connections-per-ip"],
+            ),
+            quota=self["quota"],
+            min_free=self["min-free"],
+            metrics_on_main_listener=self["metrics-listen"] is None,
+        )
+
 
 class _AnnouncingEndpoint:
     """Wraps a server endpoint to log the address it actually bound.
 
     Useful with port 0, and it is the line the tests wait for.  It is logged
     once the reactor runs, when signal handlers are in place: from then on
-    a SIGTERM stops the service cleanly.
+    a SIGTERM stops the service cleanly.  ``listening`` fires then too.
     """
 
     def __init__(self, endpoint, description: str, reactor) -> None:
         self._endpoint = endpoint
         self._description = description
         self._reactor = reactor
+        self.listening: Deferred = Deferred()
 
     def listen(self, factory):
         def announce(port):
             address = port.getHost()
-            self._reactor.callWhenRunning(
-                _log.info,
-                "wsfiles listening on {host}:{port} ({description})",
-                host=getattr(address, "host", ""),
-                port=getattr(address, "port", ""),
-                description=self._description,
-            )
+
+            def running() -> None:
+                _log.info(
+                    "wsfiles listening on {host}:{port} ({description})",
+                    host=getattr(address, "host", ""),
+                    port=getattr(address, "port", ""),
+                    description=self._description,
+                )
+                self.listening.callback(port)
+
+            self._reactor.callWhenRunning(running)
             return port
 
         return self._endpoint.listen(factory).addCallback(announce)
@@ -207,7 +207,26 @@ def _sweep_partials(storage: LocalStorage, ttl: float) -> None:
 
 
 class WsfilesService(service.MultiService):
-    """The listeners; a listener that cannot bind stops start-up with one clear line."""
+    """The service tree's top: readiness, start-up errors, and a graceful stop.
+
+    - A listener that cannot bind stops start-up with one clear line.
+    - Once every listener is up, systemd hears ``READY=1``.
+    - On SIGTERM: ``STOPPING=1``, the listeners close, transfers in flight
+      get ``grace`` seconds, then the rest is aborted cleanly.
+    """
+
+    def __init__(self, site: WsfilesSite, grace: float) -> None:
+        super().__init__()
+        self.site = site
+        self.grace = grace
+        self.endpoints: list[_AnnouncingEndpoint] = []
+
+    def listen(self, description: str, factory: server.Site, reactor) -> None:
+        listener = strports.service(description, factory, reactor=reactor)
+        endpoint = _AnnouncingEndpoint(listener.endpoint, description, reactor)
+        listener.endpoint = endpoint
+        self.endpoints.append(endpoint)
+        listener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
         try:
@@ -216,27 +235,22 @@ class WsfilesService(service.MultiService):
             _log.critical("wsfiles cannot start: {error}", error=str(e))
             raise SystemExit(f"wsfiles: {e}") from None
 
+    def startService(self) -> None:
+        super().startService()
+        ready = defer.gatherResults([endpoint.listening for endpoint in self.endpoints])
+        ready.addCallback(lambda _: notify("READY=1"))
+
+    def stopService(self) -> Deferred:
+        notify("STOPPING=1")
+        stopped = super().stopService()  # the listeners first: accept nothing new
+        stopped.addCallback(lambda _: Deferred.fromCoroutine(self.site.drain(self.grace)))
+        stopped.addErrback(lambda failure: _log.failure("error while stopping", failure))
+        return stopped
+
 
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    settings = Settings(
-        max_size=options["max-size"],
-        channel_timeout=options["channel-timeout"],
-        handshake_timeout=options["handshake-timeout"],
-        idle_timeout=options["idle-timeout"],
-        stall_timeout=options["stall-timeout"],
-        auto_ping_interval=options["ping-interval"],
-        auto_ping_timeout=options["ping-timeout"],
-        rate_limit=options["rate-limit"],
-        allow_origins=tuple(options["allow-origin"]),
-        limits=Limits(
-            total=options["max-connections"],
-            per_client=options["max-connections-per-client"],
-            per_ip=options["max-connections-per-ip"],
-        ),
-        quota=options["quota"],
-    )
     try:
         storage = LocalStorage(options["root"])
     except OSError as e:
@@ -249,13 +263,12 @@ def makeService(options: Options) -> service.IService:
     swept = storage.sweep_temporary_files()
     if swept:
         _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
-    site = WsfilesSite(settings, storage, options["users"], reactor)
-    top = WsfilesService()
+    site = WsfilesSite(options.settings(), storage, options["users"], reactor)
+    top = WsfilesService(site, options["grace"])
     ttl = options["partial-ttl"]
-    sweeper = TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl)
-    sweeper.setServiceParent(top)
+    TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)
     for description in options["listen"]:
-        listener = strports.service(description, site, reactor=reactor)
-        listener.endpoint = _AnnouncingEndpoint(listener.endpoint, description, reactor)
-        listener.setServiceParent(top)
+        top.listen(description, site, reactor)
+    if options["metrics-listen"] is not None:
+        top.listen(options["metrics-listen"], site.operations_site(), reactor)
     return top

@@ -9,15 +9,13 @@ the file.
 
 from __future__ import annotations
 
-from typing import Any
-
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from autobahn.websocket.types import ConnectionRequest
 from twisted.internet import interfaces
 from twisted.logger import Logger
 
-from wsfiles.command import HandshakeDeadline
-from wsfiles.config import SUBPROTOCOL, Settings
+from wsfiles.channels import ChannelBook, TrackedChannel
+from wsfiles.config import CLOSE_HANDSHAKE_TIMEOUT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.session import CommandSession
 from wsfiles.streaming import SEND_BUFFER, MessageFrames
@@ -25,9 +23,10 @@ from wsfiles.streaming import SEND_BUFFER, MessageFrames
 _log = Logger()
 
 
-class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
+class FileChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     """Translates file-channel frames into CommandSession calls."""
 
+    channel_name = "file"
     factory: FileChannelFactory
     session: CommandSession | None = None
 
@@ -36,7 +35,7 @@ class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
         session = self.factory.registry.redeem(tickets[0]) if tickets else None
         if session is None:
             _log.info("refused a file channel from {peer}: bad ticket", peer=self.peer)
-            raise ConnectionDeny(403, "missing, invalid, used or expired ticket")
+            raise self.factory.book.refuse(403, "missing, invalid, used or expired ticket")
         assert isinstance(session, CommandSession)
         self.session = session
         session.claim(self)
@@ -104,11 +103,11 @@ class FileChannelProtocol(HandshakeDeadline, WebSocketServerProtocol):
 class FileChannelFactory(WebSocketServerFactory):
     protocol = FileChannelProtocol
 
-    def __init__(self, settings: Settings, registry: PairingRegistry, *, deadlines: Any) -> None:
+    def __init__(self, settings: Settings, registry: PairingRegistry, *, book: ChannelBook) -> None:
         super().__init__()
         self.settings = settings
         self.registry = registry
-        self.deadlines = deadlines
+        self.book = book
         # One frame may carry a whole file (browsers never fragment), so the
         # frame limit is the file limit; the session enforces each transfer's
         # declared size as frames arrive.  Autobahn treats 0 as "unlimited".
@@ -116,6 +115,7 @@ class FileChannelFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             maxMessagePayloadSize=limit,
             maxFramePayloadSize=limit,
+            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
             failByDrop=False,
             webStatus=False,
             openHandshakeTimeout=settings.handshake_timeout,

@@ -6,17 +6,22 @@ WebSocketResource, so later pages and endpoints can join them on one port.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
 from wsfiles.admission import origin_allowed
+from wsfiles.channels import ChannelBook
 from wsfiles.command import CommandChannelFactory
 from wsfiles.config import Settings
+from wsfiles.metrics import Metrics, MetricsPage
 from wsfiles.pairing import PairingRegistry
 from wsfiles.storage import IStorage
 from wsfiles.transfer import FileChannelFactory
@@ -152,6 +157,35 @@ class _DeadlineHTTPChannel(http.HTTPChannel):
         super().connectionLost(reason)
 
 
+class HealthPage(resource.Resource):
+    """``GET /healthz``: 200 when the root can be listed and written, else 503 and why."""
+
+    isLeaf = True
+
+    def __init__(self, storage: IStorage, min_free: int) -> None:
+        super().__init__()
+        self._storage = storage
+        self._min_free = min_free
+
+    def render_GET(self, request: server.Request) -> Any:
+        def answer(status: int, body: dict[str, Any]) -> None:
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", b"application/json")
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(json.dumps(body).encode())
+            request.finish()
+
+        def healthy(details: dict[str, Any]) -> None:
+            answer(200, {"status": "ok", **details})
+
+        def unhealthy(failure: Failure) -> None:
+            _log.warn("health check failed: {reason}", reason=str(failure.value))
+            answer(503, {"status": "unavailable", "reason": str(failure.value)})
+
+        self._storage.check(self._min_free).addCallbacks(healthy, unhealthy)
+        return server.NOT_DONE_YET
+
+
 class WsfilesSite(server.Site):
     """The Site, with the objects its protocols share reachable for tests and tools."""
 
@@ -163,16 +197,58 @@ class WsfilesSite(server.Site):
         clock: IReactorTime,
     ) -> None:
         self.settings = settings
+        self.storage = storage
+        self.clock = clock
         self.registry = PairingRegistry(clock, settings.channel_timeout)
         self.deadlines = HandshakeDeadlines(clock, settings.handshake_timeout)
+        self.metrics = Metrics(lambda: self.registry.pending_tickets, storage.free_bytes)
+        self.book = ChannelBook(self.deadlines, self.metrics, clock)
         self.command_factory = CommandChannelFactory(
-            settings, storage, self.registry, users, clock=clock, deadlines=self.deadlines
+            settings, storage, self.registry, users, clock=clock, book=self.book
         )
-        self.file_factory = FileChannelFactory(settings, self.registry, deadlines=self.deadlines)
+        self.file_factory = FileChannelFactory(settings, self.registry, book=self.book)
         root = resource.Resource()
         add_web_client(root)
         origins = settings.allow_origins
         root.putChild(b"command", GuardedWebSocketResource(self.command_factory, origins))
         root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
+        root.putChild(b"healthz", HealthPage(storage, settings.min_free))
+        if settings.metrics_on_main_listener:
+            root.putChild(b"metrics", MetricsPage(self.metrics))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
         self.protocol = _DeadlineHTTPChannel
+
+    def operations_site(self) -> server.Site:
+        """A separate Site for ``--metrics-listen``: /metrics and /healthz only."""
+        root = resource.Resource()
+        root.putChild(b"metrics", MetricsPage(self.metrics))
+        root.putChild(b"healthz", HealthPage(self.storage, self.settings.min_free))
+        return server.Site(root)
+
+    async def drain(self, grace: float) -> None:
+        """A graceful stop: transfers in flight get ``grace`` seconds to finish.
+
+        New transfers are refused (``unavailable``) meanwhile; then every
+        channel is closed (1001), which aborts what is left (temp files
+        removed, resumable uploads kept for resuming).
+        """
+        sessions = [
+            channel.session
+            for channel in list(self.book.open)
+            if getattr(channel, "session", None) is not None
+        ]
+        quiet = defer.gatherResults([session.begin_drain() for session in sessions])
+        if sessions:
+            _log.info("stopping: waiting up to {grace:g} s for transfers in flight", grace=grace)
+            timer = self.clock.callLater(grace, quiet.cancel)
+            try:
+                await quiet
+            except defer.CancelledError:
+                _log.warn("stopping: grace period over, aborting what is left")
+            finally:
+                if timer.active():
+                    timer.cancel()
+        for channel in list(self.book.open):
+            if channel.channel_name == "command":
+                channel.going_away()
+        await self.book.all_gone(5.0)
