@@ -246,15 +246,30 @@ class _Collect(protocol.ProcessProtocol):
         self.out = b""
         self.err = b""
         self.ended: Deferred = Deferred()
+        self._watchers: list[tuple[bytes, Deferred]] = []
+
+    def when_output_contains(self, marker: bytes) -> Deferred:
+        """Fires once stdout contains ``marker`` (fails if the process ends first)."""
+        if marker in self.out:
+            return defer.succeed(None)
+        waiter: Deferred = Deferred()
+        self._watchers.append((marker, waiter))
+        return waiter
 
     def outReceived(self, data: bytes) -> None:
         self.out += data
+        for watcher in list(self._watchers):
+            if watcher[0] in self.out:
+                self._watchers.remove(watcher)
+                watcher[1].callback(None)
 
     def errReceived(self, data: bytes) -> None:
         self.err += data
 
     def processEnded(self, reason: Any) -> None:
         code = reason.value.exitCode
+        for _, waiter in self._watchers:
+            waiter.errback(RuntimeError(f"the process ended: {self.out!r} {self.err!r}"))
         self.ended.callback(code if code is not None else -reason.value.signal)
 
 
@@ -305,6 +320,36 @@ class _StatusLine(protocol.Protocol):
         if not self.status.called:
             self.status.errback(RuntimeError(f"closed without a status line: {self._buffer!r}"))
         self.lost.callback(None)
+
+
+class _WholeResponse(protocol.Protocol):
+    """HTTP/1.0 with Connection: close: the response is everything until the close."""
+
+    def __init__(self, request: bytes) -> None:
+        self._request = request
+        self.data = b""
+        self.lost: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(self.data)
+
+
+async def http_get(url: str) -> tuple[int, bytes]:
+    """GET ``http://host:port/path``: (status, body); the connection is closed when it returns."""
+    host_port, _, path = url.split("://", 1)[1].partition("/")
+    host, port = host_port.rsplit(":", 1)
+    request = f"GET /{path} HTTP/1.0\r\nHost: {host_port}\r\nConnection: close\r\n\r\n"
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
+    peer = await endpoints.connectProtocol(endpoint, _WholeResponse(request.encode()))
+    data = await _with_timeout(peer.lost, TEARDOWN_TIMEOUT)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
 
 
 async def handshake_status(ws_url: str, path: str, headers: dict | None = None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -237,17 +238,16 @@ class WsfilesSite(server.Site):
             for channel in list(self.book.open)
             if getattr(channel, "session", None) is not None
         ]
-        quiet = defer.gatherResults([session.begin_drain() for session in sessions])
         if sessions:
             _log.info("stopping: waiting up to {grace:g} s for transfers in flight", grace=grace)
-            timer = self.clock.callLater(grace, quiet.cancel)
-            try:
-                await quiet
-            except defer.CancelledError:
+            settled: Deferred = Deferred()
+            quiet = defer.gatherResults([session.begin_drain() for session in sessions])
+            quiet.addBoth(lambda _: settled.called or settled.callback(True))
+            timer = self.clock.callLater(grace, lambda: settled.called or settled.callback(False))
+            if not await settled:
                 _log.warn("stopping: grace period over, aborting what is left")
-            finally:
-                if timer.active():
-                    timer.cancel()
+            if timer.active():
+                timer.cancel()
         for channel in list(self.book.open):
             if channel.channel_name == "command":
                 channel.going_away()
