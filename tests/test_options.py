@@ -67,3 +67,13 @@ def test_root_that_is_a_file_is_refused(tmp_path):
     path.write_text("x")
     with pytest.raises(usage.UsageError, match="not a folder"):
         parse("--root", str(path))
+
+
+def test_every_option_is_documented():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    options = Options()
+    names = [long for long, *_ in options.optParameters] + ["listen", "allow-origin"]
+    missing = [name for name in names if f"`--{name}" not in text]
+    assert missing == []

@@ -296,6 +296,13 @@ class CommandSession:
             if not isinstance(op, str):
                 raise ProtocolError(errors.BAD_REQUEST, "'op' must be a string")
             handler = self._handlers.get(op)
+            _log.debug(
+                "command {op} from {client}: {name!r}",
+                op=op[:64],
+                client=self.client,
+                name=message.get("name"),
+                command=True,
+            )
             if handler is None:
                 raise ProtocolError(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}")
             await handler(self, message, request_id)
