@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from twisted.cred import portal
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import reactor
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer, reactor
 from twisted.protocols import ftp
 from twisted.python import filepath
+from zope.interface import implementer
 
 LOOPBACK = "127.0.0.1"
 
@@ -28,6 +29,33 @@ class LoopbackFTP(ftp.FTP):
 
     def getDTPPort(self, factory: Any, interface: str = "") -> Any:
         return super().getDTPPort(factory, interface=LOOPBACK)
+
+
+@implementer(ICredentialsChecker)
+class OneUser:
+    """Accepts one user name and password.
+
+    Twisted's FTP hands the checker ``str`` credentials, while
+    ``InMemoryUsernamePasswordDatabaseDontUse`` stores ``bytes`` and so
+    refuses everyone: hence this checker.
+    """
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def __init__(self, user: str, password: str) -> None:
+        self._user = user
+        self._password = password
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred:
+        user = creds.username
+        if isinstance(user, bytes):
+            user = user.decode("utf-8", "replace")
+        password = self._password
+        if isinstance(creds.password, bytes):
+            password = password.encode()
+        if user == self._user and creds.checkPassword(password):
+            return defer.succeed(user)
+        return defer.fail(error.UnauthorizedLogin())
 
 
 class FolderRealm(ftp.BaseFTPRealm):
@@ -46,8 +74,7 @@ def main(argv: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     root, user, password = argv[1:]
-    checker = InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()})
-    factory = ftp.FTPFactory(portal.Portal(FolderRealm(root), [checker]))
+    factory = ftp.FTPFactory(portal.Portal(FolderRealm(root), [OneUser(user, password)]))
     factory.protocol = LoopbackFTP
     factory.allowAnonymous = False
     port = reactor.listenTCP(0, factory, interface=LOOPBACK)  # type: ignore[attr-defined]

@@ -59,6 +59,12 @@ class FakeFileChannel:
     def close(self) -> None:
         self.closed_with = 1000
 
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
 
 class Harness:
     def __init__(

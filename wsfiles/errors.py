@@ -29,7 +29,9 @@ UNAVAILABLE = "unavailable"
 class ProtocolError(Exception):
     """A refusal that is reported to the client as ``{"op": "error", ...}``."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        #: Set when the error is found before the command's handler runs.
+        self.request_id = request_id

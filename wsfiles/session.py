@@ -70,6 +70,10 @@ class FileChannel(Protocol):
 
     def close(self) -> None: ...
 
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
 
 @dataclass
 class _Receive:
@@ -108,6 +112,20 @@ def _request_id(message: dict[str, Any]) -> RequestId:
     if isinstance(request_id, int) and not isinstance(request_id, bool):
         return request_id
     raise ProtocolError(errors.BAD_REQUEST, "'id' must be a string or an integer")
+
+
+def _parse_command(payload: bytes) -> tuple[dict[str, Any], RequestId]:
+    """A command's JSON object and id; ProtocolError if it is not one."""
+    try:
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        raise ProtocolError(errors.BAD_REQUEST, "a command must be a JSON object") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(errors.BAD_REQUEST, "a command must be a JSON object")
+    request_id = _request_id(message)
+    if not isinstance(message.get("op"), str):
+        raise ProtocolError(errors.BAD_REQUEST, "'op' must be a string", request_id)
+    return message, request_id
 
 
 def _count_field(message: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -283,33 +301,25 @@ class CommandSession:
             self._send_error(errors.INTERNAL_ERROR, "internal error (logged)", request_id)
 
     async def _dispatch(self, payload: bytes) -> None:
-        request_id: RequestId = None
+        """Parse one command and run its handler; every failure becomes an error reply."""
         try:
-            try:
-                message = json.loads(payload)
-            except (ValueError, RecursionError):
-                raise ProtocolError(errors.BAD_REQUEST, "a command must be a JSON object") from None
-            if not isinstance(message, dict):
-                raise ProtocolError(errors.BAD_REQUEST, "a command must be a JSON object")
-            request_id = _request_id(message)
-            op = message.get("op")
-            if not isinstance(op, str):
-                raise ProtocolError(errors.BAD_REQUEST, "'op' must be a string")
-            handler = self._handlers.get(op)
-            _log.debug(
-                "command {op} from {client}: {name!r}",
-                op=op[:64],
-                client=self.client,
-                name=message.get("name"),
-                command=True,
-            )
-            if handler is None:
-                raise ProtocolError(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}")
-            await handler(self, message, request_id)
+            message, request_id = _parse_command(payload)
         except ProtocolError as e:
-            self._send_error(e.code, e.message, request_id)
-        except StorageFailure as e:
-            self._send_error(errors.STORAGE_ERROR, str(e), request_id)
+            self._send_error(e.code, e.message, e.request_id)
+            return
+        op = message["op"]
+        _log.debug(
+            "command {op} from {client}: {name!r}",
+            op=op[:64],
+            client=self.client,
+            name=message.get("name"),
+            command=True,
+        )
+        handler = self._handlers.get(op)
+        if handler is None:
+            self._send_error(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)
+            return
+        await self._reporting_errors(lambda: handler(self, message, request_id), request_id)
 
     async def _list(self, message: dict[str, Any], request_id: RequestId) -> None:
         files = await self.folder.list()
@@ -758,11 +768,21 @@ class CommandSession:
             return
         self._stall.reset()
         try:
-            receive.upload.write(data)
+            pending = receive.upload.write(data)
         except StorageFailure as e:
             self._fail_receive(errors.STORAGE_ERROR, str(e))
             return
         receive.received += len(data)
+        if pending is not None:
+            # The backend is busy (an object store uploading a part): stop
+            # reading the socket until it can take more.
+            channel.pause_reading()
+
+            def failed(failure: Failure) -> None:
+                self._fail_receive(errors.STORAGE_ERROR, str(failure.value))
+
+            pending.addErrback(failed)
+            pending.addBoth(lambda _: channel.resume_reading())
 
     def file_message_end(self, channel: FileChannel) -> None:
         if channel is not self._file_channel:

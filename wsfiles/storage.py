@@ -101,8 +101,13 @@ class IUpload(Interface):
 
     offset = Attribute("Bytes already stored by an earlier, resumed attempt.")
 
-    def write(data: bytes) -> None:
-        """Append ``data``; raise StorageFailure if it cannot be stored."""
+    def write(data: bytes) -> Deferred | None:
+        """Append ``data``; raise StorageFailure if it cannot be stored.
+
+        None means "stored, send more". A Deferred means the backend is busy
+        (an object store uploading a part): the caller stops reading until
+        it fires, and fails the upload if it fails.
+        """
 
     def commit() -> Deferred:
         """Make the file durable and visible under its name, atomically.
@@ -588,7 +593,7 @@ class LocalUpload:
     def resumable(self) -> bool:
         return self._meta is not None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:  # local disk: never makes the sender wait
         if self._fd is None:
             raise StorageFailure("the upload is closed")
         view = memoryview(data)

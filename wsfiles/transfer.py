@@ -69,6 +69,14 @@ class FileChannelProtocol(TrackedChannel, WebSocketServerProtocol):
         if self.state == self.STATE_OPEN:
             self.sendClose(1000, "the command channel closed")
 
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
     # -- receiving: stream frames to the session, never buffer them ------
 
     def onMessageBegin(self, isBinary: bool) -> None:
