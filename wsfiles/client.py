@@ -30,8 +30,8 @@ from twisted.internet.interfaces import IReactorTCP
 from wsfiles.config import SUBPROTOCOL
 from wsfiles.streaming import (
     SEND_BUFFER,
+    CountingConsumer,
     FileStreamer,
-    HashingConsumer,
     MessageFrames,
     StreamFailed,
 )
@@ -399,7 +399,6 @@ class WsfilesClient:
         request_id = self.send(message)
         sending: Deferred | None = None
         streamer: FileStreamer | None = None
-        hashing: HashingConsumer | None = None
         try:
             while True:
                 reply = await self.reply(request_id)
@@ -414,22 +413,21 @@ class WsfilesClient:
                         prefix = await threads.deferToThread(_feed_hash, source, start, offset)
                     source.seek(start + offset)
                     frames = MessageFrames(self._file)
-                    streamer = FileStreamer(source, actual - offset)
+                    streamer = FileStreamer(source, actual - offset, sha256=prefix)
                     report = None
                     if progress is not None:
 
                         def report(written: int, offset: int = offset) -> None:
                             progress(offset + written, actual)
 
-                    hashing = HashingConsumer(frames, progress=report, sha256=prefix)
-                    sending = streamer.stream_to(hashing)
+                    sending = streamer.stream_to(CountingConsumer(frames, progress=report))
                     sending.addCallback(lambda _, frames=frames: frames.end())
                     sending.addErrback(lambda failure: failure.trap(StreamFailed))
                 else:
                     _checked(reply)
                     await sending
-                    assert hashing is not None
-                    if reply.get("sha256") != hashing.sha256.hexdigest():
+                    assert streamer is not None
+                    if reply.get("sha256") != streamer.sha256.hexdigest():
                         raise WsfilesError(
                             CHECKSUM_MISMATCH, "the server stored other bytes than we sent", reply
                         )

@@ -43,7 +43,7 @@ from wsfiles.storage import (
     NotFound,
     StorageFailure,
 )
-from wsfiles.streaming import HashingConsumer, StreamFailed
+from wsfiles.streaming import CountingConsumer, StreamFailed
 from wsfiles.timers import Deadline
 
 PROTOCOL_VERSION = 1
@@ -541,13 +541,13 @@ class CommandSession:
             if ranged:
                 sending["offset"] = offset
             self._send(sending, request_id)
-            consumer = HashingConsumer(
-                channel.begin_message(), progress=lambda _: self._stall.reset(), sha256=prefix
+            consumer = CountingConsumer(
+                channel.begin_message(), progress=lambda _: self._stall.reset()
             )
             self._stalled = False
             self._stall.reset()
             try:
-                await download.stream_to(consumer)
+                await download.stream_to(consumer, prefix)
                 record.moved = consumer.written
             except StreamFailed as e:
                 if self._stalled:
@@ -562,14 +562,9 @@ class CommandSession:
                 raise ProtocolError(errors.STORAGE_ERROR, str(e)) from None
             channel.end_message()
             record.size, record.offset = download.size, offset
-            record.sha256 = consumer.sha256.hexdigest()
+            record.sha256 = prefix.hexdigest()
             self._send(
-                {
-                    "op": "sent",
-                    "name": name,
-                    "size": download.size,
-                    "sha256": consumer.sha256.hexdigest(),
-                },
+                {"op": "sent", "name": name, "size": download.size, "sha256": record.sha256},
                 request_id,
             )
         finally:

@@ -82,8 +82,9 @@ class IDownload(Interface):
     def prefix_sha256() -> Deferred:
         """Fire with a hashlib object fed with bytes [0, offset)."""
 
-    def stream_to(consumer: interfaces.IConsumer) -> Deferred:
-        """Write bytes [offset, size) to ``consumer``, honouring its flow control.
+    def stream_to(consumer: interfaces.IConsumer, sha256: Any) -> Deferred:
+        """Write bytes [offset, size) to ``consumer``, honouring its flow control,
+        and feed them to the hash object ``sha256``.
 
         Fires with None once every byte was written, or fails with
         StreamFailed.  The caller must call ``close`` afterwards.
@@ -185,6 +186,10 @@ def _failure(e: OSError) -> StorageFailure:
 #: A resumable upload is fsynced (and its durable offset recorded) at least
 #: this often, so a crash loses at most this much of it.
 CHECKPOINT_BYTES = 32 * 1024 * 1024
+#: Uploads reach the writer thread in batches of this size...
+WRITE_BATCH = 1024 * 1024
+#: ...and the sender is asked to wait while more than this is unwritten.
+MAX_IN_FLIGHT = 8 * 1024 * 1024
 ANONYMOUS_PARTIALS = "@anonymous"  # '@' is not allowed in client names
 
 
@@ -555,10 +560,14 @@ class LocalUpload:
     """An upload streamed into ``ROOT/.wsfiles-tmp`` and renamed into place.
 
     A plain upload uses a throw-away temp file.  A resumable one uses a
-    partial file under ``ROOT/.wsfiles-partial/CLIENT/`` with a JSON record of its size,
-    hash and durable offset, fsynced every CHECKPOINT_BYTES and when cut.
-    File-system work that may block (fsync, rename) runs in a thread, one
-    step at a time in order.
+    partial file under ``ROOT/.wsfiles-partial/CLIENT/`` with a JSON record of
+    its size, hash and durable offset, fsynced every CHECKPOINT_BYTES and
+    when cut.
+
+    Writing and hashing run in a thread, in batches of WRITE_BATCH bytes, one
+    step at a time in order (hashlib and os.write release the GIL), so the
+    reactor thread only parses frames; past MAX_IN_FLIGHT unwritten bytes,
+    ``write`` asks the sender to wait.  fsync and rename run there too.
     """
 
     def __init__(
@@ -581,8 +590,14 @@ class LocalUpload:
         self._path = path
         self._meta = meta
         self.offset = offset
-        self._written = offset
+        self._accepted = offset  # bytes given to write()
+        self._stored = offset  # bytes the thread has written
         self._checkpointed = offset
+        self._batch: list[bytes] = []
+        self._batch_bytes = 0
+        self._in_flight = 0
+        self._error: StorageFailure | None = None
+        self._drained: Deferred | None = None
         self._sha256 = hashlib.sha256()
         self._steps: Deferred = defer.succeed(None)
         self.on_superseded: Callable[[], None] | None = None
@@ -593,21 +608,62 @@ class LocalUpload:
     def resumable(self) -> bool:
         return self._meta is not None
 
-    def write(self, data: bytes) -> None:  # local disk: never makes the sender wait
+    # -- writing -------------------------------------------------------------
+
+    def write(self, data: bytes) -> Deferred | None:
+        if self._error is not None:
+            raise self._error
         if self._fd is None:
             raise StorageFailure("the upload is closed")
-        view = memoryview(data)
-        try:
+        self._batch.append(data)
+        self._batch_bytes += len(data)
+        self._accepted += len(data)
+        if self._batch_bytes >= WRITE_BATCH:
+            self._flush()
+        if self.resumable and self._accepted - self._checkpointed >= CHECKPOINT_BYTES:
+            self._checkpointed = self._accepted
+            self._flush()
+            self._step(self._checkpoint)
+        if self._in_flight > MAX_IN_FLIGHT:
+            if self._drained is None:
+                self._drained = Deferred()
+            return self._drained
+        return None
+
+    def _flush(self) -> None:
+        """Hand the batch to the writer thread."""
+        if not self._batch:
+            return
+        batch, size = self._batch, self._batch_bytes
+        self._batch, self._batch_bytes = [], 0
+        self._in_flight += size
+        d = self._step(self._write_batch, batch)
+        d.addCallbacks(lambda _: self._written(size), self._write_failed)
+
+    def _write_batch(self, batch: list[bytes]) -> None:
+        """Write and hash one batch (thread)."""
+        fd = self._fd
+        if fd is None or self._error is not None:
+            return
+        for chunk in batch:
+            view = memoryview(chunk)
             while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-        except OSError as e:
-            raise _failure(e) from e
-        self._sha256.update(data)
-        self._written += len(data)
-        if self.resumable and self._written - self._checkpointed >= CHECKPOINT_BYTES:
-            self._checkpointed = self._written
-            self._step(self._checkpoint, self._written)
+                view = view[os.write(fd, view) :]
+            self._sha256.update(chunk)
+            self._stored += len(chunk)
+
+    def _written(self, size: int) -> None:
+        self._in_flight -= size
+        if self._drained is not None and self._in_flight <= MAX_IN_FLIGHT // 2:
+            drained, self._drained = self._drained, None
+            drained.callback(None)
+
+    def _write_failed(self, failure: Failure) -> None:
+        error = failure.value
+        self._error = _failure(error) if isinstance(error, OSError) else StorageFailure(str(error))
+        if self._drained is not None:
+            drained, self._drained = self._drained, None
+            drained.errback(self._error)
 
     def _step(self, work: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``work`` in a thread after the steps before it."""
@@ -623,19 +679,31 @@ class LocalUpload:
         self._steps.addCallbacks(done, failed)
         return result
 
-    def _checkpoint(self, durable: int) -> None:
-        """fsync the bytes so far and record them as durable (thread)."""
+    # -- durability ----------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        """fsync the bytes written so far and record them as durable (thread)."""
         fd, meta = self._fd, self._meta
         if fd is None or meta is None:
             return
         os.fsync(fd)
         _write_meta(
             meta,
-            {"name": self._name, "size": self._size, "sha256": self._expected, "durable": durable},
+            {
+                "name": self._name,
+                "size": self._size,
+                "sha256": self._expected,
+                "durable": self._stored,
+            },
         )
 
-    def _finish(self, digest: str) -> None:
-        """fsync, close, and rename over the target (thread)."""
+    def _finish(self) -> str:
+        """Check the hash, fsync, close, and rename over the target (thread)."""
+        if self._error is not None:
+            raise self._error
+        digest = self._sha256.hexdigest()
+        if self._expected is not None and digest != self._expected.lower():
+            raise ChecksumMismatch(f"the data's SHA-256 is {digest}")
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
@@ -651,30 +719,29 @@ class LocalUpload:
         if self._meta is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._meta)
+        return digest
 
     def commit(self) -> Deferred:
         self._release()
-        digest = self._sha256.hexdigest()
-        if self._expected is not None and digest != self._expected.lower():
-            self.abort()
-            return defer.fail(ChecksumMismatch(f"the data's SHA-256 is {digest}"))
-        d = self._step(self._finish, digest)
+        self._flush()
+        d = self._step(self._finish)
 
-        def failed(failure: Any) -> Any:
+        def failed(failure: Failure) -> Any:
             self._discard()
             if failure.check(OSError):
                 raise _failure(failure.value)
             return failure
 
-        return d.addCallbacks(lambda _: digest, failed)
+        return d.addErrback(failed)
 
     def interrupt(self) -> Deferred:
         if not self.resumable:
             self.abort()
             return defer.succeed(None)
         self._release()
+        self._flush()
         settling = self._folder._storage._settling
-        d = self._step(self._checkpoint, self._written)
+        d = self._step(self._checkpoint)
         d.addBoth(self._close_after)
         settling[self._path] = d
 
@@ -687,9 +754,7 @@ class LocalUpload:
         return d
 
     def _close_after(self, result: Any) -> Any:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        self._close_fd()
         if not isinstance(result, Failure):
             return result
         _log.warn("could not keep an interrupted upload: {error}", error=result.value)
@@ -701,16 +766,26 @@ class LocalUpload:
 
     def abort(self) -> None:
         self._release()
-        self._steps.addBoth(lambda _: self._discard())
+        self._batch, self._batch_bytes = [], 0
+        self._discard()
 
     def _discard(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        """Remove the files now; close the descriptor once the writer is done with it.
+
+        Unlinking a file a thread still writes to is fine on POSIX: the bytes
+        go to an inode that no name reaches and that vanishes on close.
+        """
+        self._error = self._error or StorageFailure("the upload was aborted")
         for path in (self._path, self._meta):
             if path is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
+        self._steps.addBoth(lambda _: self._close_fd())
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def _release(self) -> None:
         """No longer the in-flight upload of its partial."""
@@ -727,6 +802,11 @@ class LocalDownload(FileStreamer):
         super().__init__(source, size - offset)
         self.size = size
         self.offset = offset
+
+    def stream_to(self, consumer: interfaces.IConsumer, sha256: Any = None) -> Deferred:
+        if sha256 is not None:
+            self.sha256 = sha256  # hashed in the reading thread
+        return super().stream_to(consumer)
 
     def prefix_sha256(self) -> Deferred:
         """Hash bytes [0, offset) in a thread (a resumed download's first part)."""

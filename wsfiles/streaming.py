@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from twisted.internet import interfaces
+from twisted.internet import interfaces, threads
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
@@ -21,6 +22,8 @@ from zope.interface import implementer
 #: transport buffer beat both smaller frames and 1 MiB ones.
 CHUNK_SIZE = 128 * 1024
 SEND_BUFFER = 256 * 1024
+#: Chunks the reading thread fetches (and hashes) per trip.
+READ_AHEAD = 8
 
 
 class StreamFailed(Exception):
@@ -37,13 +40,30 @@ class StreamFailed(Exception):
 
 @implementer(interfaces.IPushProducer)
 class FileStreamer:
-    """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to."""
+    """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to.
 
-    def __init__(self, source: BinaryIO, size: int, chunk_size: int = CHUNK_SIZE) -> None:
+    A thread reads (and hashes) READ_AHEAD chunks at a time ahead of the
+    consumer, so the reactor thread only frames and sends: reading and
+    SHA-256 run on the other core (both release the GIL).  ``sha256`` may be
+    a hash already fed with earlier bytes (a resumed transfer) to continue.
+    """
+
+    def __init__(
+        self,
+        source: BinaryIO,
+        size: int,
+        chunk_size: int = CHUNK_SIZE,
+        *,
+        sha256: Any = None,
+    ) -> None:
         self._source = source
         self.size = size
         self._chunk_size = chunk_size
-        self._remaining = size
+        self._to_read = size  # not yet asked of the reading thread
+        self._remaining = size  # not yet written to the consumer
+        self.sha256 = sha256 if sha256 is not None else hashlib.sha256()
+        self._ready: deque[bytes] = deque()
+        self._reading = False
         self._consumer: interfaces.IConsumer | None = None
         self._paused = False
         self._done: Deferred | None = None
@@ -57,24 +77,61 @@ class FileStreamer:
         self.resumeProducing()
         return done
 
-    def resumeProducing(self) -> None:
-        self._paused = False
-        # Write until the consumer's buffer fills (it then calls
-        # pauseProducing from inside write) or the file is exhausted.
-        while not self._paused and self._done is not None and self._remaining > 0:
-            try:
-                chunk = self._source.read(min(self._chunk_size, self._remaining))
-            except OSError as e:
-                self._finish(StreamFailed(os.strerror(e.errno) if e.errno else str(e)))
-                return
+    def _read_ahead(self) -> None:
+        if self._reading or self._done is None or not self._to_read:
+            return
+        if len(self._ready) >= READ_AHEAD:
+            return
+        size = min(self._to_read, READ_AHEAD * self._chunk_size)
+        self._to_read -= size
+        self._reading = True
+        reading = threads.deferToThread(self._read, size)
+        reading.addCallbacks(self._got, self._read_failed)
+
+    def _read(self, size: int) -> list[bytes]:
+        """Read and hash ``size`` bytes in chunks (thread)."""
+        chunks = []
+        while size > 0:
+            chunk = self._source.read(min(self._chunk_size, size))
             if not chunk:
-                self._finish(StreamFailed("the file shrank while it was being sent"))
-                return
+                raise StreamFailed("the file shrank while it was being sent")
+            self.sha256.update(chunk)
+            chunks.append(chunk)
+            size -= len(chunk)
+        return chunks
+
+    def _got(self, chunks: list[bytes]) -> None:
+        self._reading = False
+        if self._done is not None:
+            self._ready.extend(chunks)
+            self._pump()
+
+    def _read_failed(self, failure: Any) -> None:
+        self._reading = False
+        error = failure.value
+        if isinstance(error, OSError):
+            error = StreamFailed(os.strerror(error.errno) if error.errno else str(error))
+        elif not isinstance(error, StreamFailed):
+            error = StreamFailed(str(error))
+        if self._done is not None:
+            self._finish(error)
+
+    def _pump(self) -> None:
+        """Write what is ready until the consumer's buffer fills (it then calls
+        pauseProducing from inside write), then read further ahead."""
+        while not self._paused and self._done is not None and self._ready:
+            chunk = self._ready.popleft()
             self._remaining -= len(chunk)
             assert self._consumer is not None
             self._consumer.write(chunk)
         if self._remaining == 0 and self._done is not None:
             self._finish(None)
+            return
+        self._read_ahead()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pump()
 
     def pauseProducing(self) -> None:
         self._paused = True
@@ -142,19 +199,14 @@ class MessageFrames:
 
 
 @implementer(interfaces.IConsumer)
-class HashingConsumer:
-    """Passes writes through to ``inner`` while computing their SHA-256."""
+class CountingConsumer:
+    """Passes writes through to ``inner``, counting them and reporting progress."""
 
     def __init__(
-        self,
-        inner: interfaces.IConsumer,
-        progress: Callable[[int], None] | None = None,
-        sha256: Any = None,
+        self, inner: interfaces.IConsumer, progress: Callable[[int], None] | None = None
     ) -> None:
         self._inner = inner
         self._progress = progress
-        #: Pass a hash already fed with earlier bytes to continue it.
-        self.sha256 = sha256 if sha256 is not None else hashlib.sha256()
         self.written = 0
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
@@ -164,7 +216,6 @@ class HashingConsumer:
         self._inner.unregisterProducer()
 
     def write(self, data: bytes) -> None:
-        self.sha256.update(data)
         self.written += len(data)
         self._inner.write(data)
         if self._progress is not None:
