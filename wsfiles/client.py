@@ -173,7 +173,9 @@ class WsfilesClient:
         factory.opened = Deferred()
         factory.closed = Deferred()
         # Downloads are streamed into the sink, never buffered: no limit here.
-        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        factory.setProtocolOptions(
+            maxMessagePayloadSize=0, maxFramePayloadSize=0, closeHandshakeTimeout=5
+        )
         try:
             await self._endpoint(url).connect(factory)
         except Exception as e:
