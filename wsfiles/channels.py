@@ -10,7 +10,22 @@ from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
+from wsfiles.config import CLOSE_HANDSHAKE_TIMEOUT, Settings
 from wsfiles.metrics import Metrics
+
+
+def protocol_options(settings: Settings, **limits: Any) -> dict[str, Any]:
+    """Autobahn options both channels share; Autobahn's defaults are unsafe for a
+    file server (no limits, no pings, an HTML status page, drop without a code)."""
+    return {
+        "closeHandshakeTimeout": CLOSE_HANDSHAKE_TIMEOUT,
+        "failByDrop": False,  # peers over a limit get 1009, not a bare TCP drop
+        "webStatus": False,
+        "openHandshakeTimeout": settings.handshake_timeout,
+        "autoPingInterval": settings.auto_ping_interval,
+        "autoPingTimeout": settings.auto_ping_timeout,
+        **limits,
+    }
 
 
 class ChannelBook:

@@ -280,6 +280,14 @@ class WsfilesClient:
         else:
             queue.put(message)
 
+    async def _transfer_reply(self, request_id: int) -> dict[str, Any]:
+        """The next reply about a transfer, after opening any file channel it offers."""
+        while True:
+            reply = await self.reply(request_id)
+            if reply.get("op") != "channel":
+                return reply
+            await self._open_file_channel(reply["url"])
+
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send a command and return its one reply; raise WsfilesError on error."""
         request_id = self.send(message)
@@ -403,11 +411,9 @@ class WsfilesClient:
         streamer: FileStreamer | None = None
         try:
             while True:
-                reply = await self.reply(request_id)
+                reply = await self._transfer_reply(request_id)
                 op = reply.get("op")
-                if op == "channel":
-                    await self._open_file_channel(reply["url"])
-                elif op == "ready":
+                if op == "ready":
                     assert self._file is not None
                     offset = min(int(reply.get("offset", 0)), actual)
                     prefix = hashlib.sha256()
@@ -454,11 +460,9 @@ class WsfilesClient:
         request_id = self.send(message)
         try:
             while True:
-                reply = await self.reply(request_id)
+                reply = await self._transfer_reply(request_id)
                 op = reply.get("op")
-                if op == "channel":
-                    await self._open_file_channel(reply["url"])
-                elif op == "sending":
+                if op == "sending":
                     download.total = reply["size"]
                 elif op == "sent":
                     await download.done

@@ -17,8 +17,8 @@ from twisted.logger import Logger
 
 from wsfiles.admission import ConnectionSlots
 from wsfiles.changes import ChangeHub
-from wsfiles.channels import ChannelBook, TrackedChannel
-from wsfiles.config import CLOSE_HANDSHAKE_TIMEOUT, COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
+from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
+from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
 from wsfiles.session import CommandSession
@@ -188,12 +188,9 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.changes = ChangeHub(storage, clock)
         self.quota = QuotaLedger(settings.quota, users.quota_of if users else lambda _: None)
         self.setProtocolOptions(
-            maxMessagePayloadSize=0,  # checked in onMessageFrameBegin, incoming only
-            maxFramePayloadSize=COMMAND_MESSAGE_LIMIT,
-            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
-            failByDrop=False,
-            webStatus=False,
-            openHandshakeTimeout=settings.handshake_timeout,
-            autoPingInterval=settings.auto_ping_interval,
-            autoPingTimeout=settings.auto_ping_timeout,
+            **protocol_options(
+                settings,
+                maxMessagePayloadSize=0,  # checked in onMessageFrameBegin, incoming only
+                maxFramePayloadSize=COMMAND_MESSAGE_LIMIT,
+            )
         )

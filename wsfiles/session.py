@@ -725,8 +725,8 @@ class CommandSession:
             self._discarding = False
             receive.started = True
 
-    def file_frame_begin(self, channel: FileChannel, length: int) -> bool:
-        """A frame of ``length`` bytes is coming; False: the channel was cut (1009)."""
+    def _receiving(self, channel: FileChannel) -> _Receive | None:
+        """The upload that data from ``channel`` now belongs to, if any."""
         receive = self._receive
         if (
             channel is not self._file_channel
@@ -734,6 +734,13 @@ class CommandSession:
             or receive is None
             or receive.finished
         ):
+            return None
+        return receive
+
+    def file_frame_begin(self, channel: FileChannel, length: int) -> bool:
+        """A frame of ``length`` bytes is coming; False: the channel was cut (1009)."""
+        receive = self._receiving(channel)
+        if receive is None:
             return True
         receive.announced += length
         if receive.offset + receive.announced > self.max_size:
@@ -753,13 +760,8 @@ class CommandSession:
         return True
 
     def file_data(self, channel: FileChannel, data: bytes) -> None:
-        receive = self._receive
-        if (
-            channel is not self._file_channel
-            or self._discarding
-            or receive is None
-            or receive.finished
-        ):
+        receive = self._receiving(channel)
+        if receive is None:
             return
         self._stall.reset()
         try:

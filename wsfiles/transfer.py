@@ -14,8 +14,8 @@ from autobahn.websocket.types import ConnectionRequest
 from twisted.internet import interfaces
 from twisted.logger import Logger
 
-from wsfiles.channels import ChannelBook, TrackedChannel
-from wsfiles.config import CLOSE_HANDSHAKE_TIMEOUT, SUBPROTOCOL, Settings
+from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
+from wsfiles.config import SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.session import CommandSession
 from wsfiles.streaming import SEND_BUFFER, MessageFrames
@@ -121,12 +121,5 @@ class FileChannelFactory(WebSocketServerFactory):
         # declared size as frames arrive.  Autobahn treats 0 as "unlimited".
         limit = max(settings.max_size, 1)
         self.setProtocolOptions(
-            maxMessagePayloadSize=limit,
-            maxFramePayloadSize=limit,
-            closeHandshakeTimeout=CLOSE_HANDSHAKE_TIMEOUT,
-            failByDrop=False,
-            webStatus=False,
-            openHandshakeTimeout=settings.handshake_timeout,
-            autoPingInterval=settings.auto_ping_interval,
-            autoPingTimeout=settings.auto_ping_timeout,
+            **protocol_options(settings, maxMessagePayloadSize=limit, maxFramePayloadSize=limit)
         )
