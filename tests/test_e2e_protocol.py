@@ -12,44 +12,33 @@ wait is bounded with ``Deferred.addTimeout``.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 import json
-import random
 from typing import Any
 
 import pytest
 import pytest_twisted
+from e2e_helpers import (
+    UNSOLICITED,
+    MiB,
+    blob,
+    next_reply,
+    open_channel,
+    record,
+    sha256,
+    stored,
+    stray_notices,
+    temp_files,
+    within,
+)
 from twisted.internet import defer, reactor, threads
-from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.defer import DeferredQueue
 
 from wsfiles.client import WsfilesClient, _Download
 from wsfiles.config import SUBPROTOCOL
-from wsfiles.storage import TEMP_FOLDER
 from wsfiles.streaming import CHUNK_SIZE
 
-TIMEOUT = 10.0
-MiB = 1024 * 1024
-
-
 # -- helpers ------------------------------------------------------------------
-
-
-def within(awaitable: Any, seconds: float = TIMEOUT) -> Deferred:
-    """``awaitable`` as a Deferred that fails with TimeoutError after ``seconds``."""
-    return defer.ensureDeferred(awaitable).addTimeout(seconds, reactor)
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def next_reply(client: WsfilesClient, request_id: Any) -> dict[str, Any]:
-    return await within(client.reply(request_id))
 
 
 def send_raw(client: WsfilesClient, message: dict[str, Any]) -> Any:
@@ -64,51 +53,10 @@ def send_raw(client: WsfilesClient, message: dict[str, Any]) -> Any:
     return request_id
 
 
-#: Events a newer server pushes on its own (protocol 1.1: folder changes); these
-#: tests are about protocol 1 and its commands, so they look past them.
-UNSOLICITED = {"changed"}
-
-
-def record(client: WsfilesClient) -> list[dict[str, Any]]:
-    """Every message the command channel receives from now on, in arrival order
-    (except unsolicited events)."""
-    log: list[dict[str, Any]] = []
-    received = client._received
-
-    def recording(message: dict[str, Any]) -> None:
-        if message.get("op") not in UNSOLICITED:
-            log.append(message)
-        received(message)
-
-    client._received = recording  # type: ignore[method-assign]
-    return log
-
-
-async def open_channel(client: WsfilesClient, url: str) -> None:
-    """Open the file channel the server offered (what upload/download do inside)."""
-    await within(client._open_file_channel(url))
-
-
 def arm_download(client: WsfilesClient) -> _Download:
     """Catch the next binary message of the file channel (for low-level ``get``)."""
     download = client._download = _Download(io.BytesIO())
     return download
-
-
-def stray_notices(client: WsfilesClient) -> list[dict[str, Any]]:
-    """Queued messages that answer no command (unsolicited events aside)."""
-    return [m for m in client.notices.pending if m.get("op") not in UNSOLICITED]
-
-
-def on_disk(server: Any) -> dict[str, bytes]:
-    root = server.folder()
-    return {p.name: p.read_bytes() for p in root.iterdir() if p.is_file()}
-
-
-def temp_files(server: Any) -> list[str]:
-    """Files (at any depth) in ROOT/.wsfiles-tmp: there must be none after a transfer."""
-    temp = server.folder() / TEMP_FOLDER
-    return sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if not p.is_dir())
 
 
 # -- hello and list -----------------------------------------------------------
@@ -330,7 +278,7 @@ async def test_eight_concurrent_clients(server):
         30,
     )
     assert results == list(payloads.values())
-    assert on_disk(server) == payloads
+    assert stored(server) == payloads
     assert temp_files(server) == []
     listing = await within(clients[0].list())
     assert [f["name"] for f in listing] == sorted(payloads)
@@ -409,7 +357,7 @@ async def test_pipelined_saves_and_get_run_in_order(server):
         ("sending", get_c),
         ("sent", get_c),
     ]
-    assert on_disk(server) == {"a.bin": a, "b.bin": b, "c.bin": existing}
+    assert stored(server) == {"a.bin": a, "b.bin": b, "c.bin": existing}
 
 
 # -- subprotocol --------------------------------------------------------------

@@ -12,50 +12,35 @@ No test sleeps: every wait is on an event and bounded with ``addTimeout``.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import os
-import random
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import pytest_twisted
 import treq
+from e2e_helpers import (
+    UNSOLICITED,
+    KiB,
+    MiB,
+    blob,
+    next_reply,
+    record,
+    sha256,
+    stored,
+    stray_notices,
+    temp_files,
+    within,
+)
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 
 from wsfiles.client import WsfilesClient, WsfilesError
-from wsfiles.storage import TEMP_FOLDER
 from wsfiles.streaming import CHUNK_SIZE
 
-TIMEOUT = 10.0
-KiB = 1024
-MiB = 1024 * 1024
-#: Events a newer server pushes on its own (protocol 1.1: folder changes); these
-#: tests are about protocol 1 and its commands, so they look past them.
-UNSOLICITED = {"changed"}
-
-
 # -- helpers ------------------------------------------------------------------
-
-
-def within(awaitable: Any, seconds: float = TIMEOUT) -> Deferred:
-    """``awaitable`` as a Deferred that fails with TimeoutError after ``seconds``."""
-    return defer.ensureDeferred(awaitable).addTimeout(seconds, reactor)
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-async def next_reply(client: WsfilesClient, request_id: Any) -> dict[str, Any]:
-    return await within(client.reply(request_id))
 
 
 async def next_notice(client: WsfilesClient) -> dict[str, Any]:
@@ -71,41 +56,6 @@ def send_raw(client: WsfilesClient, text: str, request_id: Any = None) -> None:
     if request_id is not None:
         client._replies[request_id] = DeferredQueue()
     client.send_text(text)
-
-
-def record(client: WsfilesClient) -> list[dict[str, Any]]:
-    """Every message the command channel receives from now on, in arrival order
-    (except unsolicited events)."""
-    log: list[dict[str, Any]] = []
-    received = client._received
-
-    def recording(message: dict[str, Any]) -> None:
-        if message.get("op") not in UNSOLICITED:
-            log.append(message)
-        received(message)
-
-    client._received = recording  # type: ignore[method-assign]
-    return log
-
-
-async def open_channel(client: WsfilesClient, url: str) -> None:
-    await within(client._open_file_channel(url))
-
-
-def stray_notices(client: WsfilesClient) -> list[dict[str, Any]]:
-    """Queued messages that answer no command (unsolicited events aside)."""
-    return [m for m in client.notices.pending if m.get("op") not in UNSOLICITED]
-
-
-def stored(server: Any) -> dict[str, bytes]:
-    """The regular files of the (anonymous) folder, with their contents."""
-    return {p.name: p.read_bytes() for p in server.folder().iterdir() if p.is_file()}
-
-
-def temp_files(server: Any) -> list[str]:
-    """Files (at any depth) in ROOT/.wsfiles-tmp: there must be none after a transfer."""
-    temp = server.folder() / TEMP_FOLDER
-    return sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if not p.is_dir())
 
 
 async def assert_usable(client: WsfilesClient, expected_names: list[str]) -> None:
