@@ -365,3 +365,13 @@ async def handshake_status(ws_url: str, path: str, headers: dict | None = None) 
         return await _with_timeout(peer.status, TEARDOWN_TIMEOUT)
     finally:
         await _with_timeout(peer.lost, TEARDOWN_TIMEOUT)
+
+
+# -- a real object store (Ceph RGW), once per session --------------------------
+
+
+@pytest.fixture(scope="session")
+def ceph_rgw(tmp_path_factory):
+    from cluster.ceph import ceph_rgw_session
+
+    yield from ceph_rgw_session(tmp_path_factory.mktemp("ceph"))

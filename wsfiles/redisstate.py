@@ -330,7 +330,19 @@ class RedisLink:
             factory.on_message = self._message
             self._factories.append(factory)
             factory.startConnecting(self._endpoint())
+        # Say so when Redis is not there at start-up (losing it later is logged too).
+        first = self._factories[0].slots[0].service.whenConnected(failAfterFailures=1)
+        first.addErrback(self._first_attempt_failed)
         self._heartbeat.start(self.ttl / 3, now=False)
+
+    def _first_attempt_failed(self, failure: Failure) -> None:
+        if not self._stopping and not failure.check(defer.CancelledError):
+            _log.warn(
+                "Redis at {address} is unreachable ({why}): changed events, quotas and"
+                " connection counts are local to this instance until it answers",
+                address=str(self.address),
+                why=failure.getErrorMessage(),
+            )
 
     def _endpoint(self) -> Any:
         address = self.address

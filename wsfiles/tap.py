@@ -7,6 +7,7 @@ descriptions, so ``ssl:`` and ``systemd:`` need no code of their own.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from autobahn.websocket.xormasker import USES_NVX
 from twisted.application import service, strports
@@ -89,6 +90,49 @@ def _positive_count(option: str, text: str) -> int:
     return value
 
 
+def _s3_keys(path: str | None) -> tuple[str, str]:
+    """The access and secret key: from a file, or from the standard environment."""
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                fields = f.read().split()
+        except OSError as e:
+            raise usage.UsageError(f"--s3-credentials: {e.strerror}") from None
+        if len(fields) != 2:
+            raise usage.UsageError("--s3-credentials: expected 'ACCESS_KEY SECRET_KEY'")
+        return fields[0], fields[1]
+    access, secret = os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if not access or not secret:
+        raise usage.UsageError(
+            "--storage s3 needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --s3-credentials"
+        )
+    return access, secret
+
+
+def _storage(options: Options, reactor: Any) -> Any:
+    if options["storage"] == "s3":
+        from wsfiles.s3storage import S3Client, S3Storage
+
+        access, secret = options["s3-keys"]
+        client = S3Client(
+            reactor,
+            options["s3-endpoint"],
+            options["s3-bucket"],
+            access,
+            secret,
+            options["s3-region"],
+        )
+        return S3Storage(client)
+    try:
+        storage = LocalStorage(options["root"])
+    except OSError as e:
+        raise usage.UsageError(f"cannot use --root {options['root']!r}: {e.strerror}") from None
+    swept = storage.sweep_temporary_files()
+    if swept:
+        _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
+    return storage
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -100,6 +144,21 @@ class Options(usage.Options):
         ["users", None, None, "Users file ('wsfiles user add'); without it all are anonymous."],
         ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override."],
         ["metrics-listen", None, None, "Serve /metrics and /healthz here, not on --listen."],
+        ["storage", None, "local", "Where files live: 'local' (folders under --root) or 's3'."],
+        [
+            "s3-endpoint",
+            None,
+            None,
+            "With --storage s3: the store's URL, e.g. http://127.0.0.1:7480.",
+        ],
+        ["s3-bucket", None, None, "With --storage s3: the bucket."],
+        ["s3-region", None, "us-east-1", "With --storage s3: the SigV4 region."],
+        [
+            "s3-credentials",
+            None,
+            None,
+            "File with 'ACCESS_KEY SECRET_KEY' (default: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY).",
+        ],
         *([name, None, default, text] for name, default, text in SIZE_OPTIONS),
         *([name, None, default, text] for name, default, text in SECONDS_OPTIONS),
         *([name, None, default, text] for name, default, text in COUNT_OPTIONS),
@@ -140,6 +199,12 @@ class Options(usage.Options):
         root = self["root"]
         if os.path.exists(root) and not os.path.isdir(root):
             raise usage.UsageError(f"--root {root!r} exists and is not a folder")
+        if self["storage"] not in ("local", "s3"):
+            raise usage.UsageError("--storage must be 'local' or 's3'")
+        if self["storage"] == "s3":
+            if not self["s3-endpoint"] or not self["s3-bucket"]:
+                raise usage.UsageError("--storage s3 needs --s3-endpoint and --s3-bucket")
+            self["s3-keys"] = _s3_keys(self["s3-credentials"])
 
     def settings(self) -> Settings:
         return Settings(
@@ -244,6 +309,9 @@ class WsfilesService(service.MultiService):
         notify("STOPPING=1")
         stopped = super().stopService()  # the listeners first: accept nothing new
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self.site.drain(self.grace)))
+        close = getattr(self.site.storage, "close", None)  # an object store's connections
+        if close is not None:
+            stopped.addCallback(lambda _: close())
         stopped.addErrback(lambda failure: _log.failure("error while stopping", failure))
         return stopped
 
@@ -251,22 +319,17 @@ class WsfilesService(service.MultiService):
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
-    try:
-        storage = LocalStorage(options["root"])
-    except OSError as e:
-        raise usage.UsageError(f"cannot use --root {options['root']!r}: {e.strerror}") from None
+    storage = _storage(options, reactor)
     if not USES_NVX:
         _log.warn(
             "Autobahn's native accelerator (NVX) is off: uploads will be unmasked"
             " in pure Python, several times slower (is AUTOBAHN_USE_NVX=0 set?)"
         )
-    swept = storage.sweep_temporary_files()
-    if swept:
-        _log.info("removed {count} temporary files left by interrupted uploads", count=swept)
     site = WsfilesSite(options.settings(), storage, options["users"], reactor)
     top = WsfilesService(site, options["grace"])
-    ttl = options["partial-ttl"]
-    TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)
+    if isinstance(storage, LocalStorage):
+        ttl = options["partial-ttl"]
+        TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)
     for description in options["listen"]:
         top.listen(description, site, reactor)
     if options["metrics-listen"] is not None:

@@ -1,0 +1,154 @@
+"""The S3 backend against a real Ceph RADOS Gateway on loopback.
+
+The same protocol, the same client; only the storage behind the session changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+import pytest_twisted
+from twisted.internet import endpoints, reactor
+
+from conftest import InProcessServer, _TrackingFactory
+from wsfiles.client import WsfilesError
+from wsfiles.config import Settings
+from wsfiles.s3storage import PART_SIZE, S3Client, S3Storage
+from wsfiles.web import WsfilesSite
+
+pytestmark = pytest.mark.timeout(300)  # the first test pays for installing and starting Ceph
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest_twisted.async_yield_fixture
+async def s3_server(ceph_rgw, tmp_path):
+    bucket = "wsfiles-" + secrets.token_hex(6)
+    ceph_rgw.create_bucket(bucket)
+    client = S3Client(
+        reactor, ceph_rgw.endpoint, bucket, ceph_rgw.access_key, ceph_rgw.secret_key
+    )
+    storage = S3Storage(client)
+    site = WsfilesSite(Settings(max_size=64 * 1024**2), storage, None, reactor)
+    tracker = _TrackingFactory(site)
+    port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(tracker)
+    server = InProcessServer(site, tmp_path, f"ws://127.0.0.1:{port.getHost().port}", port, tracker)
+    server.bucket = bucket
+    server.rgw = ceph_rgw
+    yield server
+    await server.stop()
+    await storage.close()
+
+
+def unfinished_uploads(server) -> list[str]:
+    response = server.rgw.request("GET", server.rgw.url(server.bucket, query={"uploads": ""}))
+    root = ElementTree.fromstring(response.body)
+    return [e.text for e in root.iter() if e.tag.endswith("UploadId")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_small_and_multipart_files_round_trip(s3_server):
+    client = await s3_server.connect()
+    assert client.hello["files"] == []
+    small, big = os.urandom(100_000), os.urandom(2 * PART_SIZE + 12345)
+    assert (await client.upload("small.bin", small))["sha256"] == sha(small)
+    assert (await client.upload("big.bin", big))["sha256"] == sha(big)
+    files = {f["name"]: f["size"] for f in await client.list()}
+    assert files == {"small.bin": len(small), "big.bin": len(big)}
+    for name, data in (("small.bin", small), ("big.bin", big)):
+        sink = io.BytesIO()
+        sent = await client.download(name, sink)
+        assert sink.getvalue() == data and sent["sha256"] == sha(data)
+    assert unfinished_uploads(s3_server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_ranged_get_and_empty_file(s3_server):
+    client = await s3_server.connect()
+    await client.upload("empty", b"")
+    sink = io.BytesIO()
+    assert (await client.download("empty", sink))["size"] == 0 and sink.getvalue() == b""
+    data = os.urandom(300_000)
+    await client.upload("f", data)
+    from test_protocol_11 import raw_get
+
+    replies, received = await raw_get(client, {"op": "get", "name": "f", "offset": 1000})
+    assert received == data[1000:] and replies[-1]["sha256"] == sha(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_upload_leaves_nothing_in_the_store(s3_server):
+    client = await s3_server.connect()
+    await client.upload("keep", b"old")
+    data = os.urandom(PART_SIZE + 1000)
+    with pytest.raises(WsfilesError) as refused:
+        await client.upload("keep", data, size=len(data) - 10)  # more than declared
+    assert refused.value.code == "size_mismatch"
+    request_id = client.send(
+        {"op": "save", "name": "keep", "size": len(data), "sha256": sha(b"other")}
+    )
+    reply = await client.reply(request_id)
+    if reply["op"] == "channel":
+        await client._open_file_channel(reply["url"])
+        reply = await client.reply(request_id)
+    assert reply["op"] == "ready"
+    client.send_on_file_channel(data)
+    assert (await client.reply(request_id))["code"] == "checksum_mismatch"
+    sink = io.BytesIO()
+    await client.download("keep", sink)
+    assert sink.getvalue() == b"old"
+    assert [f["name"] for f in await client.list()] == ["keep"]
+    assert unfinished_uploads(s3_server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_delete_and_rename_in_the_store(s3_server):
+    client = await s3_server.connect()
+    await client.upload("a", b"A")
+    await client.upload("b", b"B")
+    with pytest.raises(WsfilesError) as refused:
+        await client.rename("a", "b")
+    assert refused.value.code == "exists"
+    await client.rename("a", "c")
+    await client.rename("c", "b", overwrite=True)
+    assert [f["name"] for f in await client.list()] == ["b"]
+    sink = io.BytesIO()
+    await client.download("b", sink)
+    assert sink.getvalue() == b"A"
+    await client.delete("b")
+    with pytest.raises(WsfilesError) as refused:
+        await client.delete("b")
+    assert refused.value.code == "not_found"
+    assert await client.list() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_twistd_with_storage_s3(ceph_rgw, twistd_factory, tmp_path):
+    from wsfiles.client import connect
+
+    bucket = "wsfiles-" + secrets.token_hex(6)
+    ceph_rgw.create_bucket(bucket)
+    keys = tmp_path / "s3-keys"
+    keys.write_text(f"{ceph_rgw.access_key} {ceph_rgw.secret_key}\n")
+    srv = await twistd_factory(
+        "--storage", "s3", "--s3-endpoint", ceph_rgw.endpoint, "--s3-bucket", bucket,
+        "--s3-credentials", str(keys),
+    )  # fmt: skip
+    client = await connect(srv.url)
+    try:
+        data = os.urandom(PART_SIZE + 5)
+        await client.upload("via-twistd", data)
+        sink = io.BytesIO()
+        await client.download("via-twistd", sink)
+        assert sink.getvalue() == data
+    finally:
+        await client.close()
+    assert await srv.stop() in (0, -15)
+    assert "Traceback" not in srv.output
