@@ -410,3 +410,14 @@ def test_quota_can_be_reached_exactly(tmp_path):
     h.command(op="save", name="all", size=100)
     assert h.ops[-1] == "channel"
     h.session.close()
+
+
+def test_tickets_carry_the_instance_id(tmp_path):
+    from twisted.internet.task import Clock
+
+    registry = PairingRegistry(Clock(), 5, instance_id="b")
+    other = PairingRegistry(Clock(), 5, instance_id="a")
+    ticket = registry.issue(object())  # type: ignore[arg-type]
+    assert ticket.startswith("b.") and len(ticket) > 20
+    assert other.redeem(ticket) is None  # another instance never pairs it
+    assert registry.redeem(ticket) is not None

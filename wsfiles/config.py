@@ -37,3 +37,5 @@ class Settings:
     min_free: int = 64 * 1024**2
     #: False when --metrics-listen serves /metrics elsewhere.
     metrics_on_main_listener: bool = True
+    #: Names this instance in its tickets (several instances behind a balancer).
+    instance_id: str | None = None

@@ -24,15 +24,20 @@ class TicketHolder(Protocol):
 class PairingRegistry:
     """The factory-side record of pending tickets and attached pairs."""
 
-    def __init__(self, clock: IReactorTime, channel_timeout: float) -> None:
+    def __init__(
+        self, clock: IReactorTime, channel_timeout: float, instance_id: str | None = None
+    ) -> None:
         self._clock = clock
         self.channel_timeout = channel_timeout
+        #: Behind a load balancer, tickets start with ``ID.`` so the balancer
+        #: can route a file channel to the instance that issued its ticket.
+        self._prefix = f"{instance_id}." if instance_id else ""
         self._tickets: dict[str, tuple[TicketHolder, IDelayedCall]] = {}
         self._pairs: dict[TicketHolder, object] = {}
 
     def issue(self, holder: TicketHolder) -> str:
         """Create a ticket for ``holder``; it expires unless redeemed in time."""
-        ticket = secrets.token_urlsafe(16)
+        ticket = self._prefix + secrets.token_urlsafe(16)
         call = self._clock.callLater(self.channel_timeout, self._expire, ticket)
         self._tickets[ticket] = (holder, call)
         return ticket

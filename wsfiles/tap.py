@@ -7,6 +7,7 @@ descriptions, so ``ssl:`` and ``systemd:`` need no code of their own.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from autobahn.websocket.xormasker import USES_NVX
@@ -144,6 +145,12 @@ class Options(usage.Options):
         ["users", None, None, "Users file ('wsfiles user add'); without it all are anonymous."],
         ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override."],
         ["metrics-listen", None, None, "Serve /metrics and /healthz here, not on --listen."],
+        [
+            "instance-id",
+            None,
+            None,
+            "Prefix of this instance's tickets, for routing behind a balancer.",
+        ],
         ["storage", None, "local", "Where files live: 'local' (folders under --root) or 's3'."],
         [
             "s3-endpoint",
@@ -199,6 +206,9 @@ class Options(usage.Options):
         root = self["root"]
         if os.path.exists(root) and not os.path.isdir(root):
             raise usage.UsageError(f"--root {root!r} exists and is not a folder")
+        instance = self["instance-id"]
+        if instance is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", instance):
+            raise usage.UsageError("--instance-id: 1-32 of A-Z a-z 0-9 _ -")
         if self["storage"] not in ("local", "s3"):
             raise usage.UsageError("--storage must be 'local' or 's3'")
         if self["storage"] == "s3":
@@ -225,6 +235,7 @@ class Options(usage.Options):
             quota=self["quota"],
             min_free=self["min-free"],
             metrics_on_main_listener=self["metrics-listen"] is None,
+            instance_id=self["instance-id"],
         )
 
 

@@ -200,7 +200,7 @@ class WsfilesSite(server.Site):
         self.settings = settings
         self.storage = storage
         self.clock = clock
-        self.registry = PairingRegistry(clock, settings.channel_timeout)
+        self.registry = PairingRegistry(clock, settings.channel_timeout, settings.instance_id)
         self.deadlines = HandshakeDeadlines(clock, settings.handshake_timeout)
         self.metrics = Metrics(lambda: self.registry.pending_tickets, storage.free_bytes)
         self.book = ChannelBook(self.deadlines, self.metrics, clock)
