@@ -230,3 +230,18 @@ async def test_a_dead_peer_is_found_by_auto_ping_and_frees_its_slot(server_facto
     assert peer.received.startswith(b"HTTP/1.1 101")
     client = await srv.connect()  # its slot is free again
     assert client.hello["op"] == "hello"
+
+
+@pytest_twisted.ensureDeferred
+async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(server_factory):
+    trusting = await server_factory(limits=Limits(per_ip=1), trusted_proxies=("127.0.0.1",))
+    first = {"X-Forwarded-For": ["203.0.113.7"]}
+    await trusting.connect(headers={"X-Forwarded-For": "203.0.113.7"})
+    assert await handshake_status(trusting.url, "/command", first) == 429  # same client IP
+    other = await trusting.connect(headers={"X-Forwarded-For": "203.0.113.8"})
+    assert other.hello["op"] == "hello"  # another client behind the same proxy
+
+    wary = await server_factory(limits=Limits(per_ip=1))  # no trusted proxy: the peer counts
+    await wary.connect(headers={"X-Forwarded-For": "203.0.113.7"})
+    status = await handshake_status(wary.url, "/command", {"X-Forwarded-For": ["203.0.113.9"]})
+    assert status == 429

@@ -74,6 +74,7 @@ def test_every_option_is_documented():
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
     options = Options()
-    names = [long for long, *_ in options.optParameters] + ["listen", "allow-origin"]
+    names = [long for long, *_ in options.optParameters]
+    names += ["listen", "allow-origin", "trusted-proxy"]
     missing = [name for name in names if f"`--{name}" not in text]
     assert missing == []

@@ -53,8 +53,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> Any:
         subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
         users = self.factory.users
+        ip = self._client_ip(request)
         if users is None:
-            self._take_slot(ANONYMOUS)
+            self._take_slot(ANONYMOUS, ip)
             return subprotocol
         token = bearer_token(request)
         if not token:
@@ -66,13 +67,21 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
                 _log.info("refused a command channel from {peer}: wrong token", peer=self.peer)
                 raise self.factory.book.refuse(401, "wrong token")
             self._client = name
-            self._take_slot(name)
+            self._take_slot(name, ip)
             return subprotocol
 
         return users.authenticate(token).addCallback(authenticated)
 
-    def _take_slot(self, client: str) -> None:
-        ip = getattr(self.transport.getPeer(), "host", "")
+    def _client_ip(self, request: ConnectionRequest) -> str:
+        """The peer's address; behind a trusted proxy, the one it forwarded for."""
+        peer = getattr(self.transport.getPeer(), "host", "")
+        if peer in self.factory.settings.trusted_proxies:
+            forwarded = request.headers.get("x-forwarded-for", "")
+            if forwarded.strip():
+                return forwarded.split(",")[-1].strip()  # what our proxy appended
+        return peer
+
+    def _take_slot(self, client: str, ip: str) -> None:
         slots = self.factory.slots
         refusal = slots.refusal(client, ip)
         if refusal is not None:

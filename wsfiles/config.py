@@ -39,3 +39,5 @@ class Settings:
     metrics_on_main_listener: bool = True
     #: Names this instance in its tickets (several instances behind a balancer).
     instance_id: str | None = None
+    #: Proxies whose X-Forwarded-For names the real client (for per-IP limits).
+    trusted_proxies: tuple[str, ...] = ()

@@ -175,11 +175,16 @@ class Options(usage.Options):
         super().__init__()
         self["listen"] = []
         self["allow-origin"] = []
+        self["trusted-proxy"] = []
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:8080:interface=127.0.0.1 (repeatable)."""
         _check_endpoint("--listen", description)
         self["listen"].append(description)
+
+    def opt_trusted_proxy(self, address: str) -> None:
+        """A proxy's IP whose X-Forwarded-For is believed for per-IP limits (repeatable)."""
+        self["trusted-proxy"].append(address.strip())
 
     def opt_allow_origin(self, origin: str) -> None:
         """A web origin allowed besides the service's own (repeatable; '*': any)."""
@@ -236,6 +241,7 @@ class Options(usage.Options):
             min_free=self["min-free"],
             metrics_on_main_listener=self["metrics-listen"] is None,
             instance_id=self["instance-id"],
+            trusted_proxies=tuple(self["trusted-proxy"]),
         )
 
 
