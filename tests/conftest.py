@@ -196,7 +196,8 @@ class TwistdServer:
     async def stop(self) -> int | None:
         """SIGTERM, then the exit code, or -SIGNAL (later calls just return it)."""
         if self.exit_code is None:
-            self.process.signalProcess("TERM")
+            if not self.proto.ended.called:  # it may have been killed by the test
+                self.process.signalProcess("TERM")
             self.exit_code = await _with_timeout(self.proto.ended, TEARDOWN_TIMEOUT)
         return self.exit_code
 

@@ -1,0 +1,142 @@
+"""Scale-out, end to end on one machine: Ceph RGW, three twistd instances, HAProxy.
+
+Everything listens on 127.0.0.1.  HAProxy runs the shipped
+contrib/haproxy/wsfiles.cfg with the instances' addresses in its environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import secrets
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_twisted
+from conftest import TEARDOWN_TIMEOUT, http_get, spawn_process
+from twisted.internet import reactor, task
+
+from wsfiles.client import connect
+
+HAPROXY = shutil.which("haproxy")
+CONTRIB = Path(__file__).resolve().parent.parent / "contrib" / "haproxy"
+
+pytestmark = [
+    pytest.mark.skipif(HAPROXY is None, reason="Debian's haproxy is not installed"),
+    pytest.mark.timeout(300),
+]
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def record_offers(client: Any) -> list[str]:
+    """The instance ids of the tickets the client is offered, in order."""
+    instances: list[str] = []
+    original = client._received
+
+    def spy(message: dict[str, Any]) -> None:
+        if message.get("op") == "channel":
+            instances.append(message["url"].split("ticket=")[1].split(".")[0])
+        original(message)
+
+    client._received = spy
+    return instances
+
+
+@pytest_twisted.async_yield_fixture
+async def cluster(ceph_rgw, twistd_factory, tmp_path):
+    bucket = "wsfiles-" + secrets.token_hex(6)
+    ceph_rgw.create_bucket(bucket)
+    keys = tmp_path / "s3-keys"
+    keys.write_text(f"{ceph_rgw.access_key} {ceph_rgw.secret_key}\n")
+    instances = {}
+    for name in "abc":
+        instances[name] = await twistd_factory(
+            "--storage", "s3", "--s3-endpoint", ceph_rgw.endpoint, "--s3-bucket", bucket,
+            "--s3-credentials", str(keys), "--instance-id", name,
+            "--trusted-proxy", "127.0.0.1",
+            root=tmp_path / f"root-{name}",
+        )  # fmt: skip
+    port = free_port()
+    env = {
+        "WSFILES_BIND": f"127.0.0.1:{port}",
+        "WSFILES_TICKET_MAP": str(CONTRIB / "tickets.map"),
+        **{f"WSFILES_{n.upper()}": srv.url.split("://")[1] for n, srv in instances.items()},
+    }
+    process, proto = spawn_process([HAPROXY, "-db", "-f", str(CONTRIB / "wsfiles.cfg")], env=env)
+    url = f"http://127.0.0.1:{port}"
+    # HAProxy is another process: poll until it answers through a healthy
+    # instance, bounded.
+    for _ in range(500):
+        try:
+            if (await http_get(url + "/healthz"))[0] == 200:
+                break
+        except Exception:
+            pass
+        await task.deferLater(reactor, 0.02, lambda: None)
+    else:
+        raise AssertionError(f"HAProxy never became ready: {proto.err.decode()}")
+    yield {"url": f"ws://127.0.0.1:{port}", "instances": instances}
+    process.signalProcess("TERM")
+    await proto.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_clients_on_different_instances_share_files(cluster):
+    writer = await connect(cluster["url"])
+    reader = await connect(cluster["url"])
+    writer_offers, reader_offers = record_offers(writer), record_offers(reader)
+    try:
+        data = os.urandom(10 * 1024 * 1024)
+        await writer.upload("shared.bin", data)
+        sink = io.BytesIO()
+        sent = await reader.download("shared.bin", sink)
+        assert sink.getvalue() == data and sent["sha256"] == sha(data)
+        # Round robin put them on two instances, and each file channel went
+        # to the instance that issued its ticket (or the transfer would fail).
+        assert writer_offers and reader_offers and writer_offers[0] != reader_offers[0]
+    finally:
+        await writer.close()
+        await reader.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_instance_killed_mid_upload_the_client_completes_elsewhere(cluster):
+    client = await connect(cluster["url"])
+    offers = record_offers(client)
+    killed: list[str] = []
+    original = client._received
+
+    def kill_on_ready(message: dict[str, Any]) -> None:
+        original(message)
+        if message.get("op") == "ready" and not killed:
+            killed.append(offers[-1])
+            cluster["instances"][offers[-1]].process.signalProcess("KILL")
+
+    client._received = kill_on_ready
+    try:
+        data = os.urandom(32 * 1024 * 1024)
+        ack = await client.upload("survivor.bin", data, resume=True, retries=10)
+        assert ack["sha256"] == sha(data)
+        assert killed and offers[-1] != killed[0]
+        check = await connect(cluster["url"])
+        try:
+            sink = io.BytesIO()
+            await check.download("survivor.bin", sink)
+            assert sink.getvalue() == data
+        finally:
+            await check.close()
+    finally:
+        await client.close()
