@@ -13,9 +13,9 @@ import xml.etree.ElementTree as ElementTree
 
 import pytest
 import pytest_twisted
+from conftest import InProcessServer, _TrackingFactory
 from twisted.internet import endpoints, reactor
 
-from conftest import InProcessServer, _TrackingFactory
 from wsfiles.client import WsfilesError
 from wsfiles.config import Settings
 from wsfiles.s3storage import PART_SIZE, S3Client, S3Storage
@@ -152,3 +152,44 @@ async def test_twistd_with_storage_s3(ceph_rgw, twistd_factory, tmp_path):
         await client.close()
     assert await srv.stop() in (0, -15)
     assert "Traceback" not in srv.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resumable_upload_carries_on_from_the_stored_parts(s3_server):
+    from test_protocol_11 import cut_file_channel, resume_offset, start_resumable
+
+    client = await s3_server.connect()
+    data = os.urandom(2 * PART_SIZE + 777)
+    first = await start_resumable(client, "big", data, PART_SIZE + 1000)
+    await cut_file_channel(s3_server, client)
+    assert (await client.reply(first))["code"] == "channel_closed"
+    assert await client.list() == []  # nothing visible yet
+    request_id, offset = await resume_offset(client, "big", len(data))
+    # What the store holds: whole parts (a part takes what had arrived when it
+    # filled); bytes still buffered when the cut came are sent again.
+    assert PART_SIZE <= offset <= PART_SIZE + 1000
+    client.send_on_file_channel(data[offset:])
+    ack = await client.reply(request_id)
+    assert ack["op"] == "ack" and ack["sha256"] == sha(data)
+    sink = io.BytesIO()
+    await client.download("big", sink)
+    assert sink.getvalue() == data
+    assert [f["name"] for f in await client.list()] == ["big"]
+    assert unfinished_uploads(s3_server) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_resumed_upload_with_a_wrong_checksum_is_refused(s3_server):
+    from test_protocol_11 import cut_file_channel, resume_offset, start_resumable
+
+    client = await s3_server.connect()
+    data = os.urandom(PART_SIZE + 10)
+    wrong = sha(b"something else")
+    first = await start_resumable(client, "f", data, PART_SIZE, sha256=wrong)
+    await cut_file_channel(s3_server, client)
+    await client.reply(first)
+    request_id, offset = await resume_offset(client, "f", len(data), sha256=wrong)
+    assert offset >= PART_SIZE
+    client.send_on_file_channel(data[offset:])
+    assert (await client.reply(request_id))["code"] == "checksum_mismatch"
+    assert await client.list() == []
