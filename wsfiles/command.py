@@ -7,11 +7,13 @@ the work.
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionRequest
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -21,6 +23,7 @@ from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
+from wsfiles.redisstate import RedisState
 from wsfiles.session import CommandSession
 from wsfiles.storage import IStorage
 from wsfiles.users import UserDirectory
@@ -55,8 +58,8 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
         users = self.factory.users
         ip = self._client_ip(request)
         if users is None:
-            self._take_slot(ANONYMOUS, ip)
-            return subprotocol
+            taking = self._take_slot(ANONYMOUS, ip)
+            return subprotocol if taking is None else taking.addCallback(lambda _: subprotocol)
         token = bearer_token(request)
         if not token:
             _log.info("refused a command channel from {peer}: no token", peer=self.peer)
@@ -67,8 +70,8 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
                 _log.info("refused a command channel from {peer}: wrong token", peer=self.peer)
                 raise self.factory.book.refuse(401, "wrong token")
             self._client = name
-            self._take_slot(name, ip)
-            return subprotocol
+            taking = self._take_slot(name, ip)
+            return subprotocol if taking is None else taking.addCallback(lambda _: subprotocol)
 
         return users.authenticate(token).addCallback(authenticated)
 
@@ -81,9 +84,16 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
                 return forwarded.split(",")[-1].strip()  # what our proxy appended
         return peer
 
-    def _take_slot(self, client: str, ip: str) -> None:
+    def _take_slot(self, client: str, ip: str) -> Deferred | None:
+        """Take a connection slot or refuse; a Deferred when Redis must be asked."""
+        refusal = self.factory.slots.refusal(client, ip)
+        if inspect.isawaitable(refusal):
+            return Deferred.fromCoroutine(refusal).addCallback(self._slot_answer, client, ip)
+        self._slot_answer(refusal, client, ip)
+        return None
+
+    def _slot_answer(self, refusal: tuple[int, str] | None, client: str, ip: str) -> None:
         slots = self.factory.slots
-        refusal = slots.refusal(client, ip)
         if refusal is not None:
             status, reason = refusal
             _log.warn(
@@ -94,6 +104,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             )
             raise self.factory.book.refuse(status, reason)
         slots.take(client, ip)
+        if self.state == self.STATE_CLOSED:  # gone while Redis was asked: onClose has run
+            slots.release(client, ip)
+            return
         self._slot = (client, ip)
 
     def onOpen(self) -> None:
@@ -193,9 +206,25 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.users = users
         self.clock = clock
         self.book = book
-        self.slots = ConnectionSlots(settings.limits)
-        self.changes = ChangeHub(storage, clock)
-        self.quota = QuotaLedger(settings.quota, users.quota_of if users else lambda _: None)
+        quota_override = users.quota_of if users else lambda _: None
+        self.redis: RedisState | None = None
+        if settings.redis is None:
+            self.slots = ConnectionSlots(settings.limits)
+            self.changes = ChangeHub(storage, clock)
+            self.quota = QuotaLedger(settings.quota, quota_override)
+        else:
+            self.redis = RedisState(
+                settings.redis,
+                storage=storage,
+                reactor=clock,
+                limits=settings.limits,
+                quota=settings.quota,
+                quota_override=quota_override,
+                name=settings.instance_id,
+            )
+            self.slots = self.redis.slots
+            self.changes = self.redis.changes
+            self.quota = self.redis.quota
         self.setProtocolOptions(
             **protocol_options(
                 settings,

@@ -41,3 +41,6 @@ class Settings:
     instance_id: str | None = None
     #: Proxies whose X-Forwarded-For names the real client (for per-IP limits).
     trusted_proxies: tuple[str, ...] = ()
+    #: --redis URL: share changed events, quotas and per-client connection
+    #: counts with other instances; None: this instance alone.
+    redis: str | None = None

@@ -216,6 +216,9 @@ class RedisLink:
     - ``on_events_up``: (re)subscribe; run when the subscription connection
       comes up;
     - ``on_message(channel, message)``: a publication arrived.
+
+    ``name`` (say ``--instance-id``) only makes the keys readable: a random
+    suffix keeps every process's id its own.
     """
 
     def __init__(
@@ -224,7 +227,7 @@ class RedisLink:
         *,
         reactor: Any = None,
         prefix: str = DEFAULT_PREFIX,
-        instance_id: str | None = None,
+        name: str | None = None,
         ttl: float = DEFAULT_TTL,
         reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
         retry: tuple[float, float] = DEFAULT_RETRY,
@@ -234,7 +237,11 @@ class RedisLink:
             from twisted.internet import reactor
         self.address = RedisAddress.parse(url)
         self.prefix = prefix
-        self.instance_id = instance_id or uuid.uuid4().hex
+        if name is not None and (":" in name or not name):
+            raise ValueError(f"an instance name cannot be empty or contain ':' ({name!r})")
+        # Unique to this process even when ``name`` is not: a restarted process
+        # must not inherit (and so keep alive) what a crashed one held.
+        self.instance_id = f"{name}-{uuid.uuid4().hex[:16]}" if name else uuid.uuid4().hex
         self.ttl = ttl
         self._reactor = reactor
         self._reply_timeout = reply_timeout

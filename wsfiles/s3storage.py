@@ -14,14 +14,16 @@ them.  Each client folder is a key prefix (``NAME/``, ``@anonymous/``).
   pause the HTTP response.
 - Rename is a server-side copy, then a delete: not atomic.  For a moment both
   names exist; a reader never sees a partial object under either name.
-- Not yet: resumable uploads (a resume always starts at offset 0, which the
-  protocol allows) and partials.
+- Resumable saves are unfinished multipart uploads at a staging key (see
+  S3Upload); a resume carries on from the parts the store holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 import xml.etree.ElementTree as ElementTree
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -34,7 +36,13 @@ from botocore.credentials import Credentials
 from twisted.internet import defer, interfaces, protocol
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import (
+    Agent,
+    FileBodyProducer,
+    HTTPConnectionPool,
+    ResponseDone,
+)
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -54,7 +62,8 @@ from wsfiles.streaming import StreamFailed
 _log = Logger()
 
 PART_SIZE = 8 * 1024 * 1024  # S3 needs >= 5 MiB for every part but the last
-ANONYMOUS_PREFIX = "@anonymous/"  # '@' is not allowed in client names
+ANONYMOUS_PREFIX = "@anonymous/"
+PARTIAL = ".wsfiles-partial"  # '@' is not allowed in client names
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
@@ -104,7 +113,7 @@ class S3Client:
         producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
         try:
             response = await self._agent.request(method.encode(), url.encode(), signed, producer)
-            content = await readBody(response) if method != "HEAD" else b""
+            content = await _read_all(response) if method != "HEAD" else b""
         except Exception as e:
             raise StorageFailure(f"the object store did not answer: {e}") from None
         if response.code == 404 and 404 not in expect:
@@ -120,7 +129,7 @@ class S3Client:
         signed = self._headers("GET", url, None, {"Range": span})
         response = await self._agent.request(b"GET", url.encode(), signed, None)
         if response.code not in (200, 206):
-            await readBody(response)
+            await _read_all(response)
             raise StorageFailure(f"the object store answered {response.code}")
         return response
 
@@ -137,9 +146,12 @@ def _header(response: Any, name: str) -> str | None:
 class S3Storage:
     def __init__(self, client: S3Client) -> None:
         self.client = client
+        #: Interrupted uploads still saving their record: a resume waits for them.
+        self.settling: dict[str, Deferred] = {}
 
     def folder(self, client: str | None) -> S3Folder:
-        return S3Folder(self.client, f"{client}/" if client else ANONYMOUS_PREFIX)
+        prefix = f"{client}/" if client else ANONYMOUS_PREFIX
+        return S3Folder(self.client, prefix, self.settling)
 
     def free_bytes(self) -> float:
         return float("nan")  # an object store does not say
@@ -157,9 +169,10 @@ class S3Storage:
 
 @implementer(IFolder)
 class S3Folder:
-    def __init__(self, client: S3Client, prefix: str) -> None:
+    def __init__(self, client: S3Client, prefix: str, settling: dict[str, Deferred]) -> None:
         self._client = client
         self._prefix = prefix
+        self._settling = settling
 
     def list(self) -> Deferred:
         return Deferred.fromCoroutine(self._list())
@@ -204,13 +217,94 @@ class S3Folder:
 
         return Deferred.fromCoroutine(open_it())
 
+    def _partial_keys(self, name: str) -> tuple[str, str]:
+        """Where a resumable upload of ``name`` lives: its object and its record.
+
+        Both keys hold a '/' after the prefix, so no listing shows them.
+        """
+        key = hashlib.sha256(name.encode("utf-8")).hexdigest()
+        return f"{self._prefix}{PARTIAL}/{key}", f"{self._prefix}{PARTIAL}/{key}.json"
+
     def begin_upload(
         self, name: str, size: int, sha256: str | None = None, resume: bool = False
     ) -> Deferred:
-        return defer.succeed(S3Upload(self._client, self._prefix + name, size, sha256))
+        if not resume:
+            return defer.succeed(S3Upload(self._client, self._prefix + name, size, sha256))
+        return Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+
+    async def _begin_resumable(self, name: str, size: int, sha256: str | None) -> S3Upload:
+        """Carry on an unfinished multipart upload of the same size and hash, if any.
+
+        The store's own list of parts (ListParts) says what is durable.
+        """
+        staging, record_key = self._partial_keys(name)
+        settling = self._settling.get(staging)
+        if settling is not None:
+            waiter: Deferred = Deferred()
+            settling.addBoth(lambda result: (waiter.callback(None), result)[1])
+            await waiter
+        record = await self._read_record(record_key)
+        upload = S3Upload(self._client, self._prefix + name, size, sha256)
+        upload.resumable_at(staging, record_key, self._settling)
+        if record is not None and record.get("size") == size and record.get("sha256") == sha256:
+            upload_id = record["upload_id"]
+            try:
+                parts = await self._stored_parts(staging, upload_id)
+            except (NotFound, StorageFailure):
+                parts = []
+            if parts:
+                upload.carry_on(upload_id, parts)
+        elif record is not None:
+            await self._discard_partial(staging, record_key, record.get("upload_id"))
+        return upload
+
+    async def _read_record(self, key: str) -> dict[str, Any] | None:
+        try:
+            _, body = await self._client.send("GET", key)
+        except NotFound:
+            return None
+        try:
+            record = json.loads(body)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    async def _stored_parts(self, staging: str, upload_id: str) -> list[tuple[int, str, int]]:
+        """The parts 1..n the store holds, in order, stopping at the first gap."""
+        _, body = await self._client.send("GET", staging, params={"uploadId": upload_id})
+        found = {}
+        for part in ElementTree.fromstring(body).iter(f"{_NS}Part"):
+            number = int(part.findtext(f"{_NS}PartNumber", "0"))
+            etag = part.findtext(f"{_NS}ETag", "")
+            found[number] = (number, etag, int(part.findtext(f"{_NS}Size", "0")))
+        parts = []
+        while len(parts) + 1 in found:
+            parts.append(found[len(parts) + 1])
+        return parts
+
+    async def _discard_partial(self, staging: str, record_key: str, upload_id: Any) -> None:
+        if upload_id:
+            with contextlib.suppress(NotFound, StorageFailure):
+                await self._client.send(
+                    "DELETE", staging, params={"uploadId": upload_id}, expect=(204, 200)
+                )
+        with contextlib.suppress(NotFound, StorageFailure):
+            await self._client.send("DELETE", record_key, expect=(204, 200))
 
     def partial_bytes(self) -> Deferred:
-        return defer.succeed({})
+        async def scan() -> dict[str, int]:
+            _, body = await self._client.send(
+                "GET", params={"list-type": "2", "prefix": f"{self._prefix}{PARTIAL}/"}
+            )
+            found: dict[str, int] = {}
+            for item in ElementTree.fromstring(body).iter(f"{_NS}Key"):
+                if item.text and item.text.endswith(".json"):
+                    record = await self._read_record(item.text)
+                    if record is not None:
+                        found[record.get("name", item.text)] = int(record.get("stored", 0))
+            return found
+
+        return Deferred.fromCoroutine(scan())
 
     def delete(self, name: str) -> Deferred:
         async def delete_it() -> None:
@@ -240,24 +334,47 @@ class S3Folder:
 
 @implementer(IUpload)
 class S3Upload:
-    """One object being written: a single PUT, or a multipart upload part by part."""
+    """One object being written: a single PUT, or a multipart upload part by part.
+
+    A resumable upload goes to a staging key, with a small JSON record beside
+    it (upload id, size, hash): a later resume carries on its multipart
+    upload from the parts the store holds.  At commit it is completed there,
+    read back to hash the whole object when part of it came from an earlier
+    attempt (the store cannot hand back an unfinished upload's parts), then
+    copied to its name and the staging object deleted.
+    """
 
     offset = 0
 
     def __init__(self, client: S3Client, key: str, size: int, sha256: str | None) -> None:
         self._client = client
         self._key = key
+        self._target = key
+        self._record_key: str | None = None
+        self._settling: dict[str, Deferred] = {}
+        self._name = key.rsplit("/", 1)[-1]
         self._size = size
         self._expected = sha256
         self._sha256 = hashlib.sha256()
+        self._hash_complete = True  # False once bytes from an earlier attempt are kept
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._upload_id: str | None = None
-        self._parts: list[tuple[int, str]] = []
+        self._parts: list[tuple[int, str, int]] = []
         self._in_flight: Deferred | None = None
         self._error: Exception | None = None
         self._aborted = False
+        self._completed = False
         self.on_superseded = None
+
+    def resumable_at(self, staging: str, record_key: str, settling: dict[str, Deferred]) -> None:
+        self._key, self._record_key, self._settling = staging, record_key, settling
+
+    def carry_on(self, upload_id: str, parts: list[tuple[int, str, int]]) -> None:
+        """Resume an earlier attempt's multipart upload after its stored parts."""
+        self._upload_id, self._parts = upload_id, list(parts)
+        self.offset = sum(size for _, _, size in parts)
+        self._hash_complete = False
 
     def write(self, data: bytes) -> Deferred | None:
         if self._error is not None:
@@ -282,6 +399,7 @@ class S3Upload:
             if self._upload_id is None:
                 _, body = await self._client.send("POST", self._key, params={"uploads": ""})
                 self._upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
+                await self._write_record()
             number = len(self._parts) + 1
             response, _ = await self._client.send(
                 "PUT",
@@ -289,7 +407,7 @@ class S3Upload:
                 params={"partNumber": str(number), "uploadId": str(self._upload_id)},
                 body=part,
             )
-            self._parts.append((number, _header(response, "ETag") or ""))
+            self._parts.append((number, _header(response, "ETag") or "", len(part)))
         except Exception as e:
             self._error = e
             raise
@@ -297,50 +415,159 @@ class S3Upload:
     def commit(self) -> Deferred:
         return Deferred.fromCoroutine(self._commit())
 
+    async def _write_record(self) -> None:
+        if self._record_key is None:
+            return
+        record = {
+            "name": self._name,
+            "size": self._size,
+            "sha256": self._expected,
+            "upload_id": self._upload_id,
+            "stored": sum(size for _, _, size in self._parts),
+        }
+        await self._client.send("PUT", self._record_key, body=json.dumps(record).encode())
+
     async def _commit(self) -> str:
         if self._in_flight is not None:
             await self._in_flight
         digest = self._sha256.hexdigest()
-        if self._expected is not None and digest != self._expected.lower():
-            self.abort()
-            raise ChecksumMismatch(f"the data's SHA-256 is {digest}")
+        if self._hash_complete:
+            self._check(digest)
         try:
             if self._upload_id is None:
                 await self._client.send("PUT", self._key, body=self._take_buffer())
-                return digest
-            if self._buffered:
-                await self._send_part(self._take_buffer())
-            parts = "".join(
-                f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
-                for n, etag in self._parts
-            )
-            body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
-            _, answer = await self._client.send(
-                "POST", self._key, params={"uploadId": self._upload_id}, body=body
-            )
-            if b"<Error>" in answer:  # S3 may fail a completion with a 200
-                raise StorageFailure(f"the object store refused the upload: {answer[:200]!r}")
+            else:
+                await self._complete()
+            self._completed = True
+            if self._key != self._target:  # a resumable upload's staging object
+                if not self._hash_complete:
+                    digest = await self._hash_object(self._key)
+                    self._check(digest)
+                source = f"/{self._client.bucket}/{quote(self._key, safe='/~')}"
+                await self._client.send("PUT", self._target, headers={"x-amz-copy-source": source})
+                await self._client.send("DELETE", self._key, expect=(204, 200))
+                if self._record_key is not None:
+                    await self._client.send("DELETE", self._record_key, expect=(204, 200))
         except Exception:
             self.abort()
             raise
         return digest
 
+    def _check(self, digest: str) -> None:
+        if self._expected is not None and digest != self._expected.lower():
+            self.abort()
+            raise ChecksumMismatch(f"the data's SHA-256 is {digest}")
+
+    async def _hash_object(self, key: str) -> str:
+        digest = hashlib.sha256()
+        response = await self._client.stream(key, 0, None)
+        finished: Deferred = Deferred()
+        response.deliverBody(_Hasher(digest, finished))
+        await finished
+        return digest.hexdigest()
+
+    async def _complete(self) -> None:
+        if self._buffered:
+            await self._send_part(self._take_buffer())
+        parts = "".join(
+            f"<Part><PartNumber>{n}</PartNumber><ETag>{etag}</ETag></Part>"
+            for n, etag, _ in self._parts
+        )
+        body = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        _, answer = await self._client.send(
+            "POST", self._key, params={"uploadId": self._upload_id}, body=body
+        )
+        if b"<Error>" in answer:  # S3 may fail a completion with a 200
+            raise StorageFailure(f"the object store refused the upload: {answer[:200]!r}")
+
     def interrupt(self) -> Deferred:
-        self.abort()  # not resumable yet: see the module docstring
-        return defer.succeed(None)
+        """Cut: a resumable upload keeps its stored parts (the buffer is lost)."""
+        if self._record_key is None:
+            self.abort()
+            return defer.succeed(None)
+
+        async def keep() -> None:
+            if self._in_flight is not None:
+                with contextlib.suppress(Exception):
+                    await self._in_flight
+            self._buffer, self._buffered = [], 0
+            if self._upload_id is not None:
+                await self._write_record()
+
+        d = Deferred.fromCoroutine(keep())
+        d.addErrback(lambda f: _log.warn("could not keep an upload: {e}", e=f.value))
+        self._settling[self._key] = d
+
+        def settled(result: Any) -> Any:
+            if self._settling.get(self._key) is d:
+                del self._settling[self._key]
+            return result
+
+        d.addBoth(settled)
+        return d
 
     def abort(self) -> None:
         if self._aborted:
             return
         self._aborted = True
         self._buffer, self._buffered = [], 0
-        if self._upload_id is not None:
+        if self._completed and self._key != self._target:  # a staging object to drop
+            staged = Deferred.fromCoroutine(
+                self._client.send("DELETE", self._key, expect=(204, 200, 404))
+            )
+            staged.addErrback(lambda f: _log.warn("could not drop a staged object: {e}", e=f.value))
+        elif self._upload_id is not None:
             d = Deferred.fromCoroutine(
                 self._client.send(
                     "DELETE", self._key, params={"uploadId": self._upload_id}, expect=(204, 200)
                 )
             )
             d.addErrback(lambda f: _log.warn("could not abort an upload: {e}", e=f.value))
+        if self._record_key is not None:
+            r = Deferred.fromCoroutine(
+                self._client.send("DELETE", self._record_key, expect=(204, 200, 404))
+            )
+            r.addErrback(lambda f: _log.warn("could not drop an upload record: {e}", e=f.value))
+
+
+class _Collector(protocol.Protocol):
+    """Gathers a (small) response body; fires ``finished`` with it."""
+
+    def __init__(self, finished: Deferred) -> None:
+        self._chunks: list[bytes] = []
+        self._finished = finished
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._chunks))
+        else:
+            self._finished.errback(StorageFailure("the object store stopped sending"))
+
+
+def _read_all(response: Any) -> Deferred:
+    finished: Deferred = Deferred()
+    response.deliverBody(_Collector(finished))
+    return finished
+
+
+class _Hasher(protocol.Protocol):
+    """Hashes a response body; fires ``finished`` at its end."""
+
+    def __init__(self, digest: Any, finished: Deferred) -> None:
+        self._digest = digest
+        self._finished = finished
+
+    def dataReceived(self, data: bytes) -> None:
+        self._digest.update(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(None)
+        else:
+            self._finished.errback(StorageFailure("the object store stopped sending"))
 
 
 class _Body(protocol.Protocol):
@@ -372,7 +599,7 @@ class S3Download:
             digest = hashlib.sha256()
             if self.offset:
                 response = await self._client.stream(self._key, 0, self.offset - 1)
-                digest.update(await readBody(response))  # up to the offset, in memory
+                digest.update(await _read_all(response))  # up to the offset, in memory
             return digest
 
         return Deferred.fromCoroutine(hash_prefix())

@@ -22,6 +22,7 @@ from twisted.web import server
 
 from wsfiles.admission import Limits
 from wsfiles.config import Settings
+from wsfiles.redisstate import RedisAddress
 from wsfiles.sizes import parse_size
 from wsfiles.storage import LocalStorage
 from wsfiles.systemd import notify
@@ -151,6 +152,7 @@ class Options(usage.Options):
             None,
             "Prefix of this instance's tickets, for routing behind a balancer.",
         ],
+        ["redis", None, None, "Share state with other instances: redis://HOST[:PORT][/DB]."],
         ["storage", None, "local", "Where files live: 'local' (folders under --root) or 's3'."],
         [
             "s3-endpoint",
@@ -203,6 +205,11 @@ class Options(usage.Options):
             self["quota"] = _size("quota", self["quota"])
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
+        if self["redis"] is not None:
+            try:
+                RedisAddress.parse(self["redis"])
+            except ValueError as e:
+                raise usage.UsageError(f"--redis: {e}") from None
         if self["users"] is not None:
             try:
                 self["users"] = UserDirectory(self["users"])
@@ -242,6 +249,7 @@ class Options(usage.Options):
             metrics_on_main_listener=self["metrics-listen"] is None,
             instance_id=self["instance-id"],
             trusted_proxies=tuple(self["trusted-proxy"]),
+            redis=self["redis"],
         )
 
 
@@ -319,6 +327,9 @@ class WsfilesService(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
+        redis = self.site.command_factory.redis
+        if redis is not None:
+            redis.start()
         ready = defer.gatherResults([endpoint.listening for endpoint in self.endpoints])
         ready.addCallback(lambda _: notify("READY=1"))
 
@@ -326,6 +337,9 @@ class WsfilesService(service.MultiService):
         notify("STOPPING=1")
         stopped = super().stopService()  # the listeners first: accept nothing new
         stopped.addCallback(lambda _: Deferred.fromCoroutine(self.site.drain(self.grace)))
+        redis = self.site.command_factory.redis
+        if redis is not None:
+            stopped.addCallback(lambda _: redis.stop())
         close = getattr(self.site.storage, "close", None)  # an object store's connections
         if close is not None:
             stopped.addCallback(lambda _: close())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -163,10 +164,16 @@ class HealthPage(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, storage: IStorage, min_free: int) -> None:
+    def __init__(
+        self,
+        storage: IStorage,
+        min_free: int,
+        shared: Callable[[], dict[str, str]] | None = None,
+    ) -> None:
         super().__init__()
         self._storage = storage
         self._min_free = min_free
+        self._shared = shared
 
     def render_GET(self, request: server.Request) -> Any:
         def answer(status: int, body: dict[str, Any]) -> None:
@@ -177,7 +184,9 @@ class HealthPage(resource.Resource):
             request.finish()
 
         def healthy(details: dict[str, Any]) -> None:
-            answer(200, {"status": "ok", **details})
+            shared = self._shared() if self._shared is not None else {}
+            status = "degraded" if "down" in shared.values() else "ok"
+            answer(200, {"status": status, **details, **shared})
 
         def unhealthy(failure: Failure) -> None:
             _log.warn("health check failed: {reason}", reason=str(failure.value))
@@ -207,13 +216,15 @@ class WsfilesSite(server.Site):
         self.command_factory = CommandChannelFactory(
             settings, storage, self.registry, users, clock=clock, book=self.book
         )
+        redis = self.command_factory.redis
+        self.shared_health = redis.health if redis is not None else None
         self.file_factory = FileChannelFactory(settings, self.registry, book=self.book)
         root = resource.Resource()
         add_web_client(root)
         origins = settings.allow_origins
         root.putChild(b"command", GuardedWebSocketResource(self.command_factory, origins))
         root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
-        root.putChild(b"healthz", HealthPage(storage, settings.min_free))
+        root.putChild(b"healthz", HealthPage(storage, settings.min_free, self.shared_health))
         if settings.metrics_on_main_listener:
             root.putChild(b"metrics", MetricsPage(self.metrics))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
@@ -223,7 +234,9 @@ class WsfilesSite(server.Site):
         """A separate Site for ``--metrics-listen``: /metrics and /healthz only."""
         root = resource.Resource()
         root.putChild(b"metrics", MetricsPage(self.metrics))
-        root.putChild(b"healthz", HealthPage(self.storage, self.settings.min_free))
+        root.putChild(
+            b"healthz", HealthPage(self.storage, self.settings.min_free, self.shared_health)
+        )
         return server.Site(root)
 
     async def drain(self, grace: float) -> None:
