@@ -376,3 +376,16 @@ def ceph_rgw(tmp_path_factory):
     from cluster.ceph import ceph_rgw_session
 
     yield from ceph_rgw_session(tmp_path_factory.mktemp("ceph"))
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A fresh redis-server on a free loopback port (skips when it is not installed)."""
+    from cluster.redis import REDIS_SERVER, RedisServer, free_port
+
+    if not os.path.exists(REDIS_SERVER):
+        pytest.skip("redis-server is not installed")
+    server = RedisServer(tmp_path / "redis", free_port())
+    server.start()
+    yield server
+    server.stop()

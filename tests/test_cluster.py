@@ -56,7 +56,7 @@ def record_offers(client: Any) -> list[str]:
 
 
 @pytest_twisted.async_yield_fixture
-async def cluster(ceph_rgw, twistd_factory, tmp_path):
+async def cluster(ceph_rgw, redis_server, twistd_factory, tmp_path):
     bucket = "wsfiles-" + secrets.token_hex(6)
     ceph_rgw.create_bucket(bucket)
     keys = tmp_path / "s3-keys"
@@ -66,7 +66,8 @@ async def cluster(ceph_rgw, twistd_factory, tmp_path):
         instances[name] = await twistd_factory(
             "--storage", "s3", "--s3-endpoint", ceph_rgw.endpoint, "--s3-bucket", bucket,
             "--s3-credentials", str(keys), "--instance-id", name,
-            "--trusted-proxy", "127.0.0.1",
+            "--trusted-proxy", "127.0.0.1", "--redis", redis_server.url,
+            "--quota", "70M",
             root=tmp_path / f"root-{name}",
         )  # fmt: skip
     port = free_port()
@@ -88,7 +89,7 @@ async def cluster(ceph_rgw, twistd_factory, tmp_path):
         await task.deferLater(reactor, 0.02, lambda: None)
     else:
         raise AssertionError(f"HAProxy never became ready: {proto.err.decode()}")
-    yield {"url": f"ws://127.0.0.1:{port}", "instances": instances}
+    yield {"url": f"ws://127.0.0.1:{port}", "instances": instances, "redis": redis_server}
     process.signalProcess("TERM")
     await proto.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
 
@@ -140,3 +141,67 @@ async def test_an_instance_killed_mid_upload_the_client_completes_elsewhere(clus
             await check.close()
     finally:
         await client.close()
+
+
+async def two_instances(url: str) -> tuple[Any, Any]:
+    """Two clients that round robin put on different instances (told by their tickets)."""
+    first, second = await connect(url), await connect(url)
+    offers = [record_offers(first), record_offers(second)]
+    await first.upload("probe-1", b"1")
+    await second.upload("probe-2", b"2")
+    assert offers[0][0] != offers[1][0]
+    return first, second
+
+
+async def next_change_naming(client: Any, name: str) -> list[dict[str, Any]]:
+    """The next ``changed`` event that lists ``name`` (earlier ones are skipped)."""
+    for _ in range(20):
+        files = await client.changes.get().addTimeout(20, reactor)
+        if any(f["name"] == name for f in files):
+            return files
+    raise AssertionError(f"no changed event named {name}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_changed_events_cross_instances_and_survive_a_redis_restart(cluster):
+    writer, watcher = await two_instances(cluster["url"])
+    try:
+        await writer.upload("news.txt", b"first")
+        files = await next_change_naming(watcher, "news.txt")
+        assert {"news.txt", "probe-1", "probe-2"} <= {f["name"] for f in files}
+
+        cluster["redis"].stop()
+        await writer.upload("offline.txt", b"no bus")  # still stored while Redis is down
+        cluster["redis"].start()
+        # Once the instances are back on Redis, events cross again.
+        await writer.upload("after.txt", b"second")
+        files = await next_change_naming(watcher, "after.txt")
+        assert {"news.txt", "offline.txt", "after.txt"} <= {f["name"] for f in files}
+    finally:
+        await writer.close()
+        await watcher.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_quota_holds_across_instances_under_concurrent_saves(cluster):
+    from twisted.internet import defer
+
+    from wsfiles.client import WsfilesError
+
+    first, second = await two_instances(cluster["url"])
+    try:
+        data = os.urandom(40 * 1024 * 1024)  # two of these exceed the 70M quota
+        results = await defer.DeferredList(
+            [
+                defer.ensureDeferred(first.upload("one.bin", data)),
+                defer.ensureDeferred(second.upload("two.bin", data)),
+            ],
+            consumeErrors=True,
+        )
+        outcomes = [ok for ok, _ in results]
+        assert outcomes.count(True) == 1, results
+        failure = next(value for ok, value in results if not ok)
+        assert failure.check(WsfilesError) and failure.value.code == "quota_exceeded"
+    finally:
+        await first.close()
+        await second.close()
