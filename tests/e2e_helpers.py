@@ -71,3 +71,11 @@ def temp_files(server: Any) -> list[str]:
     """Files (at any depth) in ROOT/.wsfiles-tmp: there must be none after a transfer."""
     temp = server.folder() / TEMP_FOLDER
     return sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if not p.is_dir())
+
+
+def local_only(server: Any, why: str) -> None:
+    """Skip on backends other than local folders, saying why."""
+    import pytest
+
+    if getattr(server, "backend", "local") != "local":
+        pytest.skip(f"local folders only: {why}")

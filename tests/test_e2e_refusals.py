@@ -29,9 +29,7 @@ from e2e_helpers import (
     next_reply,
     record,
     sha256,
-    stored,
     stray_notices,
-    temp_files,
     within,
 )
 from twisted.internet import defer, endpoints, protocol, reactor
@@ -41,6 +39,19 @@ from wsfiles.client import WsfilesClient, WsfilesError
 from wsfiles.streaming import CHUNK_SIZE
 
 # -- helpers ------------------------------------------------------------------
+
+
+# These suites run against every storage backend (local folders, and S3 on a
+# real Ceph RGW): they reach the stored files only through the storage
+# interface (server.put, server.read, server.stored, server.leftovers).
+@pytest.fixture
+def server(backend_server):
+    return backend_server
+
+
+@pytest.fixture
+def server_factory(backend_server_factory):
+    return backend_server_factory
 
 
 async def next_notice(client: WsfilesClient) -> dict[str, Any]:
@@ -142,8 +153,8 @@ async def test_save_over_max_size_is_too_large_without_a_channel(server_factory,
     assert [m["op"] for m in log] == ["error", "list"]  # no channel, no ready
     assert not client.has_file_channel
     assert srv.site.registry.pending_tickets == 0
-    assert stored(srv) == {}
-    assert temp_files(srv) == []
+    assert await srv.stored() == {}
+    assert await srv.leftovers() == []
 
     # exactly max_size is allowed
     ack = await within(client.upload("max", b"m" * 1000))
@@ -158,7 +169,7 @@ async def test_client_upload_over_max_size_raises_too_large(server_factory):
         await within(client.upload("big", b"x" * 1001))
     assert caught.value.code == "too_large"
     assert not client.has_file_channel
-    assert stored(srv) == {}
+    assert await srv.stored() == {}
 
 
 # -- more bytes than declared -------------------------------------------------
@@ -188,14 +199,14 @@ async def _upload_more_than_declared(
     assert client.file_close_codes == [1009]
     await within(server_file_channel.lost)
     await assert_usable(client, ["doc.bin"])
-    assert stored(srv) == {"doc.bin": v1}
-    assert temp_files(srv) == []
+    assert await srv.stored() == {"doc.bin": v1}
+    assert await srv.leftovers() == []
 
     await within(client.upload("next.bin", b"next"))
-    assert stored(srv) == {"doc.bin": v1, "next.bin": b"next"}
+    assert await srv.stored() == {"doc.bin": v1, "next.bin": b"next"}
     # never an ack for the refused save, not even late
     assert [m["op"] for m in log if m.get("id") == request_id] == ["ready", "error"]
-    assert temp_files(srv) == []
+    assert await srv.leftovers() == []
 
 
 @pytest_twisted.ensureDeferred
@@ -235,7 +246,7 @@ async def test_next_upload_right_after_an_oversized_one_works(server):
     # at once, as any client would: the error is all it was told
     ack = await within(client.upload("next.bin", b"next"))
     assert ack["op"] == "ack"
-    assert stored(server) == {"doc.bin": b"v1", "next.bin": b"next"}
+    assert await server.stored() == {"doc.bin": b"v1", "next.bin": b"next"}
 
 
 @pytest_twisted.ensureDeferred
@@ -252,14 +263,14 @@ async def test_fewer_bytes_than_declared_is_size_mismatch_and_channel_stays(serv
         await within(client.upload("doc.bin", blob(3 * CHUNK_SIZE, 4), size=4 * CHUNK_SIZE))
     assert caught.value.code == "size_mismatch"
 
-    assert stored(server) == {"doc.bin": v1}
-    assert temp_files(server) == []
+    assert await server.stored() == {"doc.bin": v1}
+    assert await server.leftovers() == []
     # the same file channel carries the next upload
     ack = await within(client.upload("next.bin", b"next"))
     assert ack["sha256"] == sha256(b"next")
     assert client._file is file_channel
     assert client.file_close_codes == []
-    assert stored(server) == {"doc.bin": v1, "next.bin": b"next"}
+    assert await server.stored() == {"doc.bin": v1, "next.bin": b"next"}
 
 
 # -- data on the wrong channel ------------------------------------------------
@@ -275,8 +286,8 @@ async def test_binary_on_the_command_channel_is_wrong_channel(server, size):
     assert error["code"] == "wrong_channel"
     assert "id" not in error
     await assert_usable(client, [])
-    assert stored(server) == {}
-    assert temp_files(server) == []
+    assert await server.stored() == {}
+    assert await server.leftovers() == []
     assert client.close_code is None
     await within(client.upload("after", b"ok"))
 
@@ -293,8 +304,8 @@ async def test_large_binary_on_the_command_channel_is_wrong_channel_then_1009(se
     assert error["code"] == "wrong_channel"
     assert await within(command_factory.closed) == 1009
     assert client.close_code == 1009
-    assert stored(server) == {}
-    assert temp_files(server) == []
+    assert await server.stored() == {}
+    assert await server.leftovers() == []
     await assert_usable(keeper, [])
 
 
@@ -319,8 +330,8 @@ async def test_text_on_the_file_channel_is_wrong_channel_and_not_executed(server
     # only the errors and our own lists: the texts were not run
     assert [m["op"] for m in log] == ["error", "list", "error", "list"]
     assert stray_notices(client) == []
-    assert stored(server) == {"seed": b"seed"}
-    assert temp_files(server) == []
+    assert await server.stored() == {"seed": b"seed"}
+    assert await server.leftovers() == []
     # the file channel stays open and works
     await within(client.upload("after", b"after"))
     assert client._file is file_channel
@@ -340,8 +351,8 @@ async def test_binary_on_the_file_channel_without_a_save_is_unexpected_data(serv
     assert "id" not in error
 
     await assert_usable(client, ["seed"])
-    assert stored(server) == {"seed": b"seed"}
-    assert temp_files(server) == []
+    assert await server.stored() == {"seed": b"seed"}
+    assert await server.leftovers() == []
     # the same file channel carries the next upload and download
     data = blob(300 * KiB, 8)
     ack = await within(client.upload("after", data))
@@ -373,8 +384,8 @@ async def test_file_channel_cut_during_upload(server, how):
     assert caught.value.reply is not None
     assert caught.value.reply["id"] is not None  # the server's error about that save
 
-    assert stored(server) == {"doc.bin": v1}
-    assert temp_files(server) == []
+    assert await server.stored() == {"doc.bin": v1}
+    assert await server.leftovers() == []
     await assert_usable(client, ["doc.bin"])
 
     # the next save is offered a new channel, which works
@@ -382,15 +393,15 @@ async def test_file_channel_cut_during_upload(server, how):
     v3 = blob(50 * KiB, 11)
     await within(client.upload("doc.bin", v3))
     assert [m["op"] for m in log].count("channel") == 1
-    assert stored(server) == {"doc.bin": v3}
-    assert temp_files(server) == []
+    assert await server.stored() == {"doc.bin": v3}
+    assert await server.leftovers() == []
 
 
 @pytest.mark.parametrize("how", ["abort", "close"])
 @pytest_twisted.ensureDeferred
 async def test_file_channel_cut_during_download(server, how):
     data = blob(32 * MiB, 12)
-    (server.folder() / "big.bin").write_bytes(data)
+    await server.put("big.bin", data)
     client = await server.connect()
     log = record(client)
     sink = TrippingSink(256 * KiB, cut_file_channel(client, how))
@@ -404,12 +415,12 @@ async def test_file_channel_cut_during_download(server, how):
 
     # the next get is offered a new channel, which works
     small = blob(10 * KiB, 13)
-    (server.folder() / "small.bin").write_bytes(small)
+    await server.put("small.bin", small)
     out = io.BytesIO()
     await within(client.download("small.bin", out))
     assert out.getvalue() == small
     assert [m["op"] for m in log].count("channel") == 2
-    assert stored(server)["big.bin"] == data
+    assert (await server.stored())["big.bin"] == data
 
 
 @pytest_twisted.ensureDeferred
@@ -436,8 +447,8 @@ async def test_command_channel_aborted_during_upload(server):
 
     # the server notices both channels are gone (it closes the file channel itself)
     await wait_closed_on_server(server, server_connections)
-    assert temp_files(server) == []
-    assert stored(server) == {"doc.bin": v1, "warmup": b"w"}
+    assert await server.leftovers() == []
+    assert await server.stored() == {"doc.bin": v1, "warmup": b"w"}
     await assert_usable(keeper, ["doc.bin", "warmup"])
     out = io.BytesIO()
     await within(keeper.download("doc.bin", out))
@@ -474,7 +485,7 @@ async def test_file_channel_aborted_before_the_data_leaves_nothing(server):
     await within(client.upload("seed", b"seed"))
     request_id = client.send({"op": "save", "name": "doc.bin", "size": 10})
     assert (await next_reply(client, request_id))["op"] == "ready"
-    assert len(temp_files(server)) <= 1
+    assert len(await server.leftovers()) <= 1
     assert client._file is not None
     wrappers = server_side(server, client._file)
     client._file.transport.abortConnection()
@@ -482,8 +493,8 @@ async def test_file_channel_aborted_before_the_data_leaves_nothing(server):
     assert error["op"] == "error"
     assert error["code"] == "channel_closed"
     await wait_closed_on_server(server, wrappers)
-    assert temp_files(server) == []
-    assert stored(server) == {"seed": b"seed"}
+    assert await server.leftovers() == []
+    assert await server.stored() == {"seed": b"seed"}
 
 
 # -- bad commands -------------------------------------------------------------
@@ -555,10 +566,10 @@ async def test_bad_command_is_refused_and_the_connection_stays_usable(
     await assert_usable(client, [])
     assert [m["op"] for m in log] == ["error", "list"]
     assert not client.has_file_channel
-    assert stored(server) == {}
-    assert temp_files(server) == []
+    assert await server.stored() == {}
+    assert await server.leftovers() == []
     await within(client.upload("after", b"ok"))
-    assert stored(server) == {"after": b"ok"}
+    assert await server.stored() == {"after": b"ok"}
 
 
 INVALID_NAMES = {
@@ -598,8 +609,8 @@ async def test_invalid_name_is_refused(server, op, name):
     assert error["id"] == "n"
     await assert_usable(client, [])
     assert not client.has_file_channel
-    assert stored(server) == {}
-    assert temp_files(server) == []
+    assert await server.stored() == {}
+    assert await server.leftovers() == []
 
 
 @pytest.mark.parametrize(
@@ -611,7 +622,7 @@ async def test_valid_names_near_the_rules_are_accepted(server, name):
     client = await server.connect()
     await within(client.upload(name, b"ok"))
     await assert_usable(client, [name])
-    assert stored(server) == {name: b"ok"}
+    assert await server.stored() == {name: b"ok"}
 
 
 # -- tickets ------------------------------------------------------------------
@@ -711,7 +722,7 @@ async def test_file_channel_with_a_garbage_ticket_is_refused_403(server):
 
 @pytest_twisted.ensureDeferred
 async def test_used_ticket_is_refused_403(server):
-    (server.folder() / "f").write_bytes(b"data")
+    await server.put("f", b"data")
     client = await server.connect()
     log = record(client)
     out = io.BytesIO()
@@ -729,7 +740,7 @@ async def test_used_ticket_is_refused_403(server):
 @pytest_twisted.ensureDeferred
 async def test_a_ticket_admits_exactly_one_handshake(server):
     """The raw handshake the refusals use is a valid one: a fresh ticket gets 101."""
-    (server.folder() / "f").write_bytes(b"data")
+    await server.put("f", b"data")
     client = await server.connect()
     request_id, url = await ticket_url_of_a_get(client, "f")
     assert (await raw_handshake_status_line(server, url)).startswith("HTTP/1.1 101")
@@ -748,7 +759,7 @@ async def test_a_ticket_admits_exactly_one_handshake(server):
 @pytest_twisted.ensureDeferred
 async def test_expired_ticket_is_refused_403_after_channel_timeout(server_factory):
     srv = await server_factory(channel_timeout=0.5)
-    (srv.folder() / "f").write_bytes(b"data")
+    await srv.put("f", b"data")
     client = await srv.connect()
     request_id, url = await ticket_url_of_a_get(client, "f")
     error = await next_reply(client, request_id)  # after channel_timeout
@@ -761,7 +772,7 @@ async def test_expired_ticket_is_refused_403_after_channel_timeout(server_factor
 @pytest_twisted.ensureDeferred
 async def test_channel_timeout_when_the_offered_channel_is_never_opened(server_factory, op):
     srv = await server_factory(channel_timeout=0.5)
-    (srv.folder() / "f").write_bytes(b"data")
+    await srv.put("f", b"data")
     client = await srv.connect()
     log = record(client)
     if op == "get":
@@ -777,7 +788,7 @@ async def test_channel_timeout_when_the_offered_channel_is_never_opened(server_f
     assert error["id"] == request_id
     assert [m["op"] for m in log] == ["channel", "error"]
     assert not client.has_file_channel
-    assert temp_files(srv) == []
+    assert await srv.leftovers() == []
 
     # the connection stays usable; the next transfer is offered a new channel
     await assert_usable(client, ["f"])
@@ -786,4 +797,4 @@ async def test_channel_timeout_when_the_offered_channel_is_never_opened(server_f
     assert out.getvalue() == b"data"
     await within(client.upload("g", b"gggg"))
     assert [m["op"] for m in log].count("channel") == 2
-    assert stored(srv) == {"f": b"data", "g": b"gggg"}
+    assert await srv.stored() == {"f": b"data", "g": b"gggg"}
