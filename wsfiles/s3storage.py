@@ -84,6 +84,7 @@ class S3Client:
         self._signer = S3SigV4Auth(Credentials(access_key, secret_key), "s3", region)
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
+        self._background: set[Deferred] = set()
         self._agent = Agent(reactor, pool=self.pool)
 
     def url(self, key: str = "", params: dict[str, str] | None = None) -> str:
@@ -133,8 +134,23 @@ class S3Client:
             raise StorageFailure(f"the object store answered {response.code}")
         return response
 
-    def close(self) -> Deferred:
-        return self.pool.closeCachedConnections()
+    def in_background(self, work: Any, what: str) -> Deferred:
+        """Run work nobody has to wait for (clean-up); ``close`` still waits for it."""
+        d = Deferred.fromCoroutine(work)
+        d.addErrback(lambda f: _log.warn("could not {what}: {e}", what=what, e=f.value))
+        self._background.add(d)
+
+        def done(result: Any) -> Any:
+            self._background.discard(d)
+            return result
+
+        return d.addBoth(done)
+
+    async def close(self) -> None:
+        """Finish the clean-up requests, then close the connections."""
+        while self._background:
+            await defer.gatherResults(list(self._background), consumeErrors=True)
+        await self.pool.closeCachedConnections()
 
 
 def _header(response: Any, name: str) -> str | None:
@@ -164,7 +180,7 @@ class S3Storage:
         return Deferred.fromCoroutine(probe())
 
     def close(self) -> Deferred:
-        return self.client.close()
+        return Deferred.fromCoroutine(self.client.close())
 
 
 @implementer(IFolder)
@@ -494,8 +510,7 @@ class S3Upload:
             if self._upload_id is not None:
                 await self._write_record()
 
-        d = Deferred.fromCoroutine(keep())
-        d.addErrback(lambda f: _log.warn("could not keep an upload: {e}", e=f.value))
+        d = self._client.in_background(keep(), "keep an interrupted upload")
         self._settling[self._key] = d
 
         def settled(result: Any) -> Any:
@@ -511,23 +526,21 @@ class S3Upload:
             return
         self._aborted = True
         self._buffer, self._buffered = [], 0
+        client = self._client
         if self._completed and self._key != self._target:  # a staging object to drop
-            staged = Deferred.fromCoroutine(
-                self._client.send("DELETE", self._key, expect=(204, 200, 404))
+            client.in_background(
+                client.send("DELETE", self._key, expect=(204, 200, 404)), "drop a staged object"
             )
-            staged.addErrback(lambda f: _log.warn("could not drop a staged object: {e}", e=f.value))
         elif self._upload_id is not None:
-            d = Deferred.fromCoroutine(
-                self._client.send(
-                    "DELETE", self._key, params={"uploadId": self._upload_id}, expect=(204, 200)
-                )
+            aborting = client.send(
+                "DELETE", self._key, params={"uploadId": self._upload_id}, expect=(204, 200)
             )
-            d.addErrback(lambda f: _log.warn("could not abort an upload: {e}", e=f.value))
+            client.in_background(aborting, "abort an upload")
         if self._record_key is not None:
-            r = Deferred.fromCoroutine(
-                self._client.send("DELETE", self._record_key, expect=(204, 200, 404))
+            client.in_background(
+                client.send("DELETE", self._record_key, expect=(204, 200, 404)),
+                "drop an upload record",
             )
-            r.addErrback(lambda f: _log.warn("could not drop an upload record: {e}", e=f.value))
 
 
 class _Collector(protocol.Protocol):
