@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 
 from twisted.internet import interfaces, threads
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: Frame size for file data: measured here, 128 KiB frames with a 256 KiB
@@ -40,12 +41,14 @@ class StreamFailed(Exception):
 
 @implementer(interfaces.IPushProducer)
 class FileStreamer:
-    """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to.
+    """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to,
+    hashing them as it reads.
 
-    A thread reads (and hashes) READ_AHEAD chunks at a time ahead of the
-    consumer, so the reactor thread only frames and sends: reading and
-    SHA-256 run on the other core (both release the GIL).  ``sha256`` may be
-    a hash already fed with earlier bytes (a resumed transfer) to continue.
+    Reads READ_AHEAD chunks at a time.  With ``threaded`` the reads (and the
+    hashing) run in a thread ahead of the consumer; measured on 2 cores that
+    was slower than reading inline (bench/throughput.py, docs/performance.md),
+    so inline is the default.  ``sha256`` may be a hash already fed with
+    earlier bytes (a resumed transfer) to continue.
     """
 
     def __init__(
@@ -55,8 +58,10 @@ class FileStreamer:
         chunk_size: int = CHUNK_SIZE,
         *,
         sha256: Any = None,
+        threaded: bool = False,
     ) -> None:
         self._source = source
+        self._threaded = threaded
         self.size = size
         self._chunk_size = chunk_size
         self._to_read = size  # not yet asked of the reading thread
@@ -77,15 +82,18 @@ class FileStreamer:
         self.resumeProducing()
         return done
 
+    def _next_batch(self) -> int:
+        size = min(self._to_read, READ_AHEAD * self._chunk_size)
+        self._to_read -= size
+        return size
+
     def _read_ahead(self) -> None:
         if self._reading or self._done is None or not self._to_read:
             return
         if len(self._ready) >= READ_AHEAD:
             return
-        size = min(self._to_read, READ_AHEAD * self._chunk_size)
-        self._to_read -= size
         self._reading = True
-        reading = threads.deferToThread(self._read, size)
+        reading = threads.deferToThread(self._read, self._next_batch())
         reading.addCallbacks(self._got, self._read_failed)
 
     def _read(self, size: int) -> list[bytes]:
@@ -119,7 +127,15 @@ class FileStreamer:
     def _pump(self) -> None:
         """Write what is ready until the consumer's buffer fills (it then calls
         pauseProducing from inside write), then read further ahead."""
-        while not self._paused and self._done is not None and self._ready:
+        while not self._paused and self._done is not None:
+            if not self._ready:
+                if self._threaded or not self._to_read:
+                    break
+                try:
+                    self._ready.extend(self._read(self._next_batch()))
+                except Exception as e:
+                    self._read_failed(Failure(e))
+                    return
             chunk = self._ready.popleft()
             self._remaining -= len(chunk)
             assert self._consumer is not None
@@ -127,7 +143,8 @@ class FileStreamer:
         if self._remaining == 0 and self._done is not None:
             self._finish(None)
             return
-        self._read_ahead()
+        if self._threaded:
+            self._read_ahead()
 
     def resumeProducing(self) -> None:
         self._paused = False
