@@ -421,3 +421,13 @@ def test_tickets_carry_the_instance_id(tmp_path):
     assert ticket.startswith("b.") and len(ticket) > 20
     assert other.redeem(ticket) is None  # another instance never pairs it
     assert registry.redeem(ticket) is not None
+
+
+def test_a_transfer_queued_behind_an_oversized_upload_gets_a_new_channel(h):
+    h.command(op="save", name="a", size=10, id=1)
+    h.command(op="save", name="b", size=5, id=2)
+    h.attach()
+    h.session.file_message_begin(h.channel, True)
+    assert h.session.file_frame_begin(h.channel, 20) is False
+    replies = [m for m in h.sent if m.get("id") == 2]
+    assert replies[-1]["op"] == "channel", replies  # not "ready" on the dying channel

@@ -127,6 +127,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             folder_key=self._client,
             metrics=factory.book.metrics,
         )
+        self.session.draining = factory.draining  # a stop began during the handshake
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
         self.session.start()
 
@@ -206,6 +207,8 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.users = users
         self.clock = clock
         self.book = book
+        #: Set when the service begins a graceful stop.
+        self.draining = False
         quota_override = users.quota_of if users else lambda _: None
         self.redis: RedisState | None = None
         if settings.redis is None:

@@ -445,7 +445,11 @@ class S3Upload:
 
     async def _commit(self) -> str:
         if self._in_flight is not None:
-            await self._in_flight
+            with contextlib.suppress(Exception):
+                await self._in_flight
+        if self._error is not None:  # a part failed: never complete without it
+            self.abort()
+            raise StorageFailure(f"a part could not be stored: {self._error}")
         digest = self._sha256.hexdigest()
         if self._hash_complete:
             self._check(digest)
@@ -612,7 +616,9 @@ class S3Download:
             digest = hashlib.sha256()
             if self.offset:
                 response = await self._client.stream(self._key, 0, self.offset - 1)
-                digest.update(await _read_all(response))  # up to the offset, in memory
+                finished: Deferred = Deferred()
+                response.deliverBody(_Hasher(digest, finished))  # streamed, not held
+                await finished
             return digest
 
         return Deferred.fromCoroutine(hash_prefix())

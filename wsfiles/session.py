@@ -445,6 +445,8 @@ class CommandSession:
         transfer: Callable[[TransferRecord], Awaitable[None]],
         request_id: RequestId,
     ) -> None:
+        self._refuse_while_draining()  # it may have begun while this command waited
+
         async def run() -> None:
             record = TransferRecord(op, name, self._clock.seconds())
             if self._metrics is not None:
@@ -626,9 +628,9 @@ class CommandSession:
         self._stalled = True
         channel = self._file_channel
         if self._receive is not None and not self._receive.finished:
-            self._fail_receive(errors.STALLED, self._stall_message, keep=True)
             if channel is not None:
                 self._abandon_file_channel(channel, CLOSE_POLICY, "transfer stalled")
+            self._fail_receive(errors.STALLED, self._stall_message, keep=True)
         elif self._download is not None:
             self._download.stop()
 
@@ -743,19 +745,21 @@ class CommandSession:
         if receive is None:
             return True
         receive.announced += length
+        # The channel is dropped before the error goes out: a transfer queued
+        # behind this one must be offered a new channel, not this dying one.
         if receive.offset + receive.announced > self.max_size:
+            self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than max_size")
             self._fail_receive(
                 errors.TOO_LARGE,
                 f"the data exceeds the limit of {self.max_size} bytes; nothing was stored",
             )
-            self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than max_size")
             return False
         if receive.announced > receive.size:
+            self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than declared")
             self._fail_receive(
                 errors.SIZE_MISMATCH,
                 f"more data than the declared {receive.size} bytes; nothing was stored",
             )
-            self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than declared")
             return False
         return True
 

@@ -233,7 +233,7 @@ class LocalStorage:
                 if not entry.name.endswith(".json"):
                     continue
                 part = entry.path[: -len(".json")] + ".part"
-                if part in self._resumable:
+                if part in self._resumable or part in self._settling:
                     continue
                 try:
                     age = now - entry.stat(follow_symlinks=False).st_mtime
@@ -732,17 +732,15 @@ class LocalUpload:
                 raise _failure(failure.value)
             return failure
 
-        return d.addErrback(failed)
+        d.addErrback(failed)
+        if self.resumable:
+            # A resume (or the sweeper) must not touch the partial while it is
+            # being fsynced and renamed into place.
+            self._settle(d)
+        return d
 
-    def interrupt(self) -> Deferred:
-        if not self.resumable:
-            self.abort()
-            return defer.succeed(None)
-        self._release()
-        self._flush()
+    def _settle(self, d: Deferred) -> None:
         settling = self._folder._storage._settling
-        d = self._step(self._checkpoint)
-        d.addBoth(self._close_after)
         settling[self._path] = d
 
         def settled(result: Any) -> Any:
@@ -751,6 +749,16 @@ class LocalUpload:
             return result
 
         d.addBoth(settled)
+
+    def interrupt(self) -> Deferred:
+        if not self.resumable:
+            self.abort()
+            return defer.succeed(None)
+        self._release()
+        self._flush()
+        d = self._step(self._checkpoint)
+        d.addBoth(self._close_after)
+        self._settle(d)
         return d
 
     def _close_after(self, result: Any) -> Any:

@@ -246,6 +246,7 @@ class WsfilesSite(server.Site):
         channel is closed (1001), which aborts what is left (temp files
         removed, resumable uploads kept for resuming).
         """
+        self.command_factory.draining = True
         sessions = [
             channel.session
             for channel in list(self.book.open)
