@@ -636,6 +636,8 @@ class S3Download:
             response = await self._client.stream(self._key, self.offset, None)
             self._body = _Body(self)
             response.deliverBody(self._body)
+            if self._done is None:  # stopped while the GET was on its way
+                self._body.transport.stopProducing()
 
         Deferred.fromCoroutine(start()).addErrback(
             lambda f: self._finish(StreamFailed(str(f.value)))

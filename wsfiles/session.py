@@ -539,6 +539,8 @@ class CommandSession:
         self._download = download
         try:
             prefix = await download.prefix_sha256()
+            if channel is not self._file_channel:  # it closed while we prepared
+                raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
             sending = {"op": "sending", "name": name, "size": download.size}
             if ranged:
                 sending["offset"] = offset
@@ -584,12 +586,15 @@ class CommandSession:
         request_id: RequestId,
         record: TransferRecord,
     ) -> None:
-        await self._file_channel_ready(request_id)
+        channel = await self._file_channel_ready(request_id)
         reservation = None
         if self.quota is not None:
             reservation = await self.quota.reserve(self.client, self.folder, name, size)
         try:
             upload = await self.folder.begin_upload(name, size, sha256, resume)
+            if channel is not self._file_channel:  # it closed while we prepared
+                upload.interrupt()
+                raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
             receive = self._receive = _Receive(
                 upload, size - upload.offset, upload.offset, chunked=chunked
             )

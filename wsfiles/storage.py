@@ -1,10 +1,11 @@
 """The storage boundary: an interface, and the local-folder implementation.
 
 Protocols and command handling only ever talk to ``IStorage`` and the
-objects it hands out, so another backend (an object store, say) can be
-added without touching them.  Every operation that may wait returns a
-Deferred; the local backend answers cheap ones at once and moves
-``fsync`` and ``rename`` to a thread so a slow disk never stalls the reactor.
+objects it hands out, so another backend (the object store in s3storage.py)
+fits without touching them.  Every operation that may wait returns a
+Deferred.  The local backend writes, hashes, fsyncs and renames uploads in a
+thread; quick metadata operations (list, stat, open, delete, rename) run
+inline on the reactor thread.
 
 Local layout (see docs/protocol.md):
 
@@ -19,6 +20,7 @@ Local layout (see docs/protocol.md):
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -474,24 +476,42 @@ class LocalFolder:
                 if overwrite:
                     os.rename(name, to, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
                 else:
-                    # link() refuses an existing target atomically; then drop
-                    # the old name.  Readers may see both names for a moment.
-                    try:
-                        os.link(
-                            name,
-                            to,
-                            src_dir_fd=folder_fd,
-                            dst_dir_fd=folder_fd,
-                            follow_symlinks=False,
-                        )
-                    except FileExistsError:
-                        raise Exists(to) from None
-                    os.unlink(name, dir_fd=folder_fd)
+                    _rename_noreplace(folder_fd, name, to)
                 os.fsync(folder_fd)
             finally:
                 os.close(folder_fd)
 
         return _guarded(rename_it)
+
+
+_RENAME_NOREPLACE = 1
+
+
+def _rename_noreplace(folder_fd: int, name: str, to: str) -> None:
+    """Rename unless ``to`` exists, atomically: renameat2(RENAME_NOREPLACE).
+
+    Where the kernel or file system lacks it: link() (which refuses an
+    existing target) then unlink(); for a moment both names exist.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        renameat2 = None
+    if renameat2 is not None:
+        result = renameat2(folder_fd, name.encode(), folder_fd, to.encode(), _RENAME_NOREPLACE)
+        if result == 0:
+            return
+        error = ctypes.get_errno()
+        if error == errno.EEXIST:
+            raise Exists(to)
+        if error not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(error, os.strerror(error))
+    try:
+        os.link(name, to, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
+    except FileExistsError:
+        raise Exists(to) from None
+    os.unlink(name, dir_fd=folder_fd)
 
 
 def _hash_fd_prefix(fd: int, length: int) -> Any:
