@@ -140,6 +140,7 @@ class InProcessServer:
     async def leftovers(self) -> list[str]:
         """Temporary files (local) or unfinished uploads (S3): none after a transfer."""
         if self.leftover_probe is not None:
+            await self.storage.client.idle()  # aborts go out in the background
             return self.leftover_probe()
         temp = self.root / ".wsfiles-tmp"
         return sorted(str(p.relative_to(temp)) for p in temp.rglob("*") if not p.is_dir())
@@ -207,7 +208,8 @@ async def start_s3_server(rgw: Any, root: Path, **settings: Any) -> InProcessSer
     srv.backend = "s3"
 
     def unfinished_uploads() -> list[str]:
-        response = rgw.request("GET", rgw.url(bucket, query={"uploads": ""}))
+        response = rgw.request("GET", bucket, query={"uploads": ""})
+        assert response.status == 200, response.body
         root = ElementTree.fromstring(response.body)
         return [e.text or "" for e in root.iter() if e.tag.endswith("UploadId")]
 

@@ -14,7 +14,7 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 import pytest_twisted
 from conftest import InProcessServer, _TrackingFactory
-from twisted.internet import endpoints, reactor
+from twisted.internet import defer, endpoints, reactor
 
 from wsfiles.client import WsfilesError
 from wsfiles.config import Settings
@@ -32,9 +32,7 @@ def sha(data: bytes) -> str:
 async def s3_server(ceph_rgw, tmp_path):
     bucket = "wsfiles-" + secrets.token_hex(6)
     ceph_rgw.create_bucket(bucket)
-    client = S3Client(
-        reactor, ceph_rgw.endpoint, bucket, ceph_rgw.access_key, ceph_rgw.secret_key
-    )
+    client = S3Client(reactor, ceph_rgw.endpoint, bucket, ceph_rgw.access_key, ceph_rgw.secret_key)
     storage = S3Storage(client)
     site = WsfilesSite(Settings(max_size=64 * 1024**2), storage, None, reactor)
     tracker = _TrackingFactory(site)
@@ -47,8 +45,15 @@ async def s3_server(ceph_rgw, tmp_path):
     await storage.close()
 
 
+async def settled_uploads(server) -> list[str]:
+    """Unfinished multipart uploads, once the aborts under way are done."""
+    await server.site.storage.client.idle()
+    return unfinished_uploads(server)
+
+
 def unfinished_uploads(server) -> list[str]:
-    response = server.rgw.request("GET", server.rgw.url(server.bucket, query={"uploads": ""}))
+    response = server.rgw.request("GET", server.bucket, query={"uploads": ""})
+    assert response.status == 200, response.body
     root = ElementTree.fromstring(response.body)
     return [e.text for e in root.iter() if e.tag.endswith("UploadId")]
 
@@ -66,7 +71,7 @@ async def test_small_and_multipart_files_round_trip(s3_server):
         sink = io.BytesIO()
         sent = await client.download(name, sink)
         assert sink.getvalue() == data and sent["sha256"] == sha(data)
-    assert unfinished_uploads(s3_server) == []
+    assert await settled_uploads(s3_server) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -105,7 +110,7 @@ async def test_a_refused_upload_leaves_nothing_in_the_store(s3_server):
     await client.download("keep", sink)
     assert sink.getvalue() == b"old"
     assert [f["name"] for f in await client.list()] == ["keep"]
-    assert unfinished_uploads(s3_server) == []
+    assert await settled_uploads(s3_server) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -175,7 +180,7 @@ async def test_a_resumable_upload_carries_on_from_the_stored_parts(s3_server):
     await client.download("big", sink)
     assert sink.getvalue() == data
     assert [f["name"] for f in await client.list()] == ["big"]
-    assert unfinished_uploads(s3_server) == []
+    assert await settled_uploads(s3_server) == []
 
 
 @pytest_twisted.ensureDeferred
@@ -193,3 +198,26 @@ async def test_a_resumed_upload_with_a_wrong_checksum_is_refused(s3_server):
     client.send_on_file_channel(data[offset:])
     assert (await client.reply(request_id))["code"] == "checksum_mismatch"
     assert await client.list() == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_expired_resumable_uploads_are_swept_from_the_store(s3_server):
+    import time
+
+    from test_protocol_11 import cut_file_channel, resume_offset, start_resumable
+
+    client = await s3_server.connect()
+    data = os.urandom(2 * PART_SIZE + 10)
+    first = await start_resumable(client, "f", data, PART_SIZE + 1000)
+    await cut_file_channel(s3_server, client)
+    await client.reply(first)
+    storage = s3_server.site.storage
+    await defer.gatherResults(list(storage.settling.values()))
+    assert await storage.sweep_partials(3600) == 0
+    assert len(await settled_uploads(s3_server)) == 1
+    assert await storage.sweep_partials(3600, now=time.time() + 3601) == 1
+    assert await settled_uploads(s3_server) == []
+    request_id, offset = await resume_offset(client, "f", len(data))
+    assert offset == 0
+    client.send_on_file_channel(data)
+    assert (await client.reply(request_id))["sha256"] == sha(data)

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import json
+import time
 import xml.etree.ElementTree as ElementTree
 from datetime import datetime
 from email.utils import parsedate_to_datetime
@@ -146,10 +147,14 @@ class S3Client:
 
         return d.addBoth(done)
 
-    async def close(self) -> None:
-        """Finish the clean-up requests, then close the connections."""
+    async def idle(self) -> None:
+        """Wait until the clean-up requests under way are done."""
         while self._background:
             await defer.gatherResults(list(self._background), consumeErrors=True)
+
+    async def close(self) -> None:
+        """Finish the clean-up requests, then close the connections."""
+        await self.idle()
         await self.pool.closeCachedConnections()
 
 
@@ -181,6 +186,37 @@ class S3Storage:
 
     def close(self) -> Deferred:
         return Deferred.fromCoroutine(self.client.close())
+
+    def sweep_partials(self, max_age: float, now: float | None = None) -> Deferred:
+        """Abort interrupted resumable uploads idle for more than ``max_age`` s."""
+        return Deferred.fromCoroutine(self._sweep(max_age, time.time() if now is None else now))
+
+    async def _sweep(self, max_age: float, now: float) -> int:
+        removed = 0
+        params = {"list-type": "2"}
+        while True:
+            _, body = await self.client.send("GET", params=params)
+            root = ElementTree.fromstring(body)
+            for item in root.iter(f"{_NS}Contents"):
+                key = item.findtext(f"{_NS}Key", "")
+                if f"/{PARTIAL}/" not in f"/{key}" or not key.endswith(".json"):
+                    continue
+                stamp = datetime.fromisoformat(
+                    item.findtext(f"{_NS}LastModified", "").replace("Z", "+00:00")
+                ).timestamp()
+                staging = key[: -len(".json")]
+                if now - stamp <= max_age or staging in self.settling:
+                    continue
+                folder = S3Folder(self.client, "", self.settling)
+                with contextlib.suppress(NotFound):
+                    _, record_body = await self.client.send("GET", key)
+                    record = json.loads(record_body or b"{}")
+                    await folder._discard_partial(staging, key, record.get("upload_id"))
+                    removed += 1
+            token = root.findtext(f"{_NS}NextContinuationToken")
+            if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
+                return removed
+            params = {**params, "continuation-token": token}
 
 
 @implementer(IFolder)
@@ -415,6 +451,10 @@ class S3Upload:
             if self._upload_id is None:
                 _, body = await self._client.send("POST", self._key, params={"uploads": ""})
                 self._upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
+                if self._aborted:  # aborted while the upload was being created
+                    self._aborted = False
+                    self.abort()
+                    raise StorageFailure("the upload was aborted")
                 await self._write_record()
             number = len(self._parts) + 1
             response, _ = await self._client.send(

@@ -290,10 +290,14 @@ class _AnnouncingEndpoint:
 SWEEP_EVERY = 60.0
 
 
-def _sweep_partials(storage: LocalStorage, ttl: float) -> None:
-    removed = storage.sweep_partials(ttl)
-    if removed:
-        _log.info("removed {count} expired partial uploads", count=removed)
+def _sweep_partials(storage: Any, ttl: float) -> Deferred:
+    """Remove expired partials (local folders or the object store)."""
+
+    def report(removed: int) -> None:
+        if removed:
+            _log.info("removed {count} expired partial uploads", count=removed)
+
+    return defer.maybeDeferred(storage.sweep_partials, ttl).addCallback(report)
 
 
 class WsfilesService(service.MultiService):
@@ -358,9 +362,8 @@ def makeService(options: Options) -> service.IService:
         )
     site = WsfilesSite(options.settings(), storage, options["users"], reactor)
     top = WsfilesService(site, options["grace"])
-    if isinstance(storage, LocalStorage):
-        ttl = options["partial-ttl"]
-        TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)
+    ttl = options["partial-ttl"]
+    TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)
     for description in options["listen"]:
         top.listen(description, site, reactor)
     if options["metrics-listen"] is not None:
