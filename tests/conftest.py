@@ -362,6 +362,20 @@ def twistd_factory(tmp_path):
 # -- other processes (CLI, example clients) -------------------------------------
 
 
+def add_user_with_cli(users: Path, name: str) -> str:
+    """``wsfiles user add`` as an operator runs it; the token it prints."""
+    import subprocess
+
+    result = subprocess.run(
+        [str(BIN / "wsfiles"), "user", "add", "--users", str(users), name],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return result.stdout.strip()
+
+
 class _Collect(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.out = b""

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import pytest_twisted
-from conftest import BIN, TEARDOWN_TIMEOUT, http_get, spawn_process
+from conftest import BIN, TEARDOWN_TIMEOUT, add_user_with_cli, http_get, spawn_process
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 
@@ -173,13 +173,7 @@ async def test_after_the_grace_period_the_rest_is_aborted_cleanly(twistd_factory
 @pytest_twisted.ensureDeferred
 async def test_the_json_log_records_each_transfer_and_no_secrets(tmp_path):
     users = tmp_path / "users"
-    token = subprocess.run(
-        [str(BIN / "wsfiles"), "user", "add", "--users", str(users), "alice"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
+    token = add_user_with_cli(users, "alice")
     argv = [
         str(BIN / "twist"), "--log-format=json", "--log-file=-", "wsfiles",
         "--listen", "tcp:0:interface=127.0.0.1", "--root", str(tmp_path / "root"),

@@ -8,20 +8,9 @@ import socket
 import subprocess
 
 import pytest_twisted
-from conftest import BIN, handshake_status, twistd_args
+from conftest import add_user_with_cli, handshake_status, twistd_args
 
 from wsfiles.client import WsfilesError, connect
-
-
-def add_user(users, name: str) -> str:
-    result = subprocess.run(
-        [str(BIN / "wsfiles"), "user", "add", "--users", str(users), name],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout.strip()
 
 
 @pytest_twisted.ensureDeferred
@@ -45,7 +34,7 @@ async def test_anonymous_service_round_trip(twistd_factory):
 @pytest_twisted.ensureDeferred
 async def test_users_get_their_own_folders_and_wrong_tokens_get_401(twistd_factory, tmp_path):
     users = tmp_path / "users"
-    alice, bob = add_user(users, "alice"), add_user(users, "bob")
+    alice, bob = add_user_with_cli(users, "alice"), add_user_with_cli(users, "bob")
     srv = await twistd_factory("--users", str(users))
 
     assert await handshake_status(srv.url, "/command") == 401
@@ -71,7 +60,7 @@ async def test_users_get_their_own_folders_and_wrong_tokens_get_401(twistd_facto
         await a.close()
         await b.close()
     # A user added while the service runs can log in without a restart.
-    carol = add_user(users, "carol")
+    carol = add_user_with_cli(users, "carol")
     c = await connect(srv.url, carol)
     await c.close()
 

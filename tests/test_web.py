@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, twistd_args
+from conftest import BIN, add_user_with_cli, twistd_args
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -176,13 +176,7 @@ def test_a_file_over_max_size_is_refused_in_the_page(web, page, tmp_path):
 
 def test_token_login_wrong_then_right(web, page, tmp_path):
     users = tmp_path / "users"
-    token = subprocess.run(
-        [str(BIN / "wsfiles"), "user", "add", "--users", str(users), "alice"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
+    token = add_user_with_cli(users, "alice")
     srv = web("--users", str(users))
     page.goto(srv.url)
     page.locator("#login-form").wait_for()

@@ -58,7 +58,7 @@ from wsfiles.storage import (
     NotFound,
     StorageFailure,
 )
-from wsfiles.streaming import StreamFailed
+from wsfiles.streaming import StreamEnd, StreamFailed
 
 _log = Logger()
 
@@ -639,7 +639,7 @@ class _Body(protocol.Protocol):
 
 
 @implementer(interfaces.IPushProducer, IDownload)
-class S3Download:
+class S3Download(StreamEnd):
     def __init__(self, client: S3Client, key: str, size: int, offset: int) -> None:
         self._client = client
         self._key = key
@@ -721,18 +721,6 @@ class S3Download:
         if transport is not None:
             transport.stopProducing()
         self._finish(StreamFailed("the transfer was stopped", consumer_gone=consumer_gone))
-
-    def _finish(self, failure: Exception | None) -> None:
-        done, self._done = self._done, None
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            consumer.unregisterProducer()
-        if done is None:
-            return
-        if failure is None:
-            done.callback(None)
-        else:
-            done.errback(failure)
 
     def close(self) -> None:
         pass

@@ -39,8 +39,28 @@ class StreamFailed(Exception):
         self.consumer_gone = consumer_gone
 
 
+class StreamEnd:
+    """The end of a push producer's stream, shared by every streamer: let go of
+    the consumer, then fire ``_done`` (once) with success or the failure."""
+
+    _done: Deferred | None
+    _consumer: interfaces.IConsumer | None
+
+    def _finish(self, failure: Exception | None) -> None:
+        done, self._done = self._done, None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            consumer.unregisterProducer()
+        if done is None:
+            return
+        if failure is None:
+            done.callback(None)
+        else:
+            done.errback(failure)
+
+
 @implementer(interfaces.IPushProducer)
-class FileStreamer:
+class FileStreamer(StreamEnd):
     """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to,
     hashing them as it reads.
 
@@ -162,18 +182,6 @@ class FileStreamer:
         """Give up: the Deferred from ``stream_to`` fails with StreamFailed."""
         if self._done is not None:
             self._finish(StreamFailed("the transfer was stopped"))
-
-    def _finish(self, failure: Exception | None) -> None:
-        done, self._done = self._done, None
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            consumer.unregisterProducer()
-        if done is None:
-            return
-        if failure is None:
-            done.callback(None)
-        else:
-            done.errback(failure)
 
 
 @implementer(interfaces.IConsumer)
