@@ -785,7 +785,8 @@ class CommandSession:
             channel.pause_reading()
 
             def failed(failure: Failure) -> None:
-                self._fail_receive(errors.STORAGE_ERROR, str(failure.value))
+                if self._receive is receive:  # not a later upload's
+                    self._fail_receive(errors.STORAGE_ERROR, str(failure.value))
 
             pending.addErrback(failed)
             pending.addBoth(lambda _: channel.resume_reading())
