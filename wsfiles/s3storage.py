@@ -147,10 +147,8 @@ class S3Client:
             raise StorageFailure(f"the object store answered {response.code}")
         return response
 
-    def in_background(self, work: Any, what: str) -> Deferred:
-        """Run work nobody has to wait for (clean-up); ``close`` still waits for it."""
-        d = Deferred.fromCoroutine(work)
-        d.addErrback(lambda f: _log.warn("could not {what}: {e}", what=what, e=f.value))
+    def track(self, d: Deferred) -> Deferred:
+        """Remember ``d`` until it fires, so ``close`` waits for it (result untouched)."""
         self._background.add(d)
 
         def done(result: Any) -> Any:
@@ -158,6 +156,12 @@ class S3Client:
             return result
 
         return d.addBoth(done)
+
+    def in_background(self, work: Any, what: str) -> Deferred:
+        """Run work nobody has to wait for (clean-up); ``close`` still waits for it."""
+        d = Deferred.fromCoroutine(work)
+        d.addErrback(lambda f: _log.warn("could not {what}: {e}", what=what, e=f.value))
+        return self.track(d)
 
     async def idle(self) -> None:
         """Wait until the clean-up requests under way are done."""
@@ -450,7 +454,7 @@ class S3Upload:
             return None
         # A full part: send it, and hold the sender until it is stored.
         part = self._take_buffer()
-        self._in_flight = Deferred.fromCoroutine(self._send_part(part))
+        self._in_flight = self._client.track(Deferred.fromCoroutine(self._send_part(part)))
         return self._in_flight
 
     def _take_buffer(self) -> bytes:
