@@ -112,7 +112,7 @@ class S3Client:
         signer.add_auth(request)
         return Headers({k.encode(): [v.encode()] for k, v in request.headers.items()})
 
-    async def send(
+    def send(
         self,
         method: str,
         key: str = "",
@@ -120,8 +120,22 @@ class S3Client:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
         expect: tuple[int, ...] = (200,),
+    ) -> Deferred:
+        """One request; fires with its response and body (other statuses:
+        StorageFailure or NotFound).  ``close`` waits for requests under way."""
+        return self.track(
+            Deferred.fromCoroutine(self._send(method, key, params, body, headers, expect))
+        )
+
+    async def _send(
+        self,
+        method: str,
+        key: str,
+        params: dict[str, str] | None,
+        body: bytes | None,
+        headers: dict[str, str] | None,
+        expect: tuple[int, ...],
     ) -> tuple[Any, bytes]:
-        """One request; its response and body.  Other statuses: StorageFailure or NotFound."""
         url = self.url(key, params)
         signed = self._headers(method, url, body, headers or {})
         producer = FileBodyProducer(io.BytesIO(body)) if body is not None else None
@@ -136,8 +150,17 @@ class S3Client:
             raise StorageFailure(f"the object store answered {response.code}: {content[:200]!r}")
         return response, content
 
-    async def stream(self, key: str, first: int, last: int | None) -> Any:
-        """A ranged GET whose body the caller reads with ``deliverBody``."""
+    def deliver(self, response: Any, body: Any) -> None:
+        """``response.deliverBody(body)``; ``close`` waits until the body has ended
+        (``body.ended``), when its connection is back in the pool or gone."""
+        self.track(body.ended)
+        response.deliverBody(body)
+
+    def stream(self, key: str, first: int, last: int | None) -> Deferred:
+        """A ranged GET whose body the caller reads with ``deliver``."""
+        return self.track(Deferred.fromCoroutine(self._stream(key, first, last)))
+
+    async def _stream(self, key: str, first: int, last: int | None) -> Any:
         url = self.url(key)
         span = f"bytes={first}-" + ("" if last is None else str(last))
         signed = self._headers("GET", url, None, {"Range": span})
@@ -159,7 +182,7 @@ class S3Client:
 
     def in_background(self, work: Any, what: str) -> Deferred:
         """Run work nobody has to wait for (clean-up); ``close`` still waits for it."""
-        d = Deferred.fromCoroutine(work)
+        d = work if isinstance(work, Deferred) else Deferred.fromCoroutine(work)
         d.addErrback(lambda f: _log.warn("could not {what}: {e}", what=what, e=f.value))
         return self.track(d)
 
@@ -538,7 +561,7 @@ class S3Upload:
         digest = hashlib.sha256()
         response = await self._client.stream(key, 0, None)
         finished: Deferred = Deferred()
-        response.deliverBody(_Hasher(digest, finished))
+        self._client.deliver(response, _Hasher(digest, finished))
         await finished
         return digest.hexdigest()
 
@@ -609,11 +632,13 @@ class _Collector(protocol.Protocol):
     def __init__(self, finished: Deferred) -> None:
         self._chunks: list[bytes] = []
         self._finished = finished
+        self.ended: Deferred = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self._chunks.append(data)
 
     def connectionLost(self, reason: Any) -> None:
+        self.ended.callback(None)
         if reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._chunks))
         else:
@@ -622,7 +647,7 @@ class _Collector(protocol.Protocol):
 
 def _read_all(response: Any) -> Deferred:
     finished: Deferred = Deferred()
-    response.deliverBody(_Collector(finished))
+    response.deliverBody(_Collector(finished))  # (tracked by the caller's send)
     return finished
 
 
@@ -632,11 +657,13 @@ class _Hasher(protocol.Protocol):
     def __init__(self, digest: Any, finished: Deferred) -> None:
         self._digest = digest
         self._finished = finished
+        self.ended: Deferred = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self._digest.update(data)
 
     def connectionLost(self, reason: Any) -> None:
+        self.ended.callback(None)
         if reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(None)
         else:
@@ -646,11 +673,13 @@ class _Hasher(protocol.Protocol):
 class _Body(protocol.Protocol):
     def __init__(self, download: S3Download) -> None:
         self._download = download
+        self.ended: Deferred = Deferred()
 
     def dataReceived(self, data: bytes) -> None:
         self._download._received(data)
 
     def connectionLost(self, reason: Any) -> None:
+        self.ended.callback(None)
         self._download._ended(reason)
 
 
@@ -673,7 +702,7 @@ class S3Download(StreamEnd):
             if self.offset:
                 response = await self._client.stream(self._key, 0, self.offset - 1)
                 finished: Deferred = Deferred()
-                response.deliverBody(_Hasher(digest, finished))  # streamed, not held
+                self._client.deliver(response, _Hasher(digest, finished))  # streamed
                 await finished
             return digest
 
@@ -691,7 +720,7 @@ class S3Download(StreamEnd):
         async def start() -> None:
             response = await self._client.stream(self._key, self.offset, None)
             self._body = _Body(self)
-            response.deliverBody(self._body)
+            self._client.deliver(response, self._body)
             if self._done is None:  # stopped while the GET was on its way
                 self._body.transport.stopProducing()
 
