@@ -113,7 +113,12 @@ def _s3_keys(path: str | None) -> tuple[str, str]:
 
 def _storage(options: Options, reactor: Any) -> Any:
     if options["storage"] == "s3":
-        from wsfiles.s3storage import S3Client, S3Storage
+        try:
+            from wsfiles.s3storage import S3Client, S3Storage
+        except ImportError as e:
+            raise usage.UsageError(
+                f"--storage s3 needs botocore ({e}): pip install 'wsfiles[s3]'"
+            ) from None
 
         access, secret = options["s3-keys"]
         client = S3Client(
