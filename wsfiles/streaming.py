@@ -10,21 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections import deque
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
-from twisted.internet import interfaces, threads
+from twisted.internet import interfaces
 from twisted.internet.defer import Deferred
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 #: Frame size for file data: measured here, 128 KiB frames with a 256 KiB
 #: transport buffer beat both smaller frames and 1 MiB ones.
 CHUNK_SIZE = 128 * 1024
 SEND_BUFFER = 256 * 1024
-#: Chunks the reading thread fetches (and hashes) per trip.
-READ_AHEAD = 8
 
 
 class StreamFailed(Exception):
@@ -61,34 +57,22 @@ class StreamEnd:
 
 @implementer(interfaces.IPushProducer)
 class FileStreamer(StreamEnd):
-    """Streams ``size`` bytes of ``source`` to a consumer, pausing when told to,
-    hashing them as it reads.
+    """Streams ``size`` bytes of ``source`` to a consumer in CHUNK_SIZE pieces,
+    pausing when told to and hashing them as it reads.
 
-    Reads READ_AHEAD chunks at a time.  With ``threaded`` the reads (and the
-    hashing) run in a thread ahead of the consumer; measured on 2 cores that
-    was slower than reading inline (bench/throughput.py, docs/performance.md),
-    so inline is the default.  ``sha256`` may be a hash already fed with
-    earlier bytes (a resumed transfer) to continue.
+    Reads are inline: a read-ahead thread measured slower on 2 cores
+    (docs/performance.md).  ``sha256`` may be a hash already fed with earlier
+    bytes (a resumed transfer) to continue.
     """
 
     def __init__(
-        self,
-        source: BinaryIO,
-        size: int,
-        chunk_size: int = CHUNK_SIZE,
-        *,
-        sha256: Any = None,
-        threaded: bool = False,
+        self, source: BinaryIO, size: int, chunk_size: int = CHUNK_SIZE, *, sha256: Any = None
     ) -> None:
         self._source = source
-        self._threaded = threaded
         self.size = size
         self._chunk_size = chunk_size
-        self._to_read = size  # not yet asked of the reading thread
         self._remaining = size  # not yet written to the consumer
         self.sha256 = sha256 if sha256 is not None else hashlib.sha256()
-        self._ready: deque[bytes] = deque()
-        self._reading = False
         self._consumer: interfaces.IConsumer | None = None
         self._paused = False
         self._done: Deferred | None = None
@@ -102,73 +86,25 @@ class FileStreamer(StreamEnd):
         self.resumeProducing()
         return done
 
-    def _next_batch(self) -> int:
-        size = min(self._to_read, READ_AHEAD * self._chunk_size)
-        self._to_read -= size
-        return size
-
-    def _read_ahead(self) -> None:
-        if self._reading or self._done is None or not self._to_read:
-            return
-        if len(self._ready) >= READ_AHEAD:
-            return
-        self._reading = True
-        reading = threads.deferToThread(self._read, self._next_batch())
-        reading.addCallbacks(self._got, self._read_failed)
-
-    def _read(self, size: int) -> list[bytes]:
-        """Read and hash ``size`` bytes in chunks (thread)."""
-        chunks = []
-        while size > 0:
-            chunk = self._source.read(min(self._chunk_size, size))
+    def resumeProducing(self) -> None:
+        """Write until the consumer's buffer fills (it then calls pauseProducing
+        from inside write) or the file is exhausted."""
+        self._paused = False
+        while not self._paused and self._done is not None and self._remaining > 0:
+            try:
+                chunk = self._source.read(min(self._chunk_size, self._remaining))
+            except OSError as e:
+                self._finish(StreamFailed(os.strerror(e.errno) if e.errno else str(e)))
+                return
             if not chunk:
-                raise StreamFailed("the file shrank while it was being sent")
+                self._finish(StreamFailed("the file shrank while it was being sent"))
+                return
             self.sha256.update(chunk)
-            chunks.append(chunk)
-            size -= len(chunk)
-        return chunks
-
-    def _got(self, chunks: list[bytes]) -> None:
-        self._reading = False
-        if self._done is not None:
-            self._ready.extend(chunks)
-            self._pump()
-
-    def _read_failed(self, failure: Any) -> None:
-        self._reading = False
-        error = failure.value
-        if isinstance(error, OSError):
-            error = StreamFailed(os.strerror(error.errno) if error.errno else str(error))
-        elif not isinstance(error, StreamFailed):
-            error = StreamFailed(str(error))
-        if self._done is not None:
-            self._finish(error)
-
-    def _pump(self) -> None:
-        """Write what is ready until the consumer's buffer fills (it then calls
-        pauseProducing from inside write), then read further ahead."""
-        while not self._paused and self._done is not None:
-            if not self._ready:
-                if self._threaded or not self._to_read:
-                    break
-                try:
-                    self._ready.extend(self._read(self._next_batch()))
-                except Exception as e:
-                    self._read_failed(Failure(e))
-                    return
-            chunk = self._ready.popleft()
             self._remaining -= len(chunk)
             assert self._consumer is not None
             self._consumer.write(chunk)
         if self._remaining == 0 and self._done is not None:
             self._finish(None)
-            return
-        if self._threaded:
-            self._read_ahead()
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pump()
 
     def pauseProducing(self) -> None:
         self._paused = True
