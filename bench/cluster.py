@@ -84,8 +84,9 @@ REPO = BENCH.parent
 # its ``cluster`` package, not this file.
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(BENCH)]
 
+from cluster import free_port  # noqa: E402
 from cluster.ceph import NO_MON_CONFIG, CephRGW, ensure_ceph_installed  # noqa: E402
-from cluster.redis import REDIS_SERVER, RedisServer, free_port  # noqa: E402
+from cluster.redis import REDIS_SERVER, RedisServer  # noqa: E402
 from throughput import (  # noqa: E402
     check_copy,
     cpu_seconds,

@@ -376,6 +376,54 @@ def add_user_with_cli(users: Path, name: str) -> str:
     return result.stdout.strip()
 
 
+class ChildOutput(protocol.ProcessProtocol):
+    """A child's merged output and its exit code (or -SIGNAL); ``ended`` and
+    ``wait_for`` hand out fresh Deferreds, safe to time out and ask again."""
+
+    def __init__(self) -> None:
+        self.output = b""
+        self.exit_code: int | None = None
+        self._enders: list[Deferred] = []
+        self._markers: list[tuple[bytes, Deferred]] = []
+
+    def ended(self) -> Deferred:
+        """A new Deferred that fires with the exit code (safe to time out and ask again)."""
+        if self.exit_code is not None:
+            return defer.succeed(self.exit_code)
+        ender: Deferred = Deferred()
+        self._enders.append(ender)
+        return ender
+
+    def wait_for(self, marker: bytes) -> Deferred:
+        """Fires once ``marker`` has appeared in the output; fails if the child ends first."""
+        if marker in self.output:
+            return defer.succeed(None)
+        seen: Deferred = Deferred()
+        self._markers.append((marker, seen))
+        return seen
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        self.output += data
+        for marker, seen in list(self._markers):
+            if marker in self.output:
+                self._markers.remove((marker, seen))
+                seen.callback(None)
+
+    def processEnded(self, reason: Any) -> None:
+        value = reason.value
+        for marker, seen in self._markers:
+            seen.errback(AssertionError(f"ended before {marker!r}:\n{self.text}"))
+        self._markers = []
+        self.exit_code = value.exitCode if value.exitCode is not None else -value.signal
+        for ender in self._enders:
+            ender.callback(self.exit_code)
+        self._enders = []
+
+    @property
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+
 class _Collect(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.out = b""
@@ -515,7 +563,8 @@ def ceph_rgw(tmp_path_factory):
 @pytest.fixture
 def redis_server(tmp_path):
     """A fresh redis-server on a free loopback port (skips when it is not installed)."""
-    from cluster.redis import REDIS_SERVER, RedisServer, free_port
+    from cluster import free_port
+    from cluster.redis import REDIS_SERVER, RedisServer
 
     if not os.path.exists(REDIS_SERVER):
         pytest.skip("redis-server is not installed")

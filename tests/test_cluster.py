@@ -11,12 +11,12 @@ import io
 import os
 import secrets
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
+from cluster import free_port
 from conftest import TEARDOWN_TIMEOUT, http_get, spawn_process
 from twisted.internet import reactor, task
 
@@ -33,12 +33,6 @@ pytestmark = [
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def record_offers(client: Any) -> list[str]:

@@ -14,13 +14,13 @@ import json
 import os
 import re
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import TEARDOWN_TIMEOUT, handshake_status, http_get
+from cluster import free_port
+from conftest import TEARDOWN_TIMEOUT, ChildOutput, handshake_status, http_get
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectError
@@ -94,39 +94,7 @@ http {{
 """
 
 
-class _Nginx(protocol.ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.exit_code: int | None = None
-        self._enders: list[Deferred] = []
-
-    def ended(self) -> Deferred:
-        """A new Deferred that fires with the exit code (safe to time out and ask again)."""
-        if self.exit_code is not None:
-            return defer.succeed(self.exit_code)
-        ender: Deferred = Deferred()
-        self._enders.append(ender)
-        return ender
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-
-    def processEnded(self, reason: Any) -> None:
-        value = reason.value
-        self.exit_code = value.exitCode if value.exitCode is not None else -value.signal
-        for ender in self._enders:
-            ender.callback(self.exit_code)
-        self._enders = []
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (another process could take it: accepted race)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-async def until_accepting(port: int, nginx: _Nginx, prefix: Path) -> None:
+async def until_accepting(port: int, nginx: ChildOutput, prefix: Path) -> None:
     """Until nginx accepts connections on ``port``; every try fails fast (refused)."""
     endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=1)
     while True:
@@ -152,7 +120,7 @@ async def test_transfers_through_nginx(twistd_factory, tmp_path):
     conf = prefix / "nginx.conf"
     conf.write_text(nginx_conf(prefix, port, upstream))
 
-    nginx = _Nginx()
+    nginx = ChildOutput()
     argv = [str(NGINX), "-p", f"{prefix}/", "-c", str(conf), "-e", str(prefix / "error.log")]
     argv += ["-g", "daemon off;"]
     process = reactor.spawnProcess(nginx, argv[0], argv, env=dict(os.environ), path=str(prefix))

@@ -105,11 +105,9 @@ async def test_metrics_count_connections_transfers_bytes_and_refusals(server):
 
 @pytest_twisted.ensureDeferred
 async def test_metrics_listen_moves_metrics_off_the_main_listener(twistd_factory, tmp_path):
-    import socket
+    from cluster import free_port
 
-    with socket.socket() as probe:  # a free port for the second listener
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the second listener
     srv = await twistd_factory("--metrics-listen", f"tcp:{port}:interface=127.0.0.1")
     assert (await http_get(http(srv.url) + "/metrics"))[0] == 404
     code, body = await http_get(f"http://127.0.0.1:{port}/metrics")

@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import BIN, TEARDOWN_TIMEOUT, run_process
+from cluster import free_port
+from conftest import BIN, TEARDOWN_TIMEOUT, ChildOutput, run_process
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.defer import Deferred, DeferredQueue
 
@@ -52,13 +53,6 @@ def within(awaitable: Any, seconds: float = START_TIMEOUT) -> Deferred:
     return defer.ensureDeferred(awaitable).addTimeout(seconds, reactor)
 
 
-def free_port() -> int:
-    """A port nobody listens on right now (another process could take it: accepted race)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -79,58 +73,11 @@ async def round_trip(url: str, size: int) -> None:
 # -- processes ------------------------------------------------------------------
 
 
-class _Process(protocol.ProcessProtocol):
-    """Collects a child's output and its exit code (or -SIGNAL)."""
-
-    def __init__(self) -> None:
-        self.output = b""
-        self.exit_code: int | None = None
-        self._enders: list[Deferred] = []
-        self._markers: list[tuple[bytes, Deferred]] = []
-
-    def ended(self) -> Deferred:
-        """A new Deferred that fires with the exit code (safe to time out and ask again)."""
-        if self.exit_code is not None:
-            return defer.succeed(self.exit_code)
-        ender: Deferred = Deferred()
-        self._enders.append(ender)
-        return ender
-
-    def wait_for(self, marker: bytes) -> Deferred:
-        """Fires once ``marker`` has appeared in the output; fails if the child ends first."""
-        if marker in self.output:
-            return defer.succeed(None)
-        seen: Deferred = Deferred()
-        self._markers.append((marker, seen))
-        return seen
-
-    def childDataReceived(self, fd: int, data: bytes) -> None:
-        self.output += data
-        for marker, seen in list(self._markers):
-            if marker in self.output:
-                self._markers.remove((marker, seen))
-                seen.callback(None)
-
-    def processEnded(self, reason: Any) -> None:
-        value = reason.value
-        for marker, seen in self._markers:
-            seen.errback(AssertionError(f"ended before {marker!r}:\n{self.text}"))
-        self._markers = []
-        self.exit_code = value.exitCode if value.exitCode is not None else -value.signal
-        for ender in self._enders:
-            ender.callback(self.exit_code)
-        self._enders = []
-
-    @property
-    def text(self) -> str:
-        return self.output.decode(errors="replace")
-
-
 class Child:
     """A process started on the reactor; ``stop`` SIGTERMs it and waits for the end."""
 
     def __init__(self, argv: list[str], env: dict[str, str], **kwargs: Any) -> None:
-        self.proto = _Process()
+        self.proto = ChildOutput()
         self._terminated = False
         self.process = reactor.spawnProcess(self.proto, argv[0], argv, env=env, **kwargs)
 

@@ -78,6 +78,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster import free_port
+
 APT_PACKAGES = ("radosgw", "ceph-mon", "ceph-osd")
 TOOLS = ("ceph", "ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool")
 INSTALL_TIMEOUT = 420.0
@@ -161,13 +163,6 @@ def ensure_ceph_installed(timeout: float = INSTALL_TIMEOUT) -> None:
 
 
 # -- helpers ---------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    """A port that is free on 127.0.0.1 now (the daemon binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 _PR_SET_PDEATHSIG = 1
@@ -372,10 +367,10 @@ class CephRGW:
         assert self.dir is not None
         for sub in ("run", "log", "mon", "osd/ceph-0", "rgw"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        self.mon_port = _free_port()
-        self.rgw_port = _free_port()
+        self.mon_port = free_port()
+        self.rgw_port = free_port()
         while self.rgw_port == self.mon_port:
-            self.rgw_port = _free_port()
+            self.rgw_port = free_port()
         # A UNIX socket path has to fit in 108 bytes: without one if it would not.
         run = self.dir / "run"
         fits = len(str(run / "client.rgw.a.asok")) < 100

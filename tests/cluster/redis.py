@@ -14,12 +14,6 @@ from pathlib import Path
 REDIS_SERVER = shutil.which("redis-server") or "redis-server"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     """``redis-server`` as a child process, stopped by its PID; restartable on its port."""
 
