@@ -84,19 +84,18 @@ REPO = BENCH.parent
 # its ``cluster`` package, not this file.
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(BENCH)]
 
-from cluster import free_port  # noqa: E402
-from cluster.ceph import NO_MON_CONFIG, CephRGW, ensure_ceph_installed  # noqa: E402
-from cluster.redis import REDIS_SERVER, RedisServer  # noqa: E402
-from throughput import (  # noqa: E402
-    check_copy,
+from _common import (  # noqa: E402
     cpu_seconds,
     machine_busy_seconds,
-    make_source,
     nvx_status,
     read_status_kib,
     source_version,
     versions,
 )
+from cluster import free_port  # noqa: E402
+from cluster.ceph import NO_MON_CONFIG, CephRGW, ensure_ceph_installed  # noqa: E402
+from cluster.redis import REDIS_SERVER, RedisServer  # noqa: E402
+from throughput import check_copy, make_source  # noqa: E402
 
 from wsfiles.client import WsfilesClient, connect  # noqa: E402
 from wsfiles.sizes import parse_size  # noqa: E402

@@ -58,30 +58,34 @@ import argparse
 import hashlib
 import io
 import json
-import math
 import os
-import queue
 import random
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import Counter, defaultdict, deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+import _common
+from _common import (
+    cpu_seconds,
+    header,
+    machine_busy_seconds,
+    percentile,
+    read_status_kib,
+    run_on_reactor,
+    twistd_wsfiles,
+)
 from twisted.internet import defer, task
 from twisted.logger import ILogObserver, LogLevel, formatEvent, globalLogBeginner
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-import wsfiles
 from wsfiles.client import WsfilesClient, WsfilesError, connect
 from wsfiles.config import COMMAND_MESSAGE_LIMIT
 from wsfiles.names import RESERVED_PREFIX
@@ -96,8 +100,6 @@ MB = 1_000_000
 KIB = 1024
 MIB = 1024 * 1024
 SERVER_MAX_SIZE = "1M"
-SERVER_START_TIMEOUT = 30.0
-SERVER_STOP_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 30.0
 CONNECTS_AT_ONCE = 50  # Twisted's listen backlog is 50
 OP_TIMEOUT = 60.0
@@ -117,7 +119,6 @@ ABORT_AT = 512 * KIB
 #: Messages a server may push on its own (live updates); counted, not errors.
 EVENTS = ("changed",)
 
-READY = re.compile(r"wsfiles listening on 127\.0\.0\.1:(\d+) \(")
 LOG_LEVEL = re.compile(r"\[[^\]#]*#(warn|error|critical)\]")
 
 #: Texts that are not JSON commands: each must be answered with bad_request.
@@ -157,42 +158,11 @@ SCENARIOS = (
 # -- the server subprocess -----------------------------------------------
 
 
-def read_status_kib(pid: int, field_name: str) -> int:
-    """A ``kB`` field of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == field_name:
-                return int(value.split()[0])
-    raise RuntimeError(f"no {field_name} in /proc/{pid}/status")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_cpu_seconds() -> float:
-    """CPU time all processes of the machine have used (busy, not idle or iowait)."""
-    with open("/proc/stat") as f:
-        ticks = [int(value) for value in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...
-    return (sum(ticks[:3]) + sum(ticks[5:8])) / os.sysconf("SC_CLK_TCK")
-
-
-class ServerProcess:
+class ServerProcess(_common.ServerProcess):
     """``twistd wsfiles`` as a subprocess; its log goes to a file and is scanned."""
 
     def __init__(self, argv: list[str], log_path: Path) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        self._ports: queue.Queue[int | None] = queue.Queue()
-        self._process: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-        self.recent: deque[str] = deque(maxlen=30)
-        self.port = 0
+        super().__init__("server", argv, log_path=log_path)
         # Filled by the reader thread; read only after stop().
         self.lines = 0
         self.tracebacks = 0
@@ -201,50 +171,12 @@ class ServerProcess:
         #: Warnings and errors, grouped (see _finish_entry), with their counts.
         self.problems: Counter[str] = Counter()
         self._entry: list[str] | None = None
-        self.exit_code: int | None = None
 
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
+    def on_line(self, line: str) -> None:
+        self._scan(line)
 
-    def __enter__(self) -> ServerProcess:
-        self._process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # Ctrl-C reaches us only; we stop it
-        )
-        self._reader = threading.Thread(target=self._read, name="wsfiles-output", daemon=True)
-        self._reader.start()
-        try:
-            self.port = self._wait_for_port(SERVER_START_TIMEOUT)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _read(self) -> None:
-        assert self._process is not None and self._process.stdout is not None
-        announced = False
-        with self.log_path.open("w") as log:
-            for line in self._process.stdout:
-                log.write(line)
-                line = line.rstrip("\n")
-                self.recent.append(line)
-                self._scan(line)
-                match = None if announced else READY.search(line)
-                if match:
-                    announced = True
-                    self._ports.put(int(match.group(1)))
-            self._finish_entry()
-        self._ports.put(None)
+    def on_end(self) -> None:
+        self._finish_entry()
 
     def _scan(self, line: str) -> None:
         """Count one log line; group warnings and errors with their tracebacks."""
@@ -278,42 +210,6 @@ class ServerProcess:
                 key += f" (last in wsfiles: {ours[-1].rpartition('/')[2]})"
         self.problems[normalized(key, 400)] += 1
 
-    def _wait_for_port(self, timeout: float) -> int:
-        try:
-            port = self._ports.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(
-                f"the server did not announce its port within {timeout:g} s" + self.tail()
-            ) from None
-        if port is None:
-            raise RuntimeError("the server exited before it was ready" + self.tail())
-        return port
-
-    def tail(self) -> str:
-        return "".join(f"\n  server| {line}" for line in list(self.recent))
-
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def stop(self) -> None:
-        """SIGTERM, wait (bounded), SIGKILL if it would not go."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print("the server ignored SIGTERM; killing it", file=sys.stderr)
-                process.kill()
-                process.wait(SERVER_STOP_TIMEOUT)
-        self.exit_code = process.returncode
-        if self._reader is not None:
-            self._reader.join(SERVER_STOP_TIMEOUT)
-        if process.stdout is not None:
-            process.stdout.close()
-
 
 @implementer(ILogObserver)
 class LocalLog:
@@ -344,29 +240,6 @@ def normalized(text: str, limit: int = 200) -> str:
     """``text`` with numbers and file names replaced, to group similar messages."""
     text = re.sub(r"'(load|bad)-[^']*'", "NAME", text)
     return re.sub(r"\d+", "N", text)[:limit]
-
-
-def source_version() -> str:
-    """The wsfiles code under test: git commit, local changes, and a digest of it."""
-    package = Path(wsfiles.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(package.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        changed = len(git("status", "--porcelain", "--", ".").splitlines())
-    except (OSError, subprocess.SubprocessError):
-        commit, changed = "?", 0
-    return (
-        f"{package} at git {commit}, {changed} file(s) changed since,"
-        f" sources sha256 {digest.hexdigest()[:12]}"
-    )
 
 
 # -- bookkeeping ---------------------------------------------------------
@@ -1127,7 +1000,7 @@ async def run_load(
     )
     sampler.start(RSS_SAMPLE_INTERVAL)
     cpu_before, client_before = cpu_seconds(server.pid), time.process_time()
-    machine_before = machine_cpu_seconds()
+    machine_before = machine_busy_seconds()
     start = time.monotonic()
     ctx.deadline = start + args.duration
 
@@ -1136,7 +1009,7 @@ async def run_load(
         outcome.window_seconds = time.monotonic() - start
         outcome.server_cpu = cpu_seconds(server.pid) - cpu_before
         outcome.client_cpu = time.process_time() - client_before
-        outcome.machine_cpu = machine_cpu_seconds() - machine_before
+        outcome.machine_cpu = machine_busy_seconds() - machine_before
 
     closing = reactor.callLater(args.duration, window_closed)
     workers = [HonestClient(ctx, i, c).run() for i, c in enumerate(honest)]
@@ -1160,47 +1033,14 @@ async def run_load(
     except Exception as e:
         ctx.failed("verify", f"gave up: {describe(e)}")
     if not server.running():
-        ctx.unexpected("server", f"exited during the run{server.tail()}")
+        ctx.unexpected("server", f"exited during the run{server.recent_output()}")
         return ctx
     outcome.rss_end_kib = read_status_kib(server.pid, "VmRSS")
     outcome.hwm_kib = read_status_kib(server.pid, "VmHWM")
     return ctx
 
 
-def run_on_reactor(make: Callable[[Any], Coroutine[Any, Any, T]], budget: float) -> T:
-    """Run ``make(reactor)`` on the global reactor, at most ``budget`` seconds."""
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
-    outcome: list[object] = []
-
-    def finished(result: object) -> None:
-        outcome.append(result)
-        reactor.stop()
-
-    def start() -> None:
-        d = defer.ensureDeferred(make(reactor))
-        d.addTimeout(budget, reactor)
-        d.addBoth(finished)
-
-    reactor.callWhenRunning(start)
-    reactor.run()
-    if not outcome:
-        raise KeyboardInterrupt("the reactor stopped before the load test finished")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result  # type: ignore[return-value]
-
-
 # -- report --------------------------------------------------------------
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    """Nearest-rank percentile."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(fraction * len(ordered))))
-    return ordered[rank - 1]
 
 
 def print_grouped(lines: list[str], top: int = 15) -> None:
@@ -1369,20 +1209,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    twistd = Path(sys.executable).parent / "twistd"
-    print(f"command: {shlex.join(sys.orig_argv)}")
-    print(f"wsfiles: {source_version()}")
+    header()
     local_log = LocalLog()
     globalLogBeginner.beginLoggingTo([cast(ILogObserver, local_log)], redirectStandardIO=False)
     with tempfile.TemporaryDirectory(prefix="wsfiles-load-") as temp:
         root = Path(temp) / "root"
         root.mkdir()
         log_path = args.server_log or Path(temp) / "server.log"
-        server_argv = [
-            str(twistd), "--nodaemon", "--pidfile=", "--logfile=-", "wsfiles",
-            "--listen", f"tcp:0:interface={LOOPBACK}", "--root", str(root),
-            "--max-size", SERVER_MAX_SIZE, "--max-connections-per-ip", "1024",
-        ]  # fmt: skip
+        server_argv = twistd_wsfiles(
+            root, "--max-size", SERVER_MAX_SIZE, "--max-connections-per-ip", "1024"
+        )
         print(f"server: {shlex.join(server_argv)}", flush=True)
         outcome = Outcome()
         budget = CONNECT_TIMEOUT * 2 + args.duration + OP_TIMEOUT + CLOSE_TIMEOUT + VERIFY_TIMEOUT
@@ -1393,7 +1229,7 @@ def main(argv: list[str]) -> int:
                     lambda reactor: run_load(reactor, args, server, root, outcome), budget
                 )
             except BaseException:
-                print(server.tail(), file=sys.stderr)
+                print(server.recent_output(), file=sys.stderr)
                 raise
     return 0 if report(args, ctx, outcome, server, local_log) else 1
 

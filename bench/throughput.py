@@ -43,39 +43,40 @@ import contextlib
 import ftplib
 import hashlib
 import os
-import platform
-import queue
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet import defer, threads
-from twisted.python.failure import Failure
+from _common import (
+    GIB,
+    LOOPBACK,
+    MB,
+    WSFILES_READY,
+    ServerProcess,
+    bounded,
+    cpu_seconds,
+    header,
+    machine_busy_seconds,
+    read_status_kib,
+    run_on_reactor,
+    sha256_of,
+    twistd_wsfiles,
+    verdict,
+)
+from twisted.internet import threads
 
-import wsfiles
 from wsfiles.client import connect
 from wsfiles.sizes import parse_size
 
 T = TypeVar("T")
 
-LOOPBACK = "127.0.0.1"
-MB = 1_000_000
-GIB = 1024**3
 FTP_BLOCK = 256 * 1024
-HASH_BLOCK = 1024 * 1024
-SERVER_START_TIMEOUT = 30.0
-SERVER_STOP_TIMEOUT = 15.0
 CONNECT_TIMEOUT = 30.0
 FTP_USER = "bench"
 FTP_PASSWORD = "bench"
@@ -86,7 +87,6 @@ RATIO_TARGET = 0.7
 #: Other processes' CPU, in CPUs, above which the report warns about a busy machine.
 BUSY_MACHINE = 0.2
 
-WSFILES_READY = re.compile(r"wsfiles listening on 127\.0\.0\.1:(\d+) \(")
 FTP_READY = re.compile(r"ftp listening on 127\.0\.0\.1:(\d+)")
 
 
@@ -111,14 +111,6 @@ def make_source(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(HASH_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_copy(what: str, path: Path, expected: str) -> None:
     """Compare a downloaded copy with the source, then delete it."""
     try:
@@ -132,120 +124,7 @@ def check_copy(what: str, path: Path, expected: str) -> None:
 # -- server subprocesses -------------------------------------------------
 
 
-def read_status_kib(pid: int, field: str) -> int:
-    """A ``kB`` field of /proc/PID/status, e.g. VmHWM (peak RSS) or VmRSS."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key == field:
-                return int(value.split()[0])
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
-class ServerProcess:
-    """A server started as a subprocess, ready once it prints its port."""
-
-    def __init__(self, name: str, argv: list[str], ready: re.Pattern[str]) -> None:
-        self.name = name
-        self.argv = argv
-        self._ready = ready
-        self._ports: queue.Queue[int | None] = queue.Queue()
-        self.output: deque[str] = deque(maxlen=200)
-        self._process: subprocess.Popen[str] | None = None
-        self._reader: threading.Thread | None = None
-        self.port = 0
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
-
-    def __enter__(self) -> ServerProcess:
-        self._process = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            errors="replace",
-            start_new_session=True,  # Ctrl-C reaches us only; we stop it
-        )
-        self._reader = threading.Thread(target=self._read, name=f"{self.name}-output", daemon=True)
-        self._reader.start()
-        try:
-            self.port = self._wait_for_port(SERVER_START_TIMEOUT)
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def _read(self) -> None:
-        """Keep the pipe drained; report the port from the ready line."""
-        assert self._process is not None and self._process.stdout is not None
-        announced = False
-        for line in self._process.stdout:
-            self.output.append(line.rstrip("\n"))
-            match = None if announced else self._ready.search(line)
-            if match:
-                announced = True
-                self._ports.put(int(match.group(1)))
-        self._ports.put(None)
-
-    def _wait_for_port(self, timeout: float) -> int:
-        try:
-            port = self._ports.get(timeout=timeout)
-        except queue.Empty:
-            raise RuntimeError(
-                f"{self.name} did not announce its port within {timeout:g} s" + self.recent_output()
-            ) from None
-        if port is None:
-            raise RuntimeError(f"{self.name} exited before it was ready" + self.recent_output())
-        return port
-
-    def recent_output(self, lines: int = 30) -> str:
-        tail = list(self.output)[-lines:]
-        return "".join(f"\n  {self.name}| {line}" for line in tail)
-
-    def stop(self) -> None:
-        """SIGTERM, wait (bounded), SIGKILL if it would not go."""
-        process = self._process
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(SERVER_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                print(f"{self.name} ignored SIGTERM; killing it", file=sys.stderr)
-                process.kill()
-                process.wait(SERVER_STOP_TIMEOUT)
-        if self._reader is not None:
-            self._reader.join(SERVER_STOP_TIMEOUT)
-        if process.stdout is not None:
-            process.stdout.close()
-
-
 # -- measurements --------------------------------------------------------
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads) so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    # After "pid (comm)": state is field 3, utime 14 and stime 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_busy_seconds() -> float:
-    """CPU time every CPU of the machine spent busy so far (/proc/stat)."""
-    with open("/proc/stat") as f:
-        ticks = [int(value) for value in f.readline().split()[1:]]
-    # user nice system idle iowait irq softirq steal ...: all but idle and iowait.
-    busy = sum(ticks[:8]) - ticks[3] - ticks[4]
-    return busy / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -301,13 +180,6 @@ class Round:
     ws_down: Transfer
     ftp_up: Transfer
     ftp_down: Transfer
-
-
-async def bounded(coroutine: Coroutine[Any, Any, T], seconds: float, reactor: Any) -> T:
-    """Await ``coroutine``, cancelling it (TimeoutError) after ``seconds``."""
-    d = defer.ensureDeferred(coroutine)
-    d.addTimeout(seconds, reactor)
-    return await d
 
 
 async def wsfiles_round(
@@ -398,72 +270,7 @@ async def measure(
     return rounds
 
 
-def run_on_reactor(make: Callable[[Any], Coroutine[Any, Any, T]]) -> T:
-    """Run ``make(reactor)`` to completion on the global reactor; return its result.
-
-    Like ``twisted.internet.task.react``, but returns (or raises) instead of
-    calling sys.exit, so ``with`` blocks around it clean up as usual.
-    """
-    from twisted.internet import reactor
-
-    outcome: list[object] = []
-
-    def finished(result: object) -> None:
-        outcome.append(result)
-        reactor.stop()  # type: ignore[attr-defined]
-
-    def start() -> None:
-        defer.ensureDeferred(make(reactor)).addBoth(finished)
-
-    reactor.callWhenRunning(start)  # type: ignore[attr-defined]
-    reactor.run()  # type: ignore[attr-defined]
-    if not outcome:
-        raise KeyboardInterrupt("the reactor stopped before the benchmark finished")
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result  # type: ignore[return-value]
-
-
 # -- report --------------------------------------------------------------
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
-def nvx_status() -> str:
-    try:
-        from autobahn.websocket import HAS_NVX, USES_NVX
-    except ImportError:
-        return "unknown (autobahn.websocket has no HAS_NVX)"
-    setting = os.environ.get("AUTOBAHN_USE_NVX")
-    shown = "unset" if setting is None else repr(setting)
-    return f"available {HAS_NVX}, in use {USES_NVX} (AUTOBAHN_USE_NVX {shown})"
-
-
-def versions() -> str:
-    return (
-        f"Python {platform.python_version()}, Twisted {version('twisted')},"
-        f" Autobahn {version('autobahn')}, {os.cpu_count()} CPUs, {platform.platform()}"
-    )
-
-
-def source_version() -> str:
-    """The git commit of the wsfiles package measured, and whether it was edited."""
-    package = Path(wsfiles.__file__).resolve().parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", *args], cwd=package, capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", ".")
-    except (OSError, subprocess.SubprocessError):
-        return f"{package} (not a git checkout)"
-    return f"{package} at git {commit}" + (" + uncommitted changes" if dirty else "")
 
 
 def report(
@@ -533,11 +340,7 @@ def announced(step: str) -> Iterator[None]:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     size: int = args.size
-    bin_dir = Path(sys.executable).parent
-    print(f"command: {shlex.join(sys.orig_argv)}")
-    print(versions())
-    print(f"Autobahn NVX: {nvx_status()}")
-    print(f"wsfiles: {source_version()}")
+    header()
     with tempfile.TemporaryDirectory(prefix="wsfiles-bench-") as temp:
         work = Path(temp)
         for folder in ("ws-root", "ftp-root"):
@@ -545,11 +348,9 @@ def main(argv: list[str]) -> int:
         source = work / "source.bin"
         with announced(f"writing a {size}-byte source file"):
             expected = make_source(source, size)
-        ws_argv = [
-            str(bin_dir / "twistd"), "--nodaemon", "--pidfile=", "--logfile=-", "wsfiles",
-            "--listen", f"tcp:0:interface={LOOPBACK}", "--root", str(work / "ws-root"),
-            "--max-size", "2G" if size <= 2 * GIB else str(size),
-        ]  # fmt: skip
+        ws_argv = twistd_wsfiles(
+            work / "ws-root", "--max-size", "2G" if size <= 2 * GIB else str(size)
+        )
         ftp_argv = [
             sys.executable, str(Path(__file__).with_name("_ftp_server.py")),
             str(work / "ftp-root"), FTP_USER, FTP_PASSWORD,
