@@ -245,3 +245,28 @@ async def test_x_forwarded_for_counts_only_from_a_trusted_proxy(server_factory):
     await wary.connect(headers={"X-Forwarded-For": "203.0.113.7"})
     status = await handshake_status(wary.url, "/command", {"X-Forwarded-For": ["203.0.113.9"]})
     assert status == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_reconnecting_with_a_token_skips_scrypt_and_wrong_tokens_still_get_401(
+    server_factory, tmp_path
+):
+    from wsfiles.users import UserDirectory, add_user
+
+    path = tmp_path / "users"
+    alice = add_user(str(path), "alice")
+    users = UserDirectory(str(path))
+    srv = await server_factory(users=users)
+    for _ in range(3):
+        client = await srv.connect(alice)
+        assert client.hello["client"] == "alice"
+        await srv.close_client(client)
+    assert users.scrypt_checks == 1
+    token_id, secret = alice.split(".")
+    for wrong in (f"{token_id}.{'0' * len(secret)}", alice + "0"):
+        status = await handshake_status(srv.url, "/command", {"Authorization": [f"Bearer {wrong}"]})
+        assert status == 401
+    # Removed from the users file: refused at once, although it was remembered.
+    path.write_text("")
+    status = await handshake_status(srv.url, "/command", {"Authorization": [f"Bearer {alice}"]})
+    assert status == 401

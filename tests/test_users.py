@@ -66,3 +66,100 @@ async def test_authenticate_right_wrong_and_reloaded(tmp_path):
     # A user added while the server runs is known without a restart.
     bob = add_user(path, "bob")
     assert await directory.authenticate(bob) == "bob"
+
+
+@pytest.fixture
+def scrypt_calls(monkeypatch):
+    """Count the scrypt checks UserDirectory runs (the real check still runs)."""
+    import wsfiles.users
+
+    calls: list[str] = []
+    real = wsfiles.users._verify
+
+    def counting(secret: str, hashed: str) -> bool:
+        calls.append(hashed)
+        return real(secret, hashed)
+
+    monkeypatch.setattr(wsfiles.users, "_verify", counting)
+    return calls
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_verified_token_skips_scrypt_next_time(tmp_path, scrypt_calls):
+    path = str(tmp_path / "users")
+    alice = add_user(path, "alice")
+    directory = UserDirectory(path)
+    assert await directory.authenticate(alice) == "alice"
+    assert await directory.authenticate(alice) == "alice"
+    assert await directory.authenticate(alice) == "alice"
+    assert len(scrypt_calls) == 1
+    # Nothing secret is kept: the memory holds neither the token nor its secret.
+    remembered = repr(directory._verified._good)
+    assert alice not in remembered and alice.split(".")[1] not in remembered
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_token_is_never_remembered(tmp_path, scrypt_calls):
+    path = str(tmp_path / "users")
+    alice = add_user(path, "alice")
+    directory = UserDirectory(path)
+    token_id, secret = alice.split(".")
+    wrong = f"{token_id}.{'0' * len(secret)}"
+    assert await directory.authenticate(wrong) is None
+    assert await directory.authenticate(wrong) is None
+    assert len(scrypt_calls) == 2  # checked each time, never answered from memory
+    # A right token remembered does not let a wrong one with the same id through.
+    assert await directory.authenticate(alice) == "alice"
+    assert await directory.authenticate(wrong) is None
+    assert await directory.authenticate(alice + "0") is None
+    assert await directory.authenticate(alice[:-1]) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_checks_of_one_token_share_one_scrypt(tmp_path, scrypt_calls):
+    from twisted.internet import defer
+
+    path = str(tmp_path / "users")
+    alice = add_user(path, "alice")
+    directory = UserDirectory(path)
+    token_id, secret = alice.split(".")
+    wrong = f"{token_id}.{'1' * len(secret)}"
+    names = await defer.gatherResults(
+        [directory.authenticate(alice) for _ in range(20)]
+        + [directory.authenticate(wrong) for _ in range(5)]
+    )
+    assert names == ["alice"] * 20 + [None] * 5
+    assert len(scrypt_calls) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_token_removed_from_the_file_stops_working(tmp_path, scrypt_calls):
+    path = tmp_path / "users"
+    alice = add_user(str(path), "alice")
+    bob = add_user(str(path), "bob")
+    directory = UserDirectory(str(path))
+    assert await directory.authenticate(alice) == "alice"
+    assert await directory.authenticate(bob) == "bob"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(line for line in lines if not line.startswith("alice ")))
+    assert await directory.authenticate(alice) is None
+    assert await directory.authenticate(bob) == "bob"  # checked again after the change
+    assert len(scrypt_calls) == 3
+    # Given a new token, the old one stays refused and the new one works.
+    carol = add_user(str(path), "carol")
+    assert await directory.authenticate(carol) == "carol"
+    assert await directory.authenticate(alice) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_memory_of_verified_tokens_is_bounded(tmp_path, scrypt_calls):
+    path = str(tmp_path / "users")
+    tokens = [add_user(path, f"user{i}") for i in range(4)]
+    directory = UserDirectory(path, cache_size=2)
+    for token in tokens:
+        assert await directory.authenticate(token) is not None
+    assert len(directory._verified) == 2
+    assert await directory.authenticate(tokens[-1]) == "user3"  # still remembered
+    assert len(scrypt_calls) == 4
+    assert await directory.authenticate(tokens[0]) == "user0"  # forgotten: scrypt again
+    assert len(scrypt_calls) == 5

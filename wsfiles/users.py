@@ -17,11 +17,13 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from wsfiles.names import is_valid_client_name
 from wsfiles.sizes import parse_size
@@ -31,6 +33,9 @@ _log = Logger()
 # scrypt cost: about 16 MiB and a few tens of milliseconds; the secret is
 # 128 random bits, so this guards a leaked users file, not weak passwords.
 SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+
+#: How many recently verified tokens are remembered (least recently used go first).
+VERIFIED_CACHE_SIZE = 1024
 
 
 class UsersFileError(Exception):
@@ -129,18 +134,69 @@ def add_user(path: str, name: str) -> str:
     return f"{token_id}.{secret}"
 
 
+class VerifiedTokens:
+    """A bounded memory of tokens that passed the scrypt check.
+
+    A client that reconnects with the same token skips scrypt (tens of
+    milliseconds of CPU each time).  Nothing secret is kept: the key is an
+    HMAC-SHA256 of the whole presented token under a random key made per
+    process, and the value is the users-file line it matched (token id and
+    hash), so a hit still has to match the line in force.  Only tokens that
+    verified are remembered; a wrong token is checked with scrypt every time.
+    """
+
+    def __init__(self, size: int = VERIFIED_CACHE_SIZE) -> None:
+        self.size = size
+        self._key = secrets.token_bytes(32)
+        self._good: OrderedDict[bytes, tuple[str, str]] = OrderedDict()
+
+    def digest(self, token: str) -> bytes:
+        return hmac.new(self._key, token.encode("utf-8", "surrogatepass"), hashlib.sha256).digest()
+
+    def matches(self, digest: bytes, entry: UserEntry) -> bool:
+        """Whether ``digest`` was verified against exactly ``entry``'s hash."""
+        line = self._good.get(digest)
+        if line is None or line != (entry.token_id, entry.hashed):
+            return False
+        self._good.move_to_end(digest)
+        return True
+
+    def remember(self, digest: bytes, entry: UserEntry) -> None:
+        if self.size <= 0:
+            return
+        self._good[digest] = (entry.token_id, entry.hashed)
+        self._good.move_to_end(digest)
+        while len(self._good) > self.size:
+            self._good.popitem(last=False)
+
+    def clear(self) -> None:
+        self._good.clear()
+
+    def __len__(self) -> int:
+        return len(self._good)
+
+
 class UserDirectory:
     """Authenticates tokens against a users file.
 
     The file is re-read when its modification time changes, so
     ``wsfiles user add`` takes effect without a restart.  A file that
     becomes unreadable or malformed keeps the last good version in force.
+    Tokens that verified are remembered (``VerifiedTokens``) until the file
+    changes; checks of one token already running are shared, not repeated.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cache_size: int = VERIFIED_CACHE_SIZE) -> None:
         self.path = path
         self._entries = read_users_file(path)
         self._stamp = self._file_stamp()
+        self._verified = VerifiedTokens(cache_size)
+        #: Bumped whenever the users in force change: a check that began
+        #: under an older version is answered but not remembered.
+        self._generation = 0
+        self._checking: dict[bytes, list[Deferred]] = {}
+        #: How many scrypt checks ran (for tests and benchmarks).
+        self.scrypt_checks = 0
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -158,6 +214,8 @@ class UserDirectory:
         except UsersFileError as e:
             _log.error("keeping the previous users: {error}", error=str(e))
         self._stamp = stamp
+        self._verified.clear()
+        self._generation += 1
 
     def quota_of(self, name: str) -> int | None:
         """This client's own quota in bytes; None when the default applies.
@@ -173,13 +231,43 @@ class UserDirectory:
     def authenticate(self, token: str) -> Deferred:
         """Fire with the client name for ``token``, or None.
 
-        The hash runs in a thread: scrypt takes tens of milliseconds.
+        The hash runs in a thread: scrypt takes tens of milliseconds.  A
+        token verified before (against the same users-file line) is answered
+        from memory; concurrent checks of the same token share one scrypt.
         """
         self._refresh()
         token_id, dot, secret = token.partition(".")
         entry = self._entries.get(token_id) if dot else None
         if entry is None:
             return succeed(None)
+        digest = self._verified.digest(token)
+        if self._verified.matches(digest, entry):
+            return succeed(entry.name)
+        waiter: Deferred = Deferred()
+        waiting = self._checking.get(digest)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        self._checking[digest] = waiting = [waiter]
+        generation = self._generation
+        self.scrypt_checks += 1
+
+        def checked(ok: object) -> None:
+            del self._checking[digest]
+            # The users file may have changed meanwhile: the line must still be in force.
+            current = self._entries.get(entry.token_id)
+            good = ok is True and current is not None and current.hashed == entry.hashed
+            name = current.name if good and current is not None else None
+            if good and generation == self._generation:
+                self._verified.remember(digest, entry)
+            for each in waiting:
+                each.callback(name)
+
+        def failed(failure: Failure) -> bool:
+            _log.failure("could not check a token", failure)
+            return False
+
         d = threads.deferToThread(_verify, secret, entry.hashed)
-        d.addCallback(lambda ok: entry.name if ok else None)
-        return d
+        d.addErrback(failed)
+        d.addCallback(checked)
+        return waiter
