@@ -431,3 +431,52 @@ def test_a_transfer_queued_behind_an_oversized_upload_gets_a_new_channel(h):
     assert h.session.file_frame_begin(h.channel, 20) is False
     replies = [m for m in h.sent if m.get("id") == 2]
     assert replies[-1]["op"] == "channel", replies  # not "ready" on the dying channel
+
+
+class SlowListFolder:
+    """A folder whose listings wait until the test releases them."""
+
+    def __init__(self, folder: Any) -> None:
+        self._folder = folder
+        self.waiting: list[tuple[Deferred, Deferred]] = []
+
+    def list(self) -> Deferred:
+        release: Deferred = Deferred()
+        listing: Deferred = release.addCallback(lambda _: self._folder.list())
+        self.waiting.append((release, listing))
+        return listing
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._folder, name)
+
+
+def test_commands_behind_a_waiting_one_are_answered_in_order(tmp_path):
+    clock = Clock()
+    storage = LocalStorage(str(tmp_path / "root"))
+    folder = SlowListFolder(storage.folder(None))
+    sent: list[dict[str, Any]] = []
+    session = CommandSession(
+        "anonymous",
+        folder,
+        PairingRegistry(clock, channel_timeout=5),
+        Settings(),
+        sent.append,
+        clock=clock,
+        close_connection=lambda code, reason: None,
+    )
+    session.start()
+    assert sent == []  # hello waits for its listing
+    session.text_received(b'{"op": "list", "id": 1}')
+    session.text_received(b'{"op": "nonsense", "id": 2}')
+    assert sent == []  # nothing overtakes hello
+    folder.waiting.pop(0)[0].callback(None)  # hello's listing arrives
+    assert [(m["op"], m.get("id")) for m in sent] == [("hello", None)]
+    folder.waiting.pop(0)[0].callback(None)  # list 1's listing arrives
+    assert [(m["op"], m.get("id")) for m in sent] == [
+        ("hello", None),
+        ("list", 1),
+        ("error", 2),
+    ]
+    session.text_received(b'{"op": "bad", "id": 3}')  # nothing before it: answered at once
+    assert sent[-1]["id"] == 3
+    session.close()

@@ -163,3 +163,35 @@ async def test_the_memory_of_verified_tokens_is_bounded(tmp_path, scrypt_calls):
     assert len(scrypt_calls) == 4
     assert await directory.authenticate(tokens[0]) == "user0"  # forgotten: scrypt again
     assert len(scrypt_calls) == 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_at_most_two_scrypt_checks_run_at_once(tmp_path, monkeypatch):
+    import threading
+
+    from twisted.internet import defer
+
+    import wsfiles.users
+
+    path = str(tmp_path / "users")
+    tokens = [add_user(path, f"user{i}") for i in range(6)]
+    directory = UserDirectory(path)
+    lock = threading.Lock()
+    running = [0]
+    most = [0]
+    real = wsfiles.users._verify
+
+    def counting(secret: str, hashed: str) -> bool:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return real(secret, hashed)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(wsfiles.users, "_verify", counting)
+    names = await defer.gatherResults([directory.authenticate(t) for t in tokens])
+    assert names == [f"user{i}" for i in range(6)]
+    assert most[0] <= wsfiles.users.SCRYPT_AT_ONCE == 2

@@ -193,6 +193,8 @@ class CommandSession:
         self._bucket = TokenBucket(settings.rate_limit, clock)
         self._stalled = False
         self._commands: Deferred = defer.succeed(None)
+        #: Commands accepted and not yet finished (the one running included).
+        self._unfinished = 0
         self._transfers: deque[Callable[[], Awaitable[None]]] = deque()
         self._transferring = False
         self._file_channel: FileChannel | None = None
@@ -282,9 +284,23 @@ class CommandSession:
 
     def _in_order(self, handler: Callable[[], Awaitable[None]], request_id: RequestId) -> Deferred:
         async def guarded() -> None:
-            await self._reporting_errors(handler, request_id)
+            try:
+                await self._reporting_errors(handler, request_id)
+            finally:
+                self._unfinished -= 1
 
-        self._commands.addCallback(lambda _: Deferred.fromCoroutine(guarded()))
+        self._unfinished += 1
+        if self._unfinished > 1:  # behind an earlier command: wait for it
+            self._commands.addCallback(lambda _: Deferred.fromCoroutine(guarded()))
+            return self._commands
+        # Nothing before it: run it now.  Most commands (a list, a refusal)
+        # finish without waiting for anything, and then no Deferred is needed.
+        command = guarded()
+        try:
+            command.send(None)
+        except StopIteration:
+            return self._commands  # fired: the chain stays idle
+        self._commands = Deferred.fromCoroutine(command)  # resumes where it waits
         return self._commands
 
     async def _reporting_errors(
@@ -308,13 +324,14 @@ class CommandSession:
             self._send_error(e.code, e.message, e.request_id)
             return
         op = message["op"]
-        _log.debug(
-            "command {op} from {client}: {name!r}",
-            op=op[:64],
-            client=self.client,
-            name=message.get("name"),
-            command=True,
-        )
+        if op != "list":  # read-only and the most frequent: a log line each would cost more
+            _log.debug(
+                "command {op} from {client}: {name!r}",
+                op=op[:64],
+                client=self.client,
+                name=message.get("name"),
+                command=True,
+            )
         handler = self._handlers.get(op)
         if handler is None:
             self._send_error(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)

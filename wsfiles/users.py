@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,6 +36,8 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 
 #: How many recently verified tokens are remembered (least recently used go first).
 VERIFIED_CACHE_SIZE = 1024
+#: scrypt checks running at once (each takes 16 MiB and a core); others queue.
+SCRYPT_AT_ONCE = 2
 
 
 class UsersFileError(Exception):
@@ -195,6 +197,7 @@ class UserDirectory:
         #: under an older version is answered but not remembered.
         self._generation = 0
         self._checking: dict[bytes, list[Deferred]] = {}
+        self._scrypt_slots = DeferredSemaphore(SCRYPT_AT_ONCE)
         #: How many scrypt checks ran (for tests and benchmarks).
         self.scrypt_checks = 0
 
@@ -267,7 +270,7 @@ class UserDirectory:
             _log.failure("could not check a token", failure)
             return False
 
-        d = threads.deferToThread(_verify, secret, entry.hashed)
+        d = self._scrypt_slots.run(threads.deferToThread, _verify, secret, entry.hashed)
         d.addErrback(failed)
         d.addCallback(checked)
         return waiter
