@@ -1,4 +1,5 @@
-"""Throughput and memory of a real wsfiles server, against Twisted's FTP server.
+"""Throughput and memory of a real wsfiles server, against Twisted's FTP server
+and a file server built on the ``websockets`` library.
 
 Run from the repository root (wsfiles must be installed, ``twistd wsfiles``
 must work)::
@@ -10,27 +11,31 @@ In one run it:
 
 1. writes a file of ``--size`` bytes (default 1G; K/M/G are powers of 1024)
    into a temporary folder;
-2. starts ``twistd --nodaemon --pidfile= --logfile=- wsfiles --listen
-   tcp:0:interface=127.0.0.1 ...`` and the FTP baseline (bench/_ftp_server.py,
-   Twisted's ``twisted.protocols.ftp``) as subprocesses on 127.0.0.1;
+2. starts three servers as subprocesses on 127.0.0.1: ``twistd --nodaemon
+   --pidfile= --logfile=- wsfiles --listen tcp:0:interface=127.0.0.1 ...``,
+   Twisted's FTP server (bench/_ftp_server.py, ``twisted.protocols.ftp``) and
+   the websockets-library file server (bench/_websockets_peer.py, which
+   streams, hashes, fsyncs and renames like wsfiles does);
 3. per run, uploads and downloads the file with the project's client
    (``wsfiles.client``, on the Twisted reactor of this process), then STORs and
-   RETRs it with ``ftplib`` (256 KiB blocks), timing each transfer and checking
-   every downloaded copy's SHA-256 against the source;
-4. reads the wsfiles server's peak resident set (VmHWM in /proc/PID/status)
+   RETRs it with ``ftplib`` (256 KiB blocks), then sends and receives it with
+   the websockets library's client (128 KiB frames), timing each transfer and
+   checking every downloaded copy's SHA-256 against the source;
+4. reads each server's peak resident set (VmHWM in /proc/PID/status)
    after the last transfer, before stopping it;
-5. prints the best of ``--runs`` for each direction, the wsfiles/FTP ratios and
-   PASS/FAIL against the targets (server peak RSS < 100 MB; wsfiles at least
-   0.7x FTP each way).
+5. prints the best of ``--runs`` for each direction and peer, the ratios of
+   wsfiles to each baseline and PASS/FAIL against the targets (server peak RSS
+   < 100 MB; wsfiles at least 1.0x each baseline each way), each also as a
+   ``RESULT {json}`` line for bench/run_all.py.
 
 Each transfer is also shown with the CPU seconds the server, this process (the
 client) and all other processes used meanwhile: CPU close to the wall time
 says which end is the bottleneck, and a large "others" says the machine was
 busy and the figures are skewed.  Each run deletes the previous run's copies
-first, so every upload creates a new file on both servers.
+first, so every upload creates a new file on every server.
 
 MB means 10^6 bytes throughout.  Only 127.0.0.1 is used, every wait has a
-bound, and both servers and the temporary files are removed at the end, also
+bound, and the servers and the temporary files are removed at the end, also
 on errors or Ctrl-C.  The exit status is 0 when the measurements completed
 (whatever the targets say), 1 when the benchmark itself failed.  Linux only
 (/proc).
@@ -48,11 +53,12 @@ import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
+import _websockets_peer as websockets_peer
 from _common import (
     GIB,
     LOOPBACK,
@@ -63,18 +69,16 @@ from _common import (
     cpu_seconds,
     header,
     machine_busy_seconds,
+    print_result,
     read_status_kib,
     run_on_reactor,
     sha256_of,
     twistd_wsfiles,
-    verdict,
 )
 from twisted.internet import threads
 
 from wsfiles.client import connect
 from wsfiles.sizes import parse_size
-
-T = TypeVar("T")
 
 FTP_BLOCK = 256 * 1024
 CONNECT_TIMEOUT = 30.0
@@ -83,11 +87,16 @@ FTP_PASSWORD = "bench"
 FILE_NAME = "bench.bin"
 
 RSS_TARGET_MB = 100.0
-RATIO_TARGET = 0.7
+RATIO_TARGET = 1.0
 #: Other processes' CPU, in CPUs, above which the report warns about a busy machine.
 BUSY_MACHINE = 0.2
 
-FTP_READY = re.compile(r"ftp listening on 127\.0\.0\.1:(\d+)")
+BENCH = Path(__file__).resolve().parent
+READY = {
+    "wsfiles": WSFILES_READY,
+    "FTP": re.compile(r"ftp listening on 127\.0\.0\.1:(\d+)"),
+    "websockets": re.compile(r"websockets listening on 127\.0\.0\.1:(\d+)"),
+}
 
 
 # -- files ---------------------------------------------------------------
@@ -172,14 +181,11 @@ class Stopwatch:
         return Transfer(wall, server, client, max(0.0, busy - server - client))
 
 
-@dataclass(frozen=True)
-class Round:
-    """The four transfers of one run."""
+#: The servers measured, in the order they run; the first is the one under test.
+PEERS = ("wsfiles", "FTP", "websockets")
 
-    ws_up: Transfer
-    ws_down: Transfer
-    ftp_up: Transfer
-    ftp_down: Transfer
+#: One run: (upload, download) per peer.
+Round = dict[str, tuple[Transfer, Transfer]]
 
 
 async def wsfiles_round(
@@ -234,9 +240,23 @@ def ftp_round(
     return up, down
 
 
+def websockets_round(
+    server: ServerProcess, source: Path, sink: Path, expected: str, timeout: float
+) -> tuple[Transfer, Transfer]:
+    """Upload then download with the websockets library's client (blocking: a thread)."""
+    watch = Stopwatch(server.pid)
+    watch.start()
+    websockets_peer.upload(server.port, source, FILE_NAME, timeout)
+    up = watch.stop()
+    watch.start()
+    websockets_peer.download(server.port, FILE_NAME, sink, timeout)
+    down = watch.stop()
+    check_copy("websockets download", sink, expected)
+    return up, down
+
+
 async def measure(
-    ws: ServerProcess,
-    ftp: ServerProcess,
+    servers: dict[str, ServerProcess],
     source: Path,
     work: Path,
     expected: str,
@@ -249,60 +269,78 @@ async def measure(
     for number in range(1, runs + 1):
         # Every run stores a new file: overwriting the previous run's copy
         # would add the cost of freeing its pages to the upload's time.
-        for root in ("ws-root", "ftp-root"):
-            (work / root / FILE_NAME).unlink(missing_ok=True)
-        ws_up, ws_down = await wsfiles_round(
-            ws, source, work / "ws-copy.bin", expected, timeout, reactor
+        for peer in PEERS:
+            (work / f"{peer}-root" / FILE_NAME).unlink(missing_ok=True)
+        result: Round = {}
+        copy = work / "copy.bin"
+        result["wsfiles"] = await wsfiles_round(
+            servers["wsfiles"], source, copy, expected, timeout, reactor
         )
-        ftp_up, ftp_down = await threads.deferToThread(
-            ftp_round, ftp, source, work / "ftp-copy.bin", expected, timeout
+        result["FTP"] = await threads.deferToThread(
+            ftp_round, servers["FTP"], source, copy, expected, timeout
         )
-        result = Round(ws_up, ws_down, ftp_up, ftp_down)
+        result["websockets"] = await threads.deferToThread(
+            websockets_round, servers["websockets"], source, copy, expected, timeout
+        )
         rounds.append(result)
         print(f"run {number}:", flush=True)
-        for label, transfer in (
-            ("wsfiles up", ws_up),
-            ("wsfiles down", ws_down),
-            ("FTP up", ftp_up),
-            ("FTP down", ftp_down),
-        ):
-            print(f"  {label:13}{transfer.describe(size)}", flush=True)
+        for peer in PEERS:
+            for direction, transfer in zip(("up", "down"), result[peer], strict=True):
+                print(f"  {peer + ' ' + direction:16}{transfer.describe(size)}", flush=True)
     return rounds
 
 
 # -- report --------------------------------------------------------------
 
 
-def report(
-    size: int, rounds: list[Round], ws_hwm_kib: int, ftp_hwm_kib: int, client_kib: int
-) -> None:
-    def best(pick: Callable[[Round], Transfer]) -> float:
-        return min(pick(r).seconds for r in rounds)
+def size_label(size: int) -> str:
+    for unit, scale in (("GiB", GIB), ("MiB", 1024 * 1024), ("KiB", 1024)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale} {unit}"
+    return f"{size} bytes"
 
-    ws_up, ws_down = best(lambda r: r.ws_up), best(lambda r: r.ws_down)
-    ftp_up, ftp_down = best(lambda r: r.ftp_up), best(lambda r: r.ftp_down)
-    rss_mb = ws_hwm_kib * 1024 / MB
+
+def report(size: int, rounds: list[Round], peak_kib: dict[str, int], client_kib: int) -> None:
+    def best(peer: str, direction: int) -> float:
+        """The fastest run's seconds."""
+        return min(r[peer][direction].seconds for r in rounds)
+
     print()
     print(f"best of {len(rounds)} run(s), {size} bytes, MB = 10^6 bytes")
-    print(f"{'':10} {'wsfiles':>12} {'FTP':>12} {'wsfiles/FTP':>12}   target")
-    for label, ws_s, ftp_s in (("upload", ws_up, ftp_up), ("download", ws_down, ftp_down)):
-        ratio = ftp_s / ws_s  # (size / ws_s) / (size / ftp_s)
+    print(f"{'':10}" + "".join(f"{peer:>16}" for peer in PEERS))
+    for direction, label in enumerate(("upload", "download")):
         print(
-            f"{label:10} {size / ws_s / MB:7.1f} MB/s {size / ftp_s / MB:7.1f} MB/s"
-            f" {ratio:11.3g}x   >= {RATIO_TARGET}x  {verdict(ratio >= RATIO_TARGET)}"
+            f"{label:10}"
+            + "".join(f"{size / best(peer, direction) / MB:11.1f} MB/s" for peer in PEERS)
         )
-    print(
-        f"wsfiles server peak RSS (VmHWM): {rss_mb:.1f} MB ({ws_hwm_kib} kB)"
-        f"   target < {RSS_TARGET_MB:g} MB  {verdict(rss_mb < RSS_TARGET_MB)}"
+    print()
+    for direction, label in enumerate(("upload", "download")):
+        ours = best("wsfiles", direction)
+        for baseline in PEERS[1:]:
+            theirs = best(baseline, direction)
+            ratio = theirs / ours  # (size / ours) / (size / theirs)
+            print_result(
+                f"{size_label(size)} {label}, wsfiles vs {baseline}",
+                f"{ratio:.2f}x ({size / ours / MB:.0f} vs {size / theirs / MB:.0f} MB/s)",
+                f">= {RATIO_TARGET:g}x",
+                ratio >= RATIO_TARGET,
+            )
+    rss_mb = peak_kib["wsfiles"] * 1024 / MB
+    print_result(
+        f"server peak RSS moving {size_label(size)}",
+        f"{rss_mb:.1f} MB",
+        f"< {RSS_TARGET_MB:g} MB",
+        rss_mb < RSS_TARGET_MB,
     )
+    others = ", ".join(f"{peer} server {peak_kib[peer] * 1024 / MB:.1f} MB" for peer in PEERS[1:])
     print(
-        f"for comparison: FTP server peak RSS {ftp_hwm_kib * 1024 / MB:.1f} MB,"
-        f" benchmark (client) process peak RSS {client_kib * 1024 / MB:.1f} MB"
+        f"for comparison, peak RSS: {others},"
+        f" benchmark (client) process {client_kib * 1024 / MB:.1f} MB"
     )
-    transfers = [t for r in rounds for t in (r.ws_up, r.ws_down, r.ftp_up, r.ftp_down)]
-    others = sum(t.other_cpu for t in transfers) / sum(t.seconds for t in transfers)
-    print(f"other processes kept {others:.0%} of one CPU busy during the transfers", end="")
-    print(": the machine was not quiet, figures are skewed" if others > BUSY_MACHINE else "")
+    transfers = [t for r in rounds for pair in r.values() for t in pair]
+    busy = sum(t.other_cpu for t in transfers) / sum(t.seconds for t in transfers)
+    print(f"other processes kept {busy:.0%} of one CPU busy during the transfers", end="")
+    print(": the machine was not quiet, figures are skewed" if busy > BUSY_MACHINE else "")
 
 
 # -- main ----------------------------------------------------------------
@@ -343,38 +381,46 @@ def main(argv: list[str]) -> int:
     header()
     with tempfile.TemporaryDirectory(prefix="wsfiles-bench-") as temp:
         work = Path(temp)
-        for folder in ("ws-root", "ftp-root"):
-            (work / folder).mkdir()
+        for peer in PEERS:
+            (work / f"{peer}-root").mkdir()
         source = work / "source.bin"
         with announced(f"writing a {size}-byte source file"):
             expected = make_source(source, size)
-        ws_argv = twistd_wsfiles(
-            work / "ws-root", "--max-size", "2G" if size <= 2 * GIB else str(size)
-        )
-        ftp_argv = [
-            sys.executable, str(Path(__file__).with_name("_ftp_server.py")),
-            str(work / "ftp-root"), FTP_USER, FTP_PASSWORD,
-        ]  # fmt: skip
-        print(f"wsfiles server: {shlex.join(ws_argv)}")
-        print(f"FTP server: {shlex.join(ftp_argv)}", flush=True)
-        ws = ServerProcess("wsfiles", ws_argv, WSFILES_READY)
-        ftp = ServerProcess("ftp", ftp_argv, FTP_READY)
-        with ws, ftp:
+        argv = {
+            "wsfiles": twistd_wsfiles(
+                work / "wsfiles-root", "--max-size", "2G" if size <= 2 * GIB else str(size)
+            ),
+            "FTP": [
+                sys.executable, str(BENCH / "_ftp_server.py"),
+                str(work / "FTP-root"), FTP_USER, FTP_PASSWORD,
+            ],
+            "websockets": [
+                sys.executable, str(BENCH / "_websockets_peer.py"), str(work / "websockets-root")
+            ],
+        }  # fmt: skip
+        for peer in PEERS:
+            print(f"{peer} server: {shlex.join(argv[peer])}", flush=True)
+        with contextlib.ExitStack() as stack:
+            servers = {
+                peer: stack.enter_context(ServerProcess(peer, argv[peer], READY[peer]))
+                for peer in PEERS
+            }
+            ws = servers["wsfiles"]
             idle_kib = read_status_kib(ws.pid, "VmRSS")
             print(f"wsfiles server: pid {ws.pid}, port {ws.port}, idle RSS {idle_kib} kB")
             try:
                 rounds = run_on_reactor(
                     lambda reactor: measure(
-                        ws, ftp, source, work, expected, args.runs, args.timeout, reactor
+                        servers, source, work, expected, args.runs, args.timeout, reactor
                     )
                 )
             except BaseException:
-                print(ws.recent_output() + ftp.recent_output(), file=sys.stderr)
+                for server in servers.values():
+                    print(server.recent_output(), file=sys.stderr)
                 raise
-            ws_hwm = read_status_kib(ws.pid, "VmHWM")
-            ftp_hwm = read_status_kib(ftp.pid, "VmHWM")
+            peak_kib = {peer: read_status_kib(servers[peer].pid, "VmHWM") for peer in PEERS}
         client_hwm = read_status_kib(os.getpid(), "VmHWM")
-    report(size, rounds, ws_hwm, ftp_hwm, client_hwm)
+    report(size, rounds, peak_kib, client_hwm)
     return 0
 
 

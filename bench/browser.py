@@ -1,0 +1,913 @@
+"""The web page's throughput and memory in headless Chromium, against the Python client.
+
+Run from the repository root (wsfiles installed, Debian's ``/usr/bin/chromium``
+and the ``playwright`` package present; never ``playwright install``)::
+
+    python bench/browser.py                  # 1 GiB each way (about 1-2 minutes)
+    python bench/browser.py --size 64M       # quick
+
+In one invocation it:
+
+1. writes a file of ``--size`` bytes (default 1G; K/M/G are powers of 1024)
+   into a temporary folder;
+2. starts ``twistd --nodaemon --pidfile= --logfile=- wsfiles --listen
+   tcp:0:interface=127.0.0.1 ...`` as a subprocess (the command line is
+   printed);
+3. baseline: uploads then downloads the file with the project's Python client
+   (``wsfiles.client``, on the Twisted reactor of this process), timed the way
+   bench/throughput.py times it;
+4. launches headless Chromium (Playwright's sync API, flags from
+   /work/shared/FIELD-NOTES.md), opens the page at ``/`` and, through the page
+   as a person would: picks the file in the file input (the page sends
+   256 KiB ``File.slice()``s as a protocol 1.1 ``chunked`` save, paced by
+   ``bufferedAmount``), then clicks the file's Download button (the page
+   receives the file as one WebSocket message, a Blob, and hands it to the
+   browser's download manager through an object URL; Playwright's
+   ``download`` event gives the saved file);
+5. checks the SHA-256 of the uploaded file on the server's disk and of the
+   downloaded file against the source's;
+6. prints MB/s each way for the page and for the Python client and their ratio
+   (page / Python client; no target, it is the same-run baseline), and the
+   page's memory before, at peak during, and after each transfer.
+
+Upload time runs from handing the file to the file input until the page shows
+the upload finished (the server's ``ack``: stored and fsynced).  Download
+time runs from the click until the browser has written the file to disk; the
+time until the page has the whole Blob ("received") is shown as well.  Page
+state is polled every 50 ms, so times are exact to about that.
+
+Memory: a thread reads the resident set (VmRSS) of every Chromium process
+started by this benchmark from /proc every 100 ms, grouped as the page's
+renderer(s) (``--type=renderer``), the browser process (where Chromium keeps
+Blob data), the network service, and all of Chromium together (a sum of RSS,
+so pages shared between processes count more than once); the peak also comes
+from VmHWM, which is reset through /proc/PID/clear_refs before each transfer,
+so no peak between two samples is missed.  The page's JS heap (used and
+total) is read through the DevTools protocol (``Performance.getMetrics``)
+about every 250 ms while the page works.  "before" is read after a forced
+garbage collection (``HeapProfiler.collectGarbage``), "after" likewise once
+the transfer has finished.
+
+Targets: the page's memory stays flat, i.e. does not grow with the file.  A
+transfer passes when the peak increase over "before" of the renderer's RSS is
+under 25% of the file size and so is that of all of Chromium together (so
+neither the page nor the browser holds the whole file for it).  What Chromium
+does on its own is reported, not excused: a whole WebSocket message is
+delivered to JavaScript in one piece, so a download, one message by protocol,
+is held whole somewhere in the browser unless the server can send a file in
+several messages.
+
+MB means 10^6 bytes throughout.  Only 127.0.0.1 is used; every wait has a
+bound (a watchdog kills this benchmark's Chromium if a Playwright call
+outlives the whole budget); the server, the browser and the temporary folder
+are removed at the end, also on errors or Ctrl-C.  The exit status is 0 when
+the measurements completed (whatever the targets say), 1 when the benchmark
+itself failed.  Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    GIB,
+    LOOPBACK,
+    MB,
+    ServerProcess,
+    bounded,
+    header,
+    print_result,
+    run_on_reactor,
+    sha256_of,
+    twistd_wsfiles,
+)
+
+from wsfiles.client import connect
+from wsfiles.sizes import parse_size
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+PAGE_FILE = "browser-bench.bin"  # the page uploads the file under its own name
+PYTHON_FILE = "python-bench.bin"
+CONNECT_TIMEOUT = 30.0
+PAGE_TIMEOUT = 30.0  # page loads, clicks, CDP calls
+#: How often the page's state (and its JS heap) is looked at during a transfer.
+POLL_SECONDS = 0.05
+HEAP_EVERY_SECONDS = 0.25
+RSS_EVERY_SECONDS = 0.1
+#: How often the Chromium process list is read again.
+RESCAN_SECONDS = 0.5
+RELEASE_POLL_SECONDS = 1.0
+#: A transfer passes when the page's memory rises by less than this share of the file.
+FLAT_SHARE = 0.25
+
+
+# -- files ---------------------------------------------------------------
+
+
+def make_source(path: Path, size: int) -> str:
+    """Write ``size`` random-ish bytes to ``path``; return their SHA-256."""
+    pool = os.urandom(8 * 1024 * 1024)
+    digest = hashlib.sha256()
+    remaining = size
+    counter = 0
+    with path.open("wb") as f:
+        while remaining:
+            # Vary each block a little so no two 8 MiB blocks are identical.
+            block = (counter.to_bytes(8, "little") + pool[8:])[:remaining]
+            f.write(block)
+            digest.update(block)
+            remaining -= len(block)
+            counter += 1
+    return digest.hexdigest()
+
+
+def check(what: str, path: Path, expected: str) -> str:
+    actual = sha256_of(path)
+    if actual != expected:
+        raise RuntimeError(f"{what}: SHA-256 {actual} differs from the source's {expected}")
+    return f"{what}: SHA-256 matches ({actual[:16]}...)"
+
+
+# -- Chromium's processes --------------------------------------------------
+
+
+def _parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (Playwright's driver, Chromium and its children)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            parent = _parent_pid(int(name))
+            if parent is not None:
+                children.setdefault(parent, []).append(int(name))
+    found: list[int] = []
+    todo = list(children.get(root, []))
+    while todo:  # bounded: a process tree has no cycles, and each pid is seen once
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def chromium_kind(pid: int) -> str | None:
+    """``browser``, ``renderer``, ``network``, ``other`` for a Chromium process; else None."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().rstrip(b"\0").split(b"\0")
+    except OSError:
+        return None
+    if len(argv) == 1:  # Chromium's child processes rewrite theirs as one string
+        argv = argv[0].split(b" ")
+    if not argv or not argv[0].endswith(b"/chromium"):
+        return None  # Playwright's node driver, or Debian's /usr/bin/chromium shell wrapper
+    kind = next((a[7:] for a in argv if a.startswith(b"--type=")), None)
+    if kind is None:
+        return "browser"
+    if kind == b"renderer":
+        return "renderer"
+    if kind == b"utility" and any(b"NetworkService" in a for a in argv):
+        return "network"
+    return "other"
+
+
+def status_kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in fields:
+                    out[key] = int(value.split()[0])
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+KINDS = ("renderer", "browser", "network", "total")
+
+
+@dataclass
+class Memory:
+    """Bytes per kind of Chromium process (``total``: all of them), and the JS heap."""
+
+    rss: dict[str, int] = field(default_factory=dict)
+    js_used: int = 0
+    js_total: int = 0
+
+
+class ChromiumMemory:
+    """Samples the RSS of this benchmark's Chromium processes on a thread."""
+
+    def __init__(self) -> None:
+        self._processes: dict[int, str] = {}
+        self._scanned = 0.0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.peak: dict[str, int] = {}
+        self.samples = 0
+
+    def rescan(self) -> None:
+        found = {}
+        for pid in descendants(os.getpid()):
+            kind = chromium_kind(pid)
+            if kind is not None:
+                found[pid] = kind
+        self._processes = found
+        self._scanned = time.monotonic()
+
+    def browser_pids(self) -> list[int]:
+        return list(self._processes)
+
+    def read(self, field_name: str = "VmRSS") -> dict[str, int]:
+        if time.monotonic() - self._scanned > RESCAN_SECONDS:
+            self.rescan()
+        sums = dict.fromkeys(KINDS, 0)
+        for pid, kind in list(self._processes.items()):
+            value = status_kib(pid, (field_name,)).get(field_name, 0) * 1024
+            if kind in sums:
+                sums[kind] += value
+            sums["total"] += value
+        return sums
+
+    def reset_peaks(self) -> bool:
+        """Reset every process's VmHWM (clear_refs 5); False where the kernel refused."""
+        ok = True
+        self.rescan()
+        for pid in self._processes:
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                ok = False
+        return ok
+
+    def hwm(self) -> dict[str, int]:
+        """Peak RSS per kind since ``reset_peaks`` (a sum of per-process peaks)."""
+        return self.read("VmHWM")
+
+    def _run(self) -> None:
+        while not self._stop.wait(RSS_EVERY_SECONDS):
+            now = self.read()
+            with self._lock:
+                self.samples += 1
+                for kind, value in now.items():
+                    self.peak[kind] = max(self.peak.get(kind, 0), value)
+
+    @contextlib.contextmanager
+    def sampling(self) -> Iterator[None]:
+        with self._lock:
+            self.peak = {}
+            self.samples = 0
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+        self._thread.start()
+        try:
+            yield
+        finally:
+            self._stop.set()
+            self._thread.join(5)
+
+
+class Watchdog:
+    """Kills this benchmark's Chromium if the whole budget runs out (a hung call returns)."""
+
+    def __init__(self, memory: ChromiumMemory, seconds: float) -> None:
+        self._memory = memory
+        self.fired = False
+        self._timer = threading.Timer(seconds, self._fire)
+        self._timer.daemon = True
+
+    def _fire(self) -> None:
+        self.fired = True
+        print("watchdog: the browser part overran its budget; killing Chromium", file=sys.stderr)
+        self._memory.rescan()
+        for pid in self._memory.browser_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def __enter__(self) -> Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._timer.cancel()
+
+
+# -- Chromium over the DevTools protocol ---------------------------------------
+
+
+#: The DevTools events kept (a download's progress events are dropped but for its end).
+KEPT_EVENTS = frozenset(
+    {"Browser.downloadWillBegin", "Browser.downloadProgress", "Runtime.exceptionThrown"}
+)
+
+
+class CdpError(RuntimeError):
+    pass
+
+
+def _high_fd(fd: int) -> int:
+    """``fd`` moved to 10 or above, so the shell can place the pipe on 3 and 4 freely."""
+    high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return high
+
+
+class Chromium:
+    """Headless Chromium driven over ``--remote-debugging-pipe`` (fds 3 and 4).
+
+    Not Playwright: Playwright enables the DevTools ``Network`` domain on every
+    page, and Chromium then copies every WebSocket message, base64-encoded, into
+    a DevTools event: CPU for every upload slice, and a 256 MiB download made
+    Playwright's driver run out of memory.  This client enables only what it
+    uses (Page, Runtime, Performance).
+    """
+
+    def __init__(self, profile: Path, downloads: Path, extra_args: list[str]) -> None:
+        to_chrome_r, to_chrome_w = (_high_fd(fd) for fd in os.pipe())
+        from_chrome_r, from_chrome_w = (_high_fd(fd) for fd in os.pipe())
+        # bash (dash takes single-digit fds only) puts the pipe on fds 3 and 4 for Chromium.
+        script = (
+            f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w}'
+            f" {to_chrome_r}<&- {from_chrome_w}>&-"
+        )
+        argv = [
+            CHROMIUM, *CHROMIUM_ARGS, *extra_args, "--headless", "--remote-debugging-pipe",
+            f"--user-data-dir={profile}", "--no-default-browser-check", "about:blank",
+        ]  # fmt: skip
+        self.argv = argv
+        self.process = subprocess.Popen(
+            ["/bin/bash", "-c", script, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(to_chrome_r, from_chrome_w),
+            start_new_session=True,  # Ctrl-C reaches us only; we stop it
+        )
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self._out = os.fdopen(to_chrome_w, "wb", buffering=0)
+        self._in = from_chrome_r
+        self._next_id = 0
+        self._cond = threading.Condition()
+        self._replies: dict[int, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._eof = False
+        self._reader = threading.Thread(target=self._read, name="cdp-reader", daemon=True)
+        self._reader.start()
+        self.downloads = downloads
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def _read(self) -> None:
+        parts: list[bytes] = []  # of the message being read (joined once: no quadratic copy)
+        try:
+            while chunk := os.read(self._in, 1 << 20):
+                while (end := chunk.find(b"\0")) >= 0:
+                    parts.append(chunk[:end])
+                    chunk = chunk[end + 1 :]
+                    self._dispatch(json.loads(b"".join(parts)))
+                    parts = []
+                if chunk:
+                    parts.append(chunk)
+        finally:
+            with self._cond:
+                self._eof = True
+                self._cond.notify_all()
+            os.close(self._in)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        with self._cond:
+            if "id" in message:
+                self._replies[message["id"]] = message
+            elif (
+                message.get("method") in KEPT_EVENTS
+                and message["params"].get("state") != "inProgress"
+            ):
+                self.events.append(message)
+            self._cond.notify_all()
+
+    def send(
+        self,
+        method: str,
+        params: dict[str, Any] | None = None,
+        session: str | None = None,
+        timeout: float = PAGE_TIMEOUT,
+    ) -> dict[str, Any]:
+        with self._cond:
+            self._next_id += 1
+            request_id = self._next_id
+        message: dict[str, Any] = {"id": request_id, "method": method, "params": params or {}}
+        if session is not None:
+            message["sessionId"] = session
+        try:
+            self._out.write(json.dumps(message).encode() + b"\0")
+        except OSError as e:
+            raise CdpError(f"{method}: Chromium is gone ({e})") from None
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while request_id not in self._replies:  # bounded by the deadline
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    why = "Chromium exited" if self._eof else f"no answer within {timeout:g} s"
+                    raise CdpError(f"{method}: {why}")
+                self._cond.wait(remaining)
+            reply = self._replies.pop(request_id)
+        if "error" in reply:
+            raise CdpError(f"{method}: {reply['error']}")
+        return reply.get("result", {})
+
+    def wait_event(
+        self, method: str, match: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
+        """The first event ``method`` (received so far or later) whose params ``match``."""
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:  # bounded by the deadline
+                for event in self.events[seen:]:
+                    if event.get("method") == method and match(event.get("params", {})):
+                        return event["params"]
+                seen = len(self.events)
+                remaining = deadline - time.monotonic()
+                if self._eof or remaining <= 0:
+                    why = "Chromium exited" if self._eof else f"not within {timeout:g} s"
+                    raise CdpError(f"waiting for {method}: {why}")
+                self._cond.wait(remaining)
+
+    def errors(self) -> list[str]:
+        with self._cond:
+            return [
+                json.dumps(e["params"].get("exceptionDetails", {}))[:500]
+                for e in self.events
+                if e.get("method") == "Runtime.exceptionThrown"
+            ]
+
+    def close(self) -> None:
+        """Browser.close, bounded; kill Chromium's process group if it lingers."""
+        if self.process.poll() is None:
+            with contextlib.suppress(CdpError):
+                self.send("Browser.close", timeout=5)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(OSError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        with contextlib.suppress(OSError):
+            self._out.close()
+        self._reader.join(5)
+
+
+# -- the page ---------------------------------------------------------------
+
+#: The finished transfer item with this label: its stats text ("uploaded",
+#: "downloaded", "failed"), or null while it runs.
+FINISHED_JS = """(label) => {
+    for (const item of document.querySelectorAll('#transfers li.done')) {
+        if (item.querySelector('.label').textContent === label)
+            return item.querySelector('.stats').textContent;
+    }
+    return null;
+}"""
+
+#: Polls ``check(arg)`` in the page every POLL ms until it is truthy or MS ms pass.
+WAIT_JS = """new Promise((resolve) => {
+    const check = %s, arg = %s, end = performance.now() + %d;
+    (function poll() {
+        let value = null;
+        try { value = check(arg); } catch (e) { value = null; }
+        if (value || performance.now() > end) resolve(value || null);
+        else setTimeout(poll, %d);
+    })();
+})"""
+
+
+@dataclass
+class PagePhase:
+    """One transfer through the page: times and memory."""
+
+    seconds: float = 0.0
+    received_seconds: float = 0.0  # downloads: until the page had the whole Blob
+    before: Memory = field(default_factory=Memory)
+    peak: Memory = field(default_factory=Memory)
+    after: Memory = field(default_factory=Memory)
+    rss_samples: int = 0
+    heap_samples: int = 0
+    hwm_reset: bool = False
+    #: Seconds after the transfer until Chromium's memory was back near "before"
+    #: (None: not within the wait; NaN: not waited for).
+    released_after: float | None = math.nan
+    released: Memory = field(default_factory=Memory)
+
+
+class PageDriver:
+    def __init__(
+        self, chromium: Chromium, session: str, memory: ChromiumMemory, timeout: float
+    ) -> None:
+        self.chromium = chromium
+        self.session = session
+        self.memory = memory
+        self.timeout = timeout
+
+    def send(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
+        return self.chromium.send(method, params, self.session, **kw)
+
+    def evaluate(self, expression: str, timeout: float = PAGE_TIMEOUT) -> Any:
+        result = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            timeout=timeout,
+        )
+        if "exceptionDetails" in result:
+            raise CdpError(f"in the page: {result['exceptionDetails']}")
+        return result.get("result", {}).get("value")
+
+    def wait_for(self, check_js: str, arg: object, seconds: float) -> Any:
+        """The truthy value of ``check_js(arg)`` in the page, or None after ``seconds``."""
+        js = WAIT_JS % (check_js, json.dumps(arg), seconds * 1000, POLL_SECONDS * 1000)
+        return self.evaluate(js, timeout=seconds + PAGE_TIMEOUT)
+
+    def heap(self) -> tuple[int, int]:
+        metrics = {m["name"]: m["value"] for m in self.send("Performance.getMetrics")["metrics"]}
+        return int(metrics.get("JSHeapUsedSize", 0)), int(metrics.get("JSHeapTotalSize", 0))
+
+    def settled(self) -> Memory:
+        """Memory after a forced garbage collection in the page."""
+        self.send("HeapProfiler.collectGarbage")
+        used, total = self.heap()
+        return Memory(self.memory.read(), used, total)
+
+    def wait_released(self, before: Memory, size: int, bound: float) -> float | None:
+        """Seconds until all of Chromium is back within FLAT_SHARE of the file over ``before``.
+
+        The page revokes a download's object URL 60 s after the download, so
+        its Blob may stay alive until then.  Polls once a second (with a
+        garbage collection in the page), for at most ``bound`` seconds.
+        """
+        started = time.perf_counter()
+        while True:  # bounded by ``bound``
+            self.released = self.settled()
+            elapsed = time.perf_counter() - started
+            if self.released.rss["total"] - before.rss["total"] < FLAT_SHARE * size:
+                return elapsed
+            if elapsed > bound:
+                return None
+            time.sleep(RELEASE_POLL_SECONDS)  # a bounded poll of /proc: nothing to wait on
+
+    def set_input_file(self, selector: str, path: Path) -> None:
+        root = self.send("DOM.getDocument", {"depth": 0})["root"]["nodeId"]
+        node = self.send("DOM.querySelector", {"nodeId": root, "selector": selector})["nodeId"]
+        self.send("DOM.setFileInputFiles", {"files": [str(path)], "nodeId": node})
+
+    def click(self, selector: str) -> None:
+        """A real (trusted) mouse click in the middle of the element."""
+        box = self.evaluate(
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center'}); const r = e.getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        x, y = box
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": x, "y": y, "button": "left", "clickCount": 1},
+            )
+
+    def wait_finished(self, label: str, phase: PagePhase, started: float) -> str:
+        """Poll the page until the transfer ``label`` is done; sample the JS heap meanwhile."""
+        deadline = started + self.timeout
+        while True:  # bounded by the deadline
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{label}: not finished after {self.timeout:g} s")
+            used, total = self.heap()
+            phase.heap_samples += 1
+            phase.peak.js_used = max(phase.peak.js_used, used)
+            phase.peak.js_total = max(phase.peak.js_total, total)
+            outcome = self.wait_for(FINISHED_JS, label, HEAP_EVERY_SECONDS)
+            if outcome:
+                return str(outcome)
+
+    def transfer(
+        self, label: str, start: Callable[[], None], finish: Callable[[], None] | None = None
+    ) -> PagePhase:
+        """Time and watch one transfer: ``start`` it, wait for the page, then ``finish``."""
+        phase = PagePhase()
+        phase.before = self.settled()
+        phase.hwm_reset = self.memory.reset_peaks()
+        with self.memory.sampling():
+            started = time.perf_counter()
+            start()
+            outcome = self.wait_finished(label, phase, started)
+            phase.received_seconds = time.perf_counter() - started
+            if outcome not in ("uploaded", "downloaded"):
+                raise RuntimeError(f"{label}: the page says {outcome!r}")
+            if finish is not None:
+                finish()
+            phase.seconds = time.perf_counter() - started
+        hwm = self.memory.hwm() if phase.hwm_reset else {}
+        phase.peak.rss = {
+            kind: max(self.memory.peak.get(kind, 0), hwm.get(kind, 0)) for kind in KINDS
+        }
+        phase.rss_samples = self.memory.samples
+        phase.after = self.settled()
+        for m in (phase.before, phase.after):
+            phase.peak.js_used = max(phase.peak.js_used, m.js_used)
+            phase.peak.js_total = max(phase.peak.js_total, m.js_total)
+        return phase
+
+
+def browser_round(
+    url: str, source: Path, work: Path, timeout: float, options: argparse.Namespace
+) -> tuple[PagePhase, PagePhase, Path]:
+    """Upload then download ``source`` through the page; return both phases and the saved file."""
+    memory = ChromiumMemory()
+    downloads = work / "downloads"
+    downloads.mkdir()
+    chromium = Chromium(work / "profile", downloads, [])
+    try:
+        with Watchdog(memory, 2 * timeout + 120) as watchdog:
+            phases = drive_page(chromium, memory, url, source, timeout, options)
+        if watchdog.fired:
+            raise TimeoutError("the browser part overran its budget")
+        errors = chromium.errors()
+        if errors:
+            raise RuntimeError(f"errors in the page: {errors}")
+    finally:
+        chromium.close()
+    return phases
+
+
+def drive_page(
+    chromium: Chromium,
+    memory: ChromiumMemory,
+    url: str,
+    source: Path,
+    timeout: float,
+    options: argparse.Namespace,
+) -> tuple[PagePhase, PagePhase, Path]:
+    version = chromium.send("Browser.getVersion")["product"]
+    context: dict[str, str] = {}
+    if options.incognito:  # what Playwright's browser.new_context() makes
+        context = chromium.send("Target.createBrowserContext")
+    target = chromium.send("Target.createTarget", {"url": "about:blank", **context})["targetId"]
+    session = chromium.send("Target.attachToTarget", {"targetId": target, "flatten": True})[
+        "sessionId"
+    ]
+    chromium.send(
+        "Browser.setDownloadBehavior",
+        {
+            "behavior": "allowAndName",
+            "downloadPath": str(chromium.downloads),
+            "eventsEnabled": True,
+            **context,
+        },
+    )
+    driver = PageDriver(chromium, session, memory, timeout)
+    for domain in ("Page", "Runtime", "Performance"):
+        driver.send(f"{domain}.enable")
+    if options.devtools_network:
+        driver.send("Network.enable")
+    driver.send("Page.navigate", {"url": url})
+    if not driver.wait_for("() => !!document.querySelector('#status.ok')", None, PAGE_TIMEOUT):
+        raise TimeoutError(f"the page did not connect within {PAGE_TIMEOUT:g} s")
+    memory.rescan()
+    kinds = sorted(memory._processes.values())
+    print(
+        f"{version} (pid {chromium.pid}), {'incognito' if context else 'default'} profile,"
+        f" DevTools Network domain {'ON' if options.devtools_network else 'off'};"
+        f" processes: {', '.join(kinds)}",
+        flush=True,
+    )
+
+    up = driver.transfer("↑ " + PAGE_FILE, lambda: driver.set_input_file("#picker", source))
+    size = source.stat().st_size
+    print(f"page up            {size / up.seconds / MB:8.1f} MB/s  {up.seconds:6.2f} s", flush=True)
+
+    saved: list[Path] = []
+
+    def saved_by_browser() -> None:
+        begun = chromium.wait_event(
+            "Browser.downloadWillBegin", lambda p: p["suggestedFilename"] == PAGE_FILE, 30
+        )
+        guid = begun["guid"]
+        done = chromium.wait_event(
+            "Browser.downloadProgress",
+            lambda p: p["guid"] == guid and p["state"] != "inProgress",
+            timeout,
+        )
+        if done["state"] != "completed":
+            raise RuntimeError(f"the download ended {done['state']}")
+        saved.append(chromium.downloads / guid)
+
+    selector = f"#files tbody tr[data-name='{PAGE_FILE}'] button[data-action='download']"
+    # The list shows the new file once the server's `changed` event arrives.
+    if not driver.wait_for(f"() => !!document.querySelector({json.dumps(selector)})", None, 30):
+        raise TimeoutError(f"{PAGE_FILE} was not listed in the page within 30 s")
+    down = driver.transfer("↓ " + PAGE_FILE, lambda: driver.click(selector), saved_by_browser)
+    print(
+        f"page down          {size / down.seconds / MB:8.1f} MB/s  {down.seconds:6.2f} s"
+        f"  (whole Blob in the page after {down.received_seconds:.2f} s)",
+        flush=True,
+    )
+    if options.release_wait > 0:
+        down.released_after = driver.wait_released(down.before, size, options.release_wait)
+    return up, down, saved[0]
+
+
+# -- the Python client baseline ------------------------------------------------
+
+
+async def python_round(
+    port: int, source: Path, sink: Path, timeout: float, reactor: Any
+) -> tuple[float, float]:
+    client = await bounded(connect(f"ws://{LOOPBACK}:{port}", reactor=reactor), 30, reactor)
+    try:
+        with source.open("rb") as f:
+            started = time.perf_counter()
+            await bounded(client.upload(PYTHON_FILE, f), timeout, reactor)
+            up = time.perf_counter() - started
+        with sink.open("wb") as f:
+            started = time.perf_counter()
+            await bounded(client.download(PYTHON_FILE, f), timeout, reactor)
+            down = time.perf_counter() - started
+    finally:
+        await bounded(client.close(), CONNECT_TIMEOUT, reactor)
+    return up, down
+
+
+# -- report ----------------------------------------------------------------------
+
+
+def mb(value: float) -> str:
+    return f"{value / MB:9.1f}"
+
+
+def report_memory(label: str, phase: PagePhase, size: int) -> dict[str, float]:
+    """Print one transfer's memory table; return each kind's peak increase / file size."""
+    print(
+        f"{label} memory, MB        before      peak     after   peak-before  (% of file)"
+        f"   [{phase.rss_samples} RSS samples, {phase.heap_samples} heap samples,"
+        f" VmHWM {'reset' if phase.hwm_reset else 'NOT reset'}]"
+    )
+    shares: dict[str, float] = {}
+    rows = [(f"{kind} RSS", kind) for kind in KINDS]
+    for title, kind in rows:
+        before, peak, after = (m.rss.get(kind, 0) for m in (phase.before, phase.peak, phase.after))
+        rise = peak - before
+        shares[kind] = rise / size
+        print(
+            f"  {title:22}{mb(before)} {mb(peak)} {mb(after)} {mb(rise)}     ({rise / size:6.1%})"
+        )
+    for title, pick in (
+        ("JS heap used", lambda m: m.js_used),
+        ("JS heap total", lambda m: m.js_total),
+    ):
+        before, peak, after = pick(phase.before), pick(phase.peak), pick(phase.after)
+        print(
+            f"  {title:22}{mb(before)} {mb(peak)} {mb(after)} {mb(peak - before)}"
+            f"     ({(peak - before) / size:6.1%})"
+        )
+    return shares
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", default="1G", help="file size, e.g. 64M or 1G (default 1G)")
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds allowed per transfer (120)"
+    )
+    parser.add_argument(
+        "--release-wait",
+        type=float,
+        default=75.0,
+        help="seconds to watch for the download's memory to be given back (75; 0: skip)",
+    )
+    parser.add_argument(
+        "--incognito",
+        action="store_true",
+        help="run the page in an off-the-record context (as Playwright's new_context does)",
+    )
+    parser.add_argument(
+        "--devtools-network",
+        action="store_true",
+        help="enable the DevTools Network domain on the page (as Playwright does), to see its cost",
+    )
+    args = parser.parse_args(argv)
+    try:
+        args.size = parse_size(args.size)
+    except ValueError as e:
+        parser.error(f"--size: {e}")
+    if args.size < 1:
+        parser.error("--size must be at least 1 byte")
+    if not args.timeout > 0:
+        parser.error("--timeout must be positive")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    size: int = args.size
+    if not os.path.exists(CHROMIUM):
+        print(f"{CHROMIUM} is missing (apt-get install chromium)", file=sys.stderr)
+        return 1
+    header()
+    with tempfile.TemporaryDirectory(prefix="wsfiles-bench-browser-") as temp:
+        work = Path(temp)
+        root = work / "root"
+        root.mkdir()
+        source = work / PAGE_FILE
+        started = time.perf_counter()
+        print(f"writing a {size}-byte source file...", end=" ", flush=True)
+        expected = make_source(source, size)
+        print(f"{time.perf_counter() - started:.1f} s", flush=True)
+        argv_server = twistd_wsfiles(root, "--max-size", "2G" if size <= 2 * GIB else str(size))
+        print(f"wsfiles server: {shlex.join(argv_server)}", flush=True)
+        with ServerProcess("wsfiles", argv_server) as server:
+            print(f"wsfiles server: pid {server.pid}, port {server.port}", flush=True)
+            try:
+                copy = work / "python-copy.bin"
+                py_up, py_down = run_on_reactor(
+                    lambda reactor: python_round(server.port, source, copy, args.timeout, reactor)
+                )
+                print(f"python client up   {size / py_up / MB:8.1f} MB/s  {py_up:6.2f} s")
+                print(f"python client down {size / py_down / MB:8.1f} MB/s  {py_down:6.2f} s")
+                print(check("python client download", copy, expected))
+                copy.unlink()
+                (root / PYTHON_FILE).unlink()
+                up, down, saved = browser_round(
+                    f"http://{LOOPBACK}:{server.port}/", source, work, args.timeout, args
+                )
+            except BaseException:
+                print(server.recent_output(), file=sys.stderr)
+                raise
+            print(check("page upload, on the server's disk", root / PAGE_FILE, expected))
+            print(check("page download, as saved by Chromium", saved, expected))
+        print()
+        print(f"{size} bytes, MB = 10^6 bytes; the machine may be shared, figures are as measured")
+        for label, phase, python_s in (("upload", up, py_up), ("download", down, py_down)):
+            print_result(
+                f"browser {label} MB/s (page / python client)",
+                f"{size / phase.seconds / MB:.1f} MB/s vs {size / python_s / MB:.1f} MB/s"
+                f" = {python_s / phase.seconds:.3g}x",
+                "none (same-run baseline)",
+                None,
+            )
+        for label, phase in (("upload", up), ("download", down)):
+            shares = report_memory(label, phase, size)
+            for kind in ("renderer", "total"):
+                print_result(
+                    f"browser {label}: Chromium {kind} RSS peak increase",
+                    f"{(phase.peak.rss[kind] - phase.before.rss[kind]) / MB:.1f} MB"
+                    f" = {shares[kind]:.1%} of the {size / MB:.0f} MB file",
+                    f"< {FLAT_SHARE:.0%} of the file (flat)",
+                    shares[kind] < FLAT_SHARE,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(1)
