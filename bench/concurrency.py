@@ -32,20 +32,28 @@ Twisted reactor in this process, with the project's client (``wsfiles.client``):
    clients of a real deployment would; ``--anonymous`` runs them all as the
    anonymous client instead, with distinct file names in one folder, where every
    ``changed`` event lists every client's files to every client).  The
-   connection limits are raised to fit.  The clients connect 50 at a time
-   (Twisted's listen backlog is 50; every token is checked with scrypt on the
-   server's thread pool, so connecting is timed and costed apart).  Once all are
+   connection limits are raised to fit.  The clients connect in bounded batches
+   (``--connects-at-once``): 8 handshakes in flight with tokens, 50 anonymous.
+   Twisted's listen backlog is 50, and the server checks 2 tokens at a time
+   with scrypt (tens of ms each) while the client drops a handshake unanswered
+   after 5 s: at 50 in flight on a busy machine most connects timed out and the
+   server went on hashing for them.  Connecting is timed and costed apart; the
+   machine-wide listen-queue overflow counter is shown for each stage.  Once all are
    connected, every client at the same moment saves one file of random size
-   64 KiB to 1 MiB (seeded) and then gets it back.  Latency is measured per
-   command on the wire: save from sending ``save`` to its ``ack``, get from
-   sending ``get`` to its ``sent`` (the first file channel is opened within the
-   save, so its handshake counts there).  The downloaded bytes are compared
-   with the uploaded ones as they arrive, and afterwards every stored file under
-   the server's root is compared too.  Target: no error at all and every
-   SHA-256 right.  Aggregate MB/s is over the transfer window (first ``save``
-   sent to last ``get`` done), both ways together and each way.  The server's
-   peak RSS is read after connecting and (after a reset of the peak through
-   /proc/PID/clear_refs) again after the transfers; its CPU seconds are given
+   64 KiB to 1 MiB (seeded) and then gets it back.  The file channel the server
+   offers in each first save is opened holding one of 50 slots shared by all
+   clients (those are connects too, 1,000 at once otherwise; without the slots
+   most overflowed the backlog and failed in Autobahn's 5 s handshake timeout).
+   Latency is measured per command on the wire: save from sending ``save`` to
+   its ``ack``, get from sending ``get`` to its ``sent``; the save's includes
+   waiting for a slot and opening the file channel, both also shown apart.
+   The downloaded bytes are compared with the uploaded ones as they arrive, and
+   afterwards every stored file under the server's root is compared too.
+   Target: no error at all and every SHA-256 right.  Aggregate MB/s is over the
+   transfer window (first ``save`` sent to last ``get`` done), both ways
+   together and each way.  The server's peak RSS is read after connecting and
+   (after a reset of the peak through /proc/PID/clear_refs) again after the
+   transfers; its CPU seconds are given
    for each stage.
 
 Each target is printed as ``TARGET: FIGURE   target GOAL  PASS|FAIL`` and as a
@@ -178,6 +186,17 @@ def start_server(stack: contextlib.ExitStack, name: str, argv: list[str], log: P
 # -- helpers -------------------------------------------------------------------
 
 
+def listen_overflows() -> int:
+    """Machine-wide count of connections dropped because an accept queue was full."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(table.get("ListenOverflows", 0))
+    return 0
+
+
 def mb_of_kib(kib: int) -> str:
     return f"{kib * KIB / MB:.1f} MB"
 
@@ -227,6 +246,9 @@ class Probe:
         self.commands: list[tuple[str, int]] = []
         self.events = 0
         self.event_entries = 0
+        #: File-channel set-ups: seconds waiting for a slot, seconds to open.
+        self.channel_wait: list[float] = []
+        self.channel_open: list[float] = []
         send, received = client.send, client._received
 
         def timed_send(message: dict[str, Any]) -> int:
@@ -253,6 +275,29 @@ class Probe:
         """Seconds from the last ``op`` sent to its final answer."""
         request_id = next(rid for kind, rid in reversed(self.commands) if kind == op)
         return self.done_at[request_id] - self.sent_at[request_id]
+
+
+def gate_file_channel(client: WsfilesClient, gate: defer.DeferredSemaphore, probe: Probe) -> None:
+    """Open ``client``'s file channel only while holding one of ``gate``'s slots.
+
+    The client opens it when the server offers one, inside its first save: with
+    every client saving at once, that would be 1,000 connects at once against a
+    listen backlog of 50.
+    """
+    open_channel = client._open_file_channel
+
+    async def gated(path: str) -> None:
+        asked = time.monotonic()
+        await gate.acquire()
+        admitted = time.monotonic()
+        try:
+            await open_channel(path)
+        finally:
+            gate.release()
+        probe.channel_wait.append(admitted - asked)
+        probe.channel_open.append(time.monotonic() - admitted)
+
+    client._open_file_channel = gated  # type: ignore[method-assign]
 
 
 class CompareSink:
@@ -590,6 +635,10 @@ class CrowdOutcome:
     stored_matched: int = 0
     events: int = 0
     event_entries: int = 0
+    connect_overflows: int = 0
+    transfer_overflows: int = 0
+    channel_wait: list[float] = field(default_factory=list)
+    channel_open: list[float] = field(default_factory=list)
     save_latencies: list[float] = field(default_factory=list)
     get_latencies: list[float] = field(default_factory=list)
     server_log: str = ""
@@ -751,13 +800,20 @@ async def run_crowd(
     try:
         at_once = args.connects_at_once
         print(f"connecting {len(members)} clients, {at_once} at a time...", flush=True)
+        overflows = listen_overflows()
         with Meter(server.pid) as outcome.connect:
             await bounded(
                 connect_crowd(reactor, url, members, at_once, outcome),
                 connect_budget(args),
                 reactor,
             )
+        outcome.connect_overflows = listen_overflows() - overflows
         connected = [m for m in members if m.client is not None]
+        channel_gate = defer.DeferredSemaphore(CONNECTS_AT_ONCE)
+        for m in connected:
+            assert m.client is not None
+            assert m.probe is not None
+            gate_file_channel(m.client, channel_gate, m.probe)
         outcome.connected_rss_kib = read_status_kib(server.pid, "VmRSS")
         outcome.connect_hwm_kib = read_status_kib(server.pid, "VmHWM")
         outcome.hwm_reset = reset_peak_rss(server.pid)
@@ -766,6 +822,7 @@ async def run_crowd(
             " every client saves, then gets, all at once...",
             flush=True,
         )
+        overflows = listen_overflows()
         with Meter(server.pid) as outcome.transfer:
             await bounded(
                 defer.DeferredList(
@@ -774,6 +831,7 @@ async def run_crowd(
                 CROWD_OP_TIMEOUT * 2 + 30,
                 reactor,
             )
+        outcome.transfer_overflows = listen_overflows() - overflows
         outcome.transfer_hwm_kib = read_status_kib(server.pid, "VmHWM")
     finally:
         await close_all([m.client for m in connected if m.client is not None], reactor)
@@ -781,6 +839,8 @@ async def run_crowd(
         assert m.probe is not None
         outcome.events += m.probe.events
         outcome.event_entries += m.probe.event_entries
+        outcome.channel_wait += m.probe.channel_wait
+        outcome.channel_open += m.probe.channel_open
         if m.save_latency is not None:
             outcome.save_latencies.append(m.save_latency)
         if m.get_latency is not None:
@@ -825,6 +885,19 @@ def report_crowd(outcome: CrowdOutcome) -> None:
                 f" p99 {percentile(values, 0.99) * 1000:.1f} ms,"
                 f" max {max(values) * 1000:.1f} ms (n={len(values)})"
             )
+    for what, values in (
+        ("waiting for a file-channel slot", outcome.channel_wait),
+        ("opening the file channel", outcome.channel_open),
+    ):
+        if values:
+            print(
+                f"  within save, {what}: p50 {percentile(values, 0.5) * 1000:.1f} ms,"
+                f" p99 {percentile(values, 0.99) * 1000:.1f} ms (n={len(values)})"
+            )
+    print(
+        f"  listen queue overflows (machine-wide TcpExtListenOverflows): connecting"
+        f" {outcome.connect_overflows}, during save + get {outcome.transfer_overflows}"
+    )
     print(f"  changed events received: {outcome.events} listing {outcome.event_entries} files")
     reset = "reset after connecting" if outcome.hwm_reset else "could not be reset: whole run"
     print(
