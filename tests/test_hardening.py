@@ -270,3 +270,19 @@ async def test_reconnecting_with_a_token_skips_scrypt_and_wrong_tokens_still_get
     path.write_text("")
     status = await handshake_status(srv.url, "/command", {"Authorization": [f"Bearer {alice}"]})
     assert status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_command_channel_keeps_no_http_request_alive(server_factory):
+    """Memory per idle connection: the HTTP request that carried the handshake is freed."""
+    import gc
+
+    from twisted.web import http
+
+    srv = await server_factory()
+    for _ in range(3):
+        client = await srv.connect()
+        assert isinstance(await client.list(), list)
+    gc.collect()
+    channels = [obj for obj in gc.get_objects() if isinstance(obj, http.HTTPChannel)]
+    assert channels == []

@@ -111,6 +111,16 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         super().onOpen()
+        # Behind WebSocketResource the HTTPChannel stays registered as the
+        # transport's producer, which keeps it and its Request (headers and
+        # all) alive as long as the connection: about 3 kB each, for nothing.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        # Autobahn keeps the handshake (raw request, parsed headers, raw
+        # response) for the connection's life; only the handshake reads them.
+        self.http_headers = {}
+        self.http_request_data = b""
+        self.http_response_data = ""
         factory = self.factory
         client = self._client or ANONYMOUS
         self.session = CommandSession(
