@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
 from wsfiles.config import SUBPROTOCOL, Settings
+from wsfiles.masking import Unmasking
 from wsfiles.pairing import PairingRegistry
 from wsfiles.session import CommandSession
 from wsfiles.streaming import SEND_BUFFER, MessageFrames
@@ -23,7 +24,7 @@ from wsfiles.streaming import SEND_BUFFER, MessageFrames
 _log = Logger()
 
 
-class FileChannelProtocol(TrackedChannel, WebSocketServerProtocol):
+class FileChannelProtocol(TrackedChannel, Unmasking, WebSocketServerProtocol):
     """Translates file-channel frames into CommandSession calls."""
 
     channel_name = "file"
@@ -121,5 +122,6 @@ class FileChannelFactory(WebSocketServerFactory):
         # declared size as frames arrive.  Autobahn treats 0 as "unlimited".
         limit = max(settings.max_size, 1)
         self.setProtocolOptions(
-            **protocol_options(settings, maxMessagePayloadSize=limit, maxFramePayloadSize=limit)
+            **protocol_options(settings, maxMessagePayloadSize=limit, maxFramePayloadSize=limit),
+            applyMask=False,  # Unmasking does it, faster (wsfiles.masking)
         )

@@ -1,0 +1,120 @@
+"""wsfiles.masking: the file channel's own unmasking gives exactly what Autobahn's would."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import struct
+
+import pytest
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.xormasker import create_xor_masker
+from twisted.internet.testing import StringTransport
+
+from wsfiles import masking
+
+HANDSHAKE = (
+    b"GET / HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def pieces(data: bytes, rng: random.Random) -> list[bytes]:
+    cuts = sorted({0, len(data), *(rng.randrange(len(data)) for _ in range(6))})
+    return [data[a:b] for a, b in itertools.pairwise(cuts)]
+
+
+@pytest.fixture(params=["native", "python"])
+def native(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    if request.param == "native":
+        if not masking.NATIVE:
+            pytest.skip("Autobahn's native masker is not installed")
+        return True
+    monkeypatch.setattr(masking, "_lib", None)
+    return False
+
+
+def test_masking_matches_autobahn_across_uneven_pieces_and_frames(native: bool) -> None:
+    rng = random.Random(8)
+    masker = masking.Masker()
+    for size in (1, 3, 4, 5, 127, 4096, 100_003):
+        key = os.urandom(4)
+        data = os.urandom(size)
+        masker.rekey(key)
+        ours = b"".join(bytes(masker.process(piece)) for piece in pieces(data, rng))
+        assert ours == create_xor_masker(key, size).process(data)
+        # XOR is its own inverse: masking twice gives the data back.
+        masker.rekey(key)
+        assert bytes(masker.process(ours)) == data
+
+
+def test_a_key_must_be_four_bytes() -> None:
+    with pytest.raises(ValueError, match="4 bytes"):
+        masking.Masker(b"abc")
+
+
+class Recorder(masking.Unmasking, WebSocketServerProtocol):
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.append((payload, isBinary))
+
+
+class Transport(StringTransport):
+    def unregisterProducer(self) -> None:  # Autobahn unregisters on close, registered or not
+        self.producer = None
+
+
+def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
+    """A masked frame, as a client sends it."""
+    key = os.urandom(4)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if len(payload) < 126:
+        head += bytes([0x80 | len(payload)])
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", len(payload))
+    body = create_xor_masker(key, len(payload)).process(payload) if payload else b""
+    return head + key + body
+
+
+def opened() -> tuple[Recorder, Transport]:
+    factory = WebSocketServerFactory()
+    factory.setProtocolOptions(applyMask=False, webStatus=False, failByDrop=False)
+    protocol = Recorder()
+    protocol.messages = []
+    protocol.factory = factory
+    transport = Transport()
+    protocol.makeConnection(transport)
+    protocol._connectionMade()
+    protocol.dataReceived(HANDSHAKE)
+    assert protocol.state == protocol.STATE_OPEN
+    transport.clear()
+    return protocol, transport
+
+
+def test_unmasking_delivers_binary_text_and_fragmented_messages() -> None:
+    protocol, _ = opened()
+    data = os.urandom(300_000)
+    wire = frame(2, data[:70_000], fin=False) + frame(0, data[70_000:], fin=True)
+    wire += frame(1, "héllo".encode()) + frame(2, b"")
+    for start in range(0, len(wire), 65_536):  # as TCP delivers it, in pieces
+        protocol.dataReceived(wire[start : start + 65_536])
+    assert protocol.messages == [(data, True), ("héllo".encode(), False), (b"", True)]
+    assert protocol.state == protocol.STATE_OPEN
+
+
+def test_unmasking_answers_a_ping_with_its_payload_and_reads_a_close_reason() -> None:
+    protocol, transport = opened()
+    protocol.dataReceived(frame(9, b"are you there"))
+    assert transport.value() == bytes([0x8A, len(b"are you there")]) + b"are you there"
+    transport.clear()
+    protocol.dataReceived(frame(8, struct.pack("!H", 1000) + b"bye"))
+    assert protocol.remoteCloseCode == 1000
+    assert protocol.remoteCloseReason == "bye"
+
+
+def test_invalid_utf8_in_a_text_message_is_still_refused() -> None:
+    protocol, transport = opened()
+    protocol.dataReceived(frame(1, b"\xff\xfe"))
+    assert protocol.messages == []
+    # Autobahn fails the connection with 1007 (invalid frame payload data).
+    assert struct.pack("!H", 1007) in transport.value()
