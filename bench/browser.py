@@ -1,10 +1,12 @@
 """The web page's throughput and memory in headless Chromium, against the Python client.
 
 Run from the repository root (wsfiles installed, Debian's ``/usr/bin/chromium``
-and the ``playwright`` package present; never ``playwright install``)::
+present)::
 
-    python bench/browser.py                  # 1 GiB each way (about 1-2 minutes)
+    python bench/browser.py                  # 1 GiB each way (about 2-3 minutes)
     python bench/browser.py --size 64M       # quick
+    python bench/browser.py --size 256M --incognito         # as Playwright's contexts
+    python bench/browser.py --size 256M --devtools-network  # as under Playwright
 
 In one invocation it:
 
@@ -14,55 +16,65 @@ In one invocation it:
    tcp:0:interface=127.0.0.1 ...`` as a subprocess (the command line is
    printed);
 3. baseline: uploads then downloads the file with the project's Python client
-   (``wsfiles.client``, on the Twisted reactor of this process), timed the way
-   bench/throughput.py times it;
-4. launches headless Chromium (Playwright's sync API, flags from
-   /work/shared/FIELD-NOTES.md), opens the page at ``/`` and, through the page
-   as a person would: picks the file in the file input (the page sends
-   256 KiB ``File.slice()``s as a protocol 1.1 ``chunked`` save, paced by
-   ``bufferedAmount``), then clicks the file's Download button (the page
-   receives the file as one WebSocket message, a Blob, and hands it to the
-   browser's download manager through an object URL; Playwright's
-   ``download`` event gives the saved file);
-5. checks the SHA-256 of the uploaded file on the server's disk and of the
-   downloaded file against the source's;
-6. prints MB/s each way for the page and for the Python client and their ratio
-   (page / Python client; no target, it is the same-run baseline), and the
-   page's memory before, at peak during, and after each transfer.
+   (``wsfiles.client``, on the Twisted reactor of this process), timed like
+   bench/throughput.py (the ratios below are page / this client);
+4. starts headless Chromium (flags from /work/shared/FIELD-NOTES.md, a fresh
+   profile in the temporary folder) and drives the page at ``/`` over the
+   DevTools protocol as a person would: it picks the file in the file input
+   (``DOM.setFileInputFiles``; the page sends 256 KiB ``File.slice()``s as a
+   protocol 1.1 ``chunked`` save, paced by ``bufferedAmount``), then clicks the
+   file's Download button with a real mouse event (the page receives the file as
+   one WebSocket message, a Blob, and hands it to the browser's download
+   manager through an object URL, which it revokes 60 s later);
+5. checks the SHA-256 of the uploaded file on the server's disk and of the file
+   Chromium saved against the source's;
+6. prints MB/s each way for the page and for the Python client, and the page's
+   memory before, at peak during, right after each transfer and, for the
+   download, "later": once Chromium has given the memory back (polled once a
+   second for up to ``--release-wait`` seconds, default 75).
+
+Why not Playwright (as tests/test_web.py uses): Playwright enables the
+DevTools ``Network`` domain on every page, and Chromium then copies every
+WebSocket message, base64-encoded, into a DevTools event.  Measured here with
+``--devtools-network`` (256 MiB): the download ran at 13.5 MB/s instead of
+~80 and Chromium's peak memory rose by 13x the file; with Playwright itself a
+256 MiB download made its driver run out of memory.  So this benchmark speaks
+the DevTools protocol itself, over ``--remote-debugging-pipe``, and enables
+only Page, Runtime and Performance.
 
 Upload time runs from handing the file to the file input until the page shows
-the upload finished (the server's ``ack``: stored and fsynced).  Download
-time runs from the click until the browser has written the file to disk; the
-time until the page has the whole Blob ("received") is shown as well.  Page
-state is polled every 50 ms, so times are exact to about that.
+the upload finished (after the server's ``ack``: stored and fsynced).
+Download time runs from the click until Chromium reports the file written
+(``Browser.downloadProgress`` completed); the time until the page had the
+whole Blob is shown as well.  Page state is polled every 50 ms.
 
 Memory: a thread reads the resident set (VmRSS) of every Chromium process
-started by this benchmark from /proc every 100 ms, grouped as the page's
-renderer(s) (``--type=renderer``), the browser process (where Chromium keeps
-Blob data), the network service, and all of Chromium together (a sum of RSS,
-so pages shared between processes count more than once); the peak also comes
-from VmHWM, which is reset through /proc/PID/clear_refs before each transfer,
-so no peak between two samples is missed.  The page's JS heap (used and
-total) is read through the DevTools protocol (``Performance.getMetrics``)
-about every 250 ms while the page works.  "before" is read after a forced
-garbage collection (``HeapProfiler.collectGarbage``), "after" likewise once
-the transfer has finished.
+started by this benchmark from /proc every 100 ms, grouped as renderers
+(``--type=renderer``: the page's and Chromium's idle ones), the browser
+process (which keeps Blob data), the network service, and all of Chromium
+(``total``: a sum of RSS, so pages shared between processes count more than
+once; its changes are what matter).  The peaks also come from VmHWM, reset
+through /proc/PID/clear_refs before each transfer, so no peak between two
+samples is missed.  The page's JS heap (used and total) is read with
+``Performance.getMetrics`` every 250 ms; "before", "after" and "later" are
+read after a forced garbage collection (``HeapProfiler.collectGarbage``).
 
 Targets: the page's memory stays flat, i.e. does not grow with the file.  A
-transfer passes when the peak increase over "before" of the renderer's RSS is
-under 25% of the file size and so is that of all of Chromium together (so
-neither the page nor the browser holds the whole file for it).  What Chromium
-does on its own is reported, not excused: a whole WebSocket message is
-delivered to JavaScript in one piece, so a download, one message by protocol,
-is held whole somewhere in the browser unless the server can send a file in
-several messages.
+transfer passes when the peak increase over "before" of the renderers' RSS is
+under 25% of the file, and so is that of all of Chromium together (neither the
+page nor the browser held the whole file for it).  The page's fixed working
+memory is tens of MB, so the verdict means something for large files only
+(the default 1 GiB).  What Chromium does on its own is reported, not
+excused: the WebSocket API delivers a message whole, and a download is one
+message by protocol.
 
 MB means 10^6 bytes throughout.  Only 127.0.0.1 is used; every wait has a
-bound (a watchdog kills this benchmark's Chromium if a Playwright call
-outlives the whole budget); the server, the browser and the temporary folder
-are removed at the end, also on errors or Ctrl-C.  The exit status is 0 when
-the measurements completed (whatever the targets say), 1 when the benchmark
-itself failed.  Linux only (/proc).
+bound (a watchdog kills this benchmark's Chromium if the browser part outlives
+its whole budget); the server, Chromium and the temporary folder are removed at
+the end, also on errors or Ctrl-C.  The exit status is 0 when the measurements
+completed (whatever the targets say), 1 when the benchmark itself failed.  The
+machine this was written on was shared with other benchmarks: figures vary by
+run.  Linux only (/proc).
 """
 
 from __future__ import annotations
@@ -254,6 +266,9 @@ class ChromiumMemory:
     def browser_pids(self) -> list[int]:
         return list(self._processes)
 
+    def kinds(self) -> list[str]:
+        return sorted(self._processes.values())
+
     def read(self, field_name: str = "VmRSS") -> dict[str, int]:
         if time.monotonic() - self._scanned > RESCAN_SECONDS:
             self.rescan()
@@ -372,11 +387,13 @@ class Chromium:
             f"--user-data-dir={profile}", "--no-default-browser-check", "about:blank",
         ]  # fmt: skip
         self.argv = argv
+        self.log_path = profile.with_name("chromium.log")
+        self.log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             ["/bin/bash", "-c", script, *argv],
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
             pass_fds=(to_chrome_r, from_chrome_w),
             start_new_session=True,  # Ctrl-C reaches us only; we stop it
         )
@@ -495,6 +512,11 @@ class Chromium:
         with contextlib.suppress(OSError):
             self._out.close()
         self._reader.join(5)
+        self.log.close()
+
+    def recent_output(self, lines: int = 20) -> str:
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return "".join(f"\n  chromium| {line}" for line in tail)
 
 
 # -- the page ---------------------------------------------------------------
@@ -675,8 +697,11 @@ def browser_round(
         errors = chromium.errors()
         if errors:
             raise RuntimeError(f"errors in the page: {errors}")
-    finally:
+    except BaseException:
         chromium.close()
+        print(chromium.recent_output(), file=sys.stderr)
+        raise
+    chromium.close()
     return phases
 
 
@@ -714,7 +739,7 @@ def drive_page(
     if not driver.wait_for("() => !!document.querySelector('#status.ok')", None, PAGE_TIMEOUT):
         raise TimeoutError(f"the page did not connect within {PAGE_TIMEOUT:g} s")
     memory.rescan()
-    kinds = sorted(memory._processes.values())
+    kinds = memory.kinds()
     print(
         f"{version} (pid {chromium.pid}), {'incognito' if context else 'default'} profile,"
         f" DevTools Network domain {'ON' if options.devtools_network else 'off'};"
@@ -830,6 +855,25 @@ def report_memory(label: str, phase: PagePhase, size: int) -> dict[str, float]:
 # -- main ----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def own_signal_handlers() -> Iterator[None]:
+    """Put back this process's signal handlers after the Twisted reactor has run.
+
+    ``reactor.run()`` installs its own SIGINT/SIGTERM/SIGCHLD handlers (and a
+    wakeup fd) and leaves them behind when it stops: Ctrl-C would then only
+    ask a stopped reactor to stop, and the browser part could not be interrupted.
+    """
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
+    saved = {signum: signal.getsignal(signum) for signum in watched}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+        signal.set_wakeup_fd(-1)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1G", help="file size, e.g. 64M or 1G (default 1G)")
@@ -886,9 +930,12 @@ def main(argv: list[str]) -> int:
             print(f"wsfiles server: pid {server.pid}, port {server.port}", flush=True)
             try:
                 copy = work / "python-copy.bin"
-                py_up, py_down = run_on_reactor(
-                    lambda reactor: python_round(server.port, source, copy, args.timeout, reactor)
-                )
+                with own_signal_handlers():
+                    py_up, py_down = run_on_reactor(
+                        lambda reactor: python_round(
+                            server.port, source, copy, args.timeout, reactor
+                        )
+                    )
                 print(f"python client up   {size / py_up / MB:8.1f} MB/s  {py_up:6.2f} s")
                 print(f"python client down {size / py_down / MB:8.1f} MB/s  {py_down:6.2f} s")
                 print(check("python client download", copy, expected))
@@ -932,7 +979,12 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # clean up as for Ctrl-C
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         sys.exit(main(sys.argv[1:]))
     except KeyboardInterrupt:
