@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import pytest_twisted
 from conftest import handshake_status
+from e2e_helpers import within
 from twisted.internet import endpoints, protocol, reactor, task
 from twisted.internet.defer import Deferred
 
@@ -286,3 +288,86 @@ async def test_an_open_command_channel_keeps_no_http_request_alive(server_factor
     gc.collect()
     channels = [obj for obj in gc.get_objects() if isinstance(obj, http.HTTPChannel)]
     assert channels == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_gone_during_its_token_check_gets_no_session_and_queued_checks_are_skipped(
+    server_factory, tmp_path, monkeypatch
+):
+    """Handshakes abandoned while scrypt runs open nothing, hold no slot, and the
+    checks still queued behind them are skipped instead of hashed for nobody."""
+    import threading
+
+    from twisted.internet import defer
+
+    import wsfiles.users
+    from wsfiles import session as session_module
+    from wsfiles.users import SCRYPT_AT_ONCE, UserDirectory, add_user
+
+    path = tmp_path / "users"
+    tokens = [add_user(str(path), f"user{i}") for i in range(SCRYPT_AT_ONCE + 2)]
+    users = UserDirectory(str(path))
+    checks: list[defer.Deferred] = []
+    all_asked: defer.Deferred = defer.Deferred()
+    authenticate = users.authenticate
+
+    def recording(token: str, wanted: Any = None) -> defer.Deferred:
+        d = authenticate(token, wanted)
+        checks.append(d)
+        if len(checks) == len(tokens):
+            all_asked.callback(None)
+        return d
+
+    # The running checks finish only once the clients have left (deterministic).
+    left = threading.Event()
+    real_verify = wsfiles.users._verify
+
+    def held_verify(secret: str, hashed: str) -> bool:
+        left.wait(30)
+        return real_verify(secret, hashed)
+
+    monkeypatch.setattr(wsfiles.users, "_verify", held_verify)
+
+    monkeypatch.setattr(users, "authenticate", recording)
+    started: list[str] = []
+    real_start = session_module.CommandSession.start
+
+    def counting_start(self: Any) -> None:
+        started.append(self.client)
+        real_start(self)
+
+    monkeypatch.setattr(session_module.CommandSession, "start", counting_start)
+    srv = await server_factory(users=users)
+    port = int(srv.url.rsplit(":", 1)[1])
+
+    class HitAndRun(protocol.Protocol):
+        def __init__(self, token: str) -> None:
+            self.token = token
+
+        def connectionMade(self) -> None:
+            self.transport.write(
+                b"GET /command HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                b"Sec-WebSocket-Version: 13\r\n"
+                b"Authorization: Bearer " + self.token.encode() + b"\r\n\r\n"
+            )
+
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port)
+    runners = [await endpoints.connectProtocol(endpoint, HitAndRun(token)) for token in tokens]
+    await within(all_asked)  # the server has read every handshake: leave
+    for runner in runners:
+        runner.transport.loseConnection()
+    await within(defer.gatherResults([w.lost for w in list(srv.tracker.protocols)]))
+    left.set()
+    await within(defer.gatherResults(checks))
+    await within(defer.gatherResults([w.lost for w in list(srv.tracker.protocols)]))
+
+    assert started == []  # no session was ever opened for a gone connection
+    assert srv.site.command_factory.slots.total == 0
+    assert users.scrypt_skipped >= 1  # the checks queued behind the running ones
+    assert users.scrypt_checks + users.scrypt_skipped == len(tokens)
+    # The server still serves a client that stays.
+    monkeypatch.setattr(wsfiles.users, "_verify", real_verify)
+    client = await srv.connect(tokens[0])
+    assert client.hello["client"] == "user0"
+    assert started == ["user0"]

@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
-from autobahn.websocket.types import ConnectionRequest
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -66,6 +66,8 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             raise self.factory.book.refuse(401, "a token is required")
 
         def authenticated(name: str | None) -> str | None:
+            if self.gone.called:
+                raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "gone during the token check")
             if name is None:
                 _log.info("refused a command channel from {peer}: wrong token", peer=self.peer)
                 raise self.factory.book.refuse(401, "wrong token")
@@ -73,7 +75,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             taking = self._take_slot(name, ip)
             return subprotocol if taking is None else taking.addCallback(lambda _: subprotocol)
 
-        return users.authenticate(token).addCallback(authenticated)
+        return users.authenticate(token, wanted=lambda: not self.gone.called).addCallback(
+            authenticated
+        )
 
     def _client_ip(self, request: ConnectionRequest) -> str:
         """The peer's address; behind a trusted proxy, the one it forwarded for."""
@@ -103,10 +107,12 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
                 reason=reason,
             )
             raise self.factory.book.refuse(status, reason)
+        if self.gone.called:
+            # Gone while the token was checked or Redis asked: onClose has run
+            # already, so no slot may be taken and no session opened.  (Autobahn
+            # would otherwise complete the handshake of the dead connection.)
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "gone during the handshake")
         slots.take(client, ip)
-        if self.state == self.STATE_CLOSED:  # gone while Redis was asked: onClose has run
-            slots.release(client, ip)
-            return
         self._slot = (client, ip)
 
     def onOpen(self) -> None:

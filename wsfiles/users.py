@@ -18,6 +18,7 @@ import hmac
 import os
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import threads
@@ -178,6 +179,10 @@ class VerifiedTokens:
         return len(self._good)
 
 
+def _always() -> bool:
+    return True
+
+
 class UserDirectory:
     """Authenticates tokens against a users file.
 
@@ -199,7 +204,9 @@ class UserDirectory:
         self._checking: dict[bytes, list[Deferred]] = {}
         self._scrypt_slots = DeferredSemaphore(SCRYPT_AT_ONCE)
         #: How many scrypt checks ran (for tests and benchmarks).
+        #: scrypt checks run, and skipped because every asker had gone.
         self.scrypt_checks = 0
+        self.scrypt_skipped = 0
 
     def _file_stamp(self) -> tuple[int, int] | None:
         try:
@@ -231,12 +238,16 @@ class UserDirectory:
                 return entry.quota
         return None
 
-    def authenticate(self, token: str) -> Deferred:
+    def authenticate(self, token: str, wanted: Callable[[], bool] | None = None) -> Deferred:
         """Fire with the client name for ``token``, or None.
 
         The hash runs in a thread: scrypt takes tens of milliseconds.  A
         token verified before (against the same users-file line) is answered
         from memory; concurrent checks of the same token share one scrypt.
+        ``wanted`` says whether the answer is still awaited (the handshake's
+        connection is still there): a check whose every asker has gone by the
+        time its turn comes is skipped and answers None, so a burst of
+        abandoned handshakes does not keep the CPU busy hashing for nobody.
         """
         self._refresh()
         token_id, dot, secret = token.partition(".")
@@ -247,13 +258,13 @@ class UserDirectory:
         if self._verified.matches(digest, entry):
             return succeed(entry.name)
         waiter: Deferred = Deferred()
+        asker = (waiter, wanted or _always)
         waiting = self._checking.get(digest)
         if waiting is not None:
-            waiting.append(waiter)
+            waiting.append(asker)
             return waiter
-        self._checking[digest] = waiting = [waiter]
+        self._checking[digest] = waiting = [asker]
         generation = self._generation
-        self.scrypt_checks += 1
 
         def checked(ok: object) -> None:
             del self._checking[digest]
@@ -263,14 +274,21 @@ class UserDirectory:
             name = current.name if good and current is not None else None
             if good and generation == self._generation:
                 self._verified.remember(digest, entry)
-            for each in waiting:
+            for each, _ in waiting:
                 each.callback(name)
 
         def failed(failure: Failure) -> bool:
             _log.failure("could not check a token", failure)
             return False
 
-        d = self._scrypt_slots.run(threads.deferToThread, _verify, secret, entry.hashed)
+        def check() -> Deferred:
+            if not any(still_wanted() for _, still_wanted in waiting):
+                self.scrypt_skipped += 1
+                return succeed(None)  # not True: nothing is remembered
+            self.scrypt_checks += 1
+            return threads.deferToThread(_verify, secret, entry.hashed)
+
+        d = self._scrypt_slots.run(check)
         d.addErrback(failed)
         d.addCallback(checked)
         return waiter
