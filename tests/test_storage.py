@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.defer import Deferred
 
-from wsfiles.storage import IFolder, IStorage, LocalStorage, NotFound, StorageFailure
+from wsfiles.storage import (
+    UPLOAD_BUFFER,
+    IFolder,
+    IStorage,
+    LocalStorage,
+    NotFound,
+    StorageFailure,
+)
+from wsfiles.streaming import SEND_BUFFER
+
+KiB = 1024
+MiB = 1024 * KiB
+#: Every test that waits for uploads gives up after this long (a deadlock fails).
+DEADLINE = 60.0
 
 
 @pytest.fixture
@@ -83,3 +102,183 @@ def test_sweep_removes_leftover_temp_files(tmp_path):
     again = LocalStorage(str(tmp_path / "root"))
     assert again.sweep_temporary_files() == 1
     assert os.listdir(tmp_path / "root" / ".wsfiles-tmp") == []
+
+
+# -- the storage-wide upload buffer ------------------------------------------
+
+
+def _within(awaitable: Any, seconds: float = DEADLINE) -> Deferred:
+    return defer.ensureDeferred(awaitable).addTimeout(seconds, reactor)
+
+
+def _blob(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+class _Watch:
+    """The highest ``buffered_bytes`` seen right after a write (the only place it grows)."""
+
+    def __init__(self, storage: LocalStorage) -> None:
+        self.storage = storage
+        self.peak = 0
+        self.waits = 0
+
+    def wrote(self, pending: Deferred | None) -> Deferred | None:
+        self.peak = max(self.peak, self.storage.buffered_bytes)
+        if pending is not None:
+            self.waits += 1
+        return pending
+
+
+async def _send(watch: _Watch, upload: Any, data: bytes, chunk: int) -> None:
+    """Write ``data`` as a connection would: chunk by chunk, waiting when told to."""
+    for start in range(0, len(data), chunk):
+        pending = watch.wrote(upload.write(data[start : start + chunk]))
+        if pending is not None:
+            await pending
+        else:
+            # Let the other uploads write too, as their sockets would.
+            await task.deferLater(reactor, 0, lambda: None)
+
+
+def test_the_default_budget(storage):
+    assert storage.upload_buffer == UPLOAD_BUFFER == 64 * MiB
+    assert storage.buffered_bytes == storage.peak_buffered_bytes == 0
+    with pytest.raises(ValueError):
+        LocalStorage(storage.root, upload_buffer=-1)
+
+
+@pytest.mark.parametrize("budget", [0, 256 * KiB, 3 * MiB])
+@pytest_twisted.ensureDeferred
+async def test_concurrent_uploads_stay_within_the_budget(tmp_path, budget):
+    """Many uploads at once, plain and resumable, small (under one batch) and
+    large (several batches): never more than the budget plus one chunk per
+    upload is held unwritten, every file arrives intact, none is stuck."""
+    storage = LocalStorage(str(tmp_path / "root"), upload_buffer=budget)
+    assert storage.upload_buffer == budget
+    watch = _Watch(storage)
+    chunk = 16 * KiB
+    rng = random.Random(budget)
+    files = {
+        f"f{i:02d}": _blob(rng.choice([0, 1, 5 * KiB, 64 * KiB, rng.randrange(1, 3 * MiB)]), i)
+        for i in range(40)
+    }
+
+    async def one(index: int, name: str, data: bytes) -> str:
+        client = f"c{index % 4}"
+        upload = await storage.folder(client).begin_upload(name, len(data), resume=index % 3 == 0)
+        await _send(watch, upload, data, chunk)
+        return await upload.commit()
+
+    digests = await _within(
+        defer.gatherResults(
+            [defer.ensureDeferred(one(i, n, d)) for i, (n, d) in enumerate(files.items())]
+        )
+    )
+
+    for index, ((name, data), digest) in enumerate(zip(files.items(), digests, strict=True)):
+        assert digest == hashlib.sha256(data).hexdigest()
+        stored = (tmp_path / "root" / f"c{index % 4}" / name).read_bytes()
+        assert hashlib.sha256(stored).hexdigest() == digest
+    assert watch.waits > 0  # the budget did hold uploads back
+    assert watch.peak <= budget + len(files) * chunk
+    assert storage.peak_buffered_bytes == watch.peak
+    assert storage.buffered_bytes == 0
+    assert os.listdir(tmp_path / "root" / ".wsfiles-tmp") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_waiting_upload_is_not_stranded_by_an_idle_partial_batch(storage):
+    """An upload that stops sending with a partly filled batch must not hold
+    the others back forever: its batch goes to the writer when the budget is
+    exceeded, so the total drains."""
+    storage = LocalStorage(storage.root, upload_buffer=100 * KiB)
+    folder = storage.folder(None)
+    idle = await folder.begin_upload("idle", 120 * KiB)
+    busy = await folder.begin_upload("busy", 120 * KiB)
+    idle_data, busy_data = _blob(120 * KiB, 1), _blob(120 * KiB, 2)
+    assert idle.write(idle_data[: 60 * KiB]) is None  # then it goes quiet
+    pending = busy.write(busy_data[: 60 * KiB])
+    assert pending is not None
+    assert storage.buffered_bytes == 120 * KiB
+    await _within(pending)  # drains although "idle" sends nothing more
+    assert storage.buffered_bytes <= 50 * KiB
+    for upload, data in ((busy, busy_data), (idle, idle_data)):
+        pending = upload.write(data[60 * KiB :])
+        if pending is not None:
+            await _within(pending)
+    assert await _within(busy.commit()) == hashlib.sha256(busy_data).hexdigest()
+    assert await _within(idle.commit()) == hashlib.sha256(idle_data).hexdigest()
+    assert (Path(storage.root) / "idle").read_bytes() == idle_data
+    assert (Path(storage.root) / "busy").read_bytes() == busy_data
+    assert storage.buffered_bytes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_ending_a_waiting_upload_lets_it_and_the_others_go(storage):
+    """An upload told to wait and then aborted is released at once, and its
+    dropped bytes no longer count; those waiting behind it go on."""
+    storage = LocalStorage(storage.root, upload_buffer=64 * KiB)
+    folder = storage.folder(None)
+    first = await folder.begin_upload("first", 200 * KiB)
+    second = await folder.begin_upload("second", 10 * KiB)
+    first_waits = first.write(_blob(100 * KiB, 3))
+    second_data = _blob(10 * KiB, 4)
+    second_waits = second.write(second_data)  # others wait: first come, first served
+    assert first_waits is not None and second_waits is not None
+    first.abort()
+    assert first_waits.called
+    await _within(second_waits)
+    assert await _within(second.commit()) == hashlib.sha256(second_data).hexdigest()
+    assert storage.buffered_bytes == 0
+    assert sorted(os.listdir(storage.root)) == [".wsfiles-partial", ".wsfiles-tmp", "second"]
+    assert os.listdir(os.path.join(storage.root, ".wsfiles-tmp")) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interrupted_resumable_upload_keeps_what_the_budget_held(storage):
+    """Bytes accepted while the budget was exceeded are kept by an interruption,
+    and the resume carries on from exactly there."""
+    storage = LocalStorage(storage.root, upload_buffer=64 * KiB)
+    folder = storage.folder("alice")
+    data = _blob(300 * KiB, 5)
+    upload = await folder.begin_upload("big", len(data), resume=True)
+    assert upload.write(data[: 40 * KiB]) is None
+    waiting = upload.write(data[40 * KiB : 120 * KiB])
+    assert waiting is not None
+    await _within(upload.interrupt())
+    assert waiting.called
+    again = await _within(folder.begin_upload("big", len(data), resume=True))
+    assert again.offset == 120 * KiB
+    await _within(_send(_Watch(storage), again, data[again.offset :], 32 * KiB))
+    assert await _within(again.commit()) == hashlib.sha256(data).hexdigest()
+    assert (Path(storage.root) / "alice" / "big").read_bytes() == data
+    assert storage.buffered_bytes == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_uploads_through_the_server_stay_within_the_budget(server_factory, tmp_path):
+    """End to end: clients uploading at once over WebSockets are paused by the
+    storage-wide budget (their connections stop being read) and all files
+    arrive intact."""
+    budget = 512 * KiB
+    storage = LocalStorage(str(tmp_path / "shared-root"), upload_buffer=budget)
+    srv = await server_factory(storage=storage)
+    files = {
+        f"e{i}": _blob(random.Random(i).randrange(64 * KiB, 3 * MiB), 100 + i) for i in range(12)
+    }
+
+    async def one(name: str, data: bytes) -> dict[str, Any]:
+        client = await srv.connect()
+        return await client.upload(name, data)
+
+    acks = await _within(
+        defer.gatherResults([defer.ensureDeferred(one(n, d)) for n, d in files.items()])
+    )
+    for (name, data), ack in zip(files.items(), acks, strict=True):
+        assert ack["sha256"] == hashlib.sha256(data).hexdigest()
+        assert (tmp_path / "shared-root" / name).read_bytes() == data
+    # A connection is paused after the read that crossed the budget: at most
+    # one read more per upload (the file channel reads up to SEND_BUFFER).
+    assert storage.peak_buffered_bytes <= budget + len(files) * max(SEND_BUFFER, 64 * KiB)
+    assert storage.buffered_bytes == 0

@@ -15,6 +15,15 @@ Local layout (see docs/protocol.md):
   listed, and it is emptied at start-up.
 - ``ROOT/.wsfiles-partial/CLIENT/`` keeps interrupted resumable uploads (a
   ``.part`` file and a ``.json`` record each) until they are resumed or swept.
+
+Memory: each upload gathers received bytes in a batch (WRITE_BATCH) for its
+writer thread and may have up to MAX_IN_FLIGHT handed over but unwritten.
+Across all uploads of one LocalStorage, at most UPLOAD_BUFFER bytes (64 MiB;
+``LocalStorage(root, upload_buffer=...)``) are held accepted but unwritten,
+plus what each upload's connection delivers before it is paused (one read).
+Past it, every upload holding a partly filled batch hands it to its writer,
+and every upload that sends more is asked to wait (``write`` returns a
+Deferred) until the total has drained to half the budget.
 """
 
 from __future__ import annotations
@@ -192,14 +201,87 @@ CHECKPOINT_BYTES = 32 * 1024 * 1024
 WRITE_BATCH = 1024 * 1024
 #: ...and the sender is asked to wait while more than this is unwritten.
 MAX_IN_FLIGHT = 8 * 1024 * 1024
+#: All uploads of a LocalStorage together may hold this many bytes accepted
+#: but not yet written (batches being filled plus batches handed to writers);
+#: past it, uploads that send more wait until the total is half of it.
+UPLOAD_BUFFER = 64 * 1024 * 1024
 ANONYMOUS_PARTIALS = "@anonymous"  # '@' is not allowed in client names
+
+
+class _UploadBudget:
+    """Bytes accepted by the uploads of one storage but not yet written.
+
+    Past ``limit`` the budget is *tight*: every upload's partly filled batch
+    goes to its writer thread, and each upload that writes more hands over its
+    own batch and gets a Deferred, fired once the total has drained to
+    ``resume_at``.  While it is tight every byte counted is therefore queued
+    for a writer thread, so the total drains without any client sending
+    another byte, and no waiting upload can wait forever.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 0:
+            raise ValueError(f"the upload buffer must be >= 0, not {limit}")
+        self.limit = limit
+        self.resume_at = limit // 2
+        self.bytes = 0
+        self.peak = 0
+        #: Uploads holding a partly filled batch (a dict: insertion-ordered set).
+        self.filling: dict[LocalUpload, None] = {}
+        #: Uploads asked to wait, oldest first, with the Deferred they were given.
+        self.waiting: dict[LocalUpload, Deferred] = {}
+
+    def accepted(self, size: int) -> None:
+        self.bytes += size
+        if self.bytes > self.peak:
+            self.peak = self.bytes
+
+    @property
+    def tight(self) -> bool:
+        return self.bytes > self.limit or bool(self.waiting)
+
+    def flush_all(self) -> None:
+        """Hand every partly filled batch to its writer thread."""
+        while self.filling:
+            upload = next(iter(self.filling))
+            upload._flush()  # removes it from self.filling
+            self.filling.pop(upload, None)
+
+    def wait(self, upload: LocalUpload) -> Deferred:
+        waiter = self.waiting.get(upload)
+        if waiter is None:
+            waiter = self.waiting[upload] = Deferred()
+        return waiter
+
+    def written(self, size: int) -> None:
+        """``size`` bytes were written or dropped; wake the waiting if drained."""
+        self.bytes -= size
+        if self.waiting and self.bytes <= self.resume_at:
+            waiting, self.waiting = self.waiting, {}
+            for waiter in waiting.values():
+                waiter.callback(None)
+
+    def forget(self, upload: LocalUpload, error: Exception | None = None) -> None:
+        """``upload`` sends nothing more: let it go on (or fail) if it waits."""
+        self.filling.pop(upload, None)
+        waiter = self.waiting.pop(upload, None)
+        if waiter is not None:
+            if error is None:
+                waiter.callback(None)
+            else:
+                waiter.errback(error)
 
 
 @implementer(IStorage)
 class LocalStorage:
-    """Client folders on the local file system, under one root."""
+    """Client folders on the local file system, under one root.
 
-    def __init__(self, root: str) -> None:
+    ``upload_buffer`` bounds the bytes all uploads together hold accepted but
+    not yet written (see UPLOAD_BUFFER).
+    """
+
+    def __init__(self, root: str, *, upload_buffer: int = UPLOAD_BUFFER) -> None:
+        self._budget = _UploadBudget(upload_buffer)
         self.root = os.path.abspath(root)
         os.makedirs(self.root, exist_ok=True)
         self.temp_dir = os.path.join(self.root, TEMP_FOLDER)
@@ -210,6 +292,21 @@ class LocalStorage:
         self._resumable: dict[str, LocalUpload] = {}
         #: Partials being fsynced after an interruption: a resume waits for them.
         self._settling: dict[str, Deferred] = {}
+
+    @property
+    def upload_buffer(self) -> int:
+        """The budget of bytes accepted by uploads but not yet written."""
+        return self._budget.limit
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes accepted by uploads but not yet written, all uploads together."""
+        return self._budget.bytes
+
+    @property
+    def peak_buffered_bytes(self) -> int:
+        """The most ``buffered_bytes`` has been since start-up."""
+        return self._budget.peak
 
     def sweep_temporary_files(self) -> int:
         """Remove leftovers of plain uploads cut by a crash; return how many.
@@ -587,7 +684,8 @@ class LocalUpload:
     Writing and hashing run in a thread, in batches of WRITE_BATCH bytes, one
     step at a time in order (hashlib and os.write release the GIL), so the
     reactor thread only parses frames; past MAX_IN_FLIGHT unwritten bytes,
-    ``write`` asks the sender to wait.  fsync and rename run there too.
+    ``write`` asks the sender to wait, as it does while the storage-wide
+    budget (UPLOAD_BUFFER) is exceeded.  fsync and rename run there too.
     """
 
     def __init__(
@@ -619,6 +717,7 @@ class LocalUpload:
         self._error: StorageFailure | None = None
         self._drained: Deferred | None = None
         self._sha256 = hashlib.sha256()
+        self._budget = folder._storage._budget
         self._steps: Deferred = defer.succeed(None)
         self.on_superseded: Callable[[], None] | None = None
         if meta is not None:
@@ -635,23 +734,35 @@ class LocalUpload:
             raise self._error
         if self._fd is None:
             raise StorageFailure("the upload is closed")
+        budget = self._budget
         self._batch.append(data)
         self._batch_bytes += len(data)
         self._accepted += len(data)
+        budget.accepted(len(data))
         if self._batch_bytes >= WRITE_BATCH:
             self._flush()
+        else:
+            budget.filling[self] = None
         if self.resumable and self._accepted - self._checkpointed >= CHECKPOINT_BYTES:
             self._checkpointed = self._accepted
             self._flush()
             self._step(self._checkpoint)
+        tight = budget.tight
+        if tight:
+            # Everything counted must be on its way to disk, this batch too,
+            # or a waiting upload could wait for bytes nobody will write.
+            budget.flush_all()
         if self._in_flight > MAX_IN_FLIGHT:
             if self._drained is None:
                 self._drained = Deferred()
             return self._drained
+        if tight:
+            return budget.wait(self)
         return None
 
     def _flush(self) -> None:
         """Hand the batch to the writer thread."""
+        self._budget.filling.pop(self, None)
         if not self._batch:
             return
         batch, size = self._batch, self._batch_bytes
@@ -659,6 +770,7 @@ class LocalUpload:
         self._in_flight += size
         d = self._step(self._write_batch, batch)
         d.addCallbacks(lambda _: self._written(size), self._write_failed)
+        d.addBoth(lambda _: self._budget.written(size))
 
     def _write_batch(self, batch: list[bytes]) -> None:
         """Write and hash one batch (thread)."""
@@ -684,6 +796,7 @@ class LocalUpload:
         if self._drained is not None:
             drained, self._drained = self._drained, None
             drained.errback(self._error)
+        self._budget.forget(self, self._error)
 
     def _step(self, work: Callable[..., Any], *args: Any) -> Deferred:
         """Run ``work`` in a thread after the steps before it."""
@@ -744,6 +857,7 @@ class LocalUpload:
     def commit(self) -> Deferred:
         self._release()
         self._flush()
+        self._budget.forget(self)
         d = self._step(self._finish)
 
         def failed(failure: Failure) -> Any:
@@ -776,6 +890,7 @@ class LocalUpload:
             return defer.succeed(None)
         self._release()
         self._flush()
+        self._budget.forget(self)
         d = self._step(self._checkpoint)
         d.addBoth(self._close_after)
         self._settle(d)
@@ -794,8 +909,11 @@ class LocalUpload:
 
     def abort(self) -> None:
         self._release()
+        dropped = self._batch_bytes
         self._batch, self._batch_bytes = [], 0
+        self._budget.forget(self)
         self._discard()
+        self._budget.written(dropped)
 
     def _discard(self) -> None:
         """Remove the files now; close the descriptor once the writer is done with it.
