@@ -50,6 +50,7 @@ from throughput import make_source
 
 from wsfiles.client import connect
 from wsfiles.sizes import parse_size
+from wsfiles.tuning import tune_malloc
 
 REPO = Path(__file__).resolve().parent.parent
 RATE = 250
@@ -160,6 +161,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     size = parse_size(args.size)
     header()
+    tune_malloc()  # as the wsfiles command and bench/throughput.py do
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="wsfiles-profile-") as temp:
         work = Path(temp)

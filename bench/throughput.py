@@ -17,7 +17,8 @@ In one run it:
    the websockets-library file server (bench/_websockets_peer.py, which
    streams, hashes, fsyncs and renames like wsfiles does);
 3. per run, uploads and downloads the file with the project's client
-   (``wsfiles.client``, on the Twisted reactor of this process), then STORs and
+   (``wsfiles.client``, on the Twisted reactor of this process, with malloc
+   tuned as the ``wsfiles`` command does it unless ``--untuned``), then STORs and
    RETRs it with ``ftplib`` (256 KiB blocks), then sends and receives it with
    the websockets library's client (128 KiB frames), timing each transfer and
    checking every downloaded copy's SHA-256 against the source;
@@ -77,8 +78,9 @@ from _common import (
 )
 from twisted.internet import threads
 
-from wsfiles.client import connect
+from wsfiles.client import connect, upload_frame_size
 from wsfiles.sizes import parse_size
+from wsfiles.tuning import tune_malloc
 
 FTP_BLOCK = 256 * 1024
 CONNECT_TIMEOUT = 30.0
@@ -353,6 +355,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds allowed per transfer (300)"
     )
+    parser.add_argument(
+        "--untuned",
+        action="store_true",
+        help="leave this process's malloc alone (the wsfiles command tunes it: wsfiles.tuning)",
+    )
     args = parser.parse_args(argv)
     try:
         args.size = parse_size(args.size)
@@ -379,6 +386,11 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     size: int = args.size
     header()
+    tuned = False if args.untuned else tune_malloc()
+    print(
+        f"client: malloc {'tuned as by the wsfiles command' if tuned else 'untuned'}"
+        f" (wsfiles.tuning), upload frames of {upload_frame_size() // 1024} KiB"
+    )
     with tempfile.TemporaryDirectory(prefix="wsfiles-bench-") as temp:
         work = Path(temp)
         for peer in PEERS:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import random
 import struct
+from typing import Any
 
 import pytest
+import pytest_twisted
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.testing import StringTransport
@@ -118,3 +121,42 @@ def test_invalid_utf8_in_a_text_message_is_still_refused() -> None:
     assert protocol.messages == []
     # Autobahn fails the connection with 1007 (invalid frame payload data).
     assert struct.pack("!H", 1007) in transport.value()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_tuned_client_uploads_in_1_mib_frames_masked_by_wsfiles_and_they_arrive_intact(
+    server, monkeypatch
+):
+    """The client masks its own frames (wsfiles.masking); with malloc tuned
+    (wsfiles.tuning, as the wsfiles command does) its frames are 1 MiB."""
+    import wsfiles.client
+    from wsfiles.session import CommandSession
+
+    frames: list[int] = []
+    real = CommandSession.file_frame_begin
+
+    def spying(self: Any, channel: Any, length: int) -> bool:
+        frames.append(length)
+        return real(self, channel, length)
+
+    monkeypatch.setattr(CommandSession, "file_frame_begin", spying)
+    client = await server.connect()
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    for tuned, frame_size in ((False, 128 * 1024), (True, 1024 * 1024)):
+        monkeypatch.setattr(wsfiles.client, "malloc_tuned", lambda tuned=tuned: tuned)
+        frames.clear()
+        ack = await client.upload(f"tuned-{tuned}.bin", data)
+        assert ack["sha256"] == hashlib.sha256(data).hexdigest()
+        assert await server.read(f"tuned-{tuned}.bin") == data
+        payload = [length for length in frames if length]
+        assert max(payload) == frame_size
+        assert sum(payload) == len(data)
+
+
+def test_tune_malloc_is_idempotent_and_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsfiles import tuning
+
+    monkeypatch.setattr(tuning, "_tuned", False)  # other tests keep the default frames
+    assert tuning.tune_malloc() is True  # glibc: the only C library we run on
+    assert tuning.tune_malloc() is True
+    assert tuning.malloc_tuned() is True

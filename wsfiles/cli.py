@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from wsfiles.tuning import tune_malloc
 from wsfiles.users import UsersFileError, add_user
 
 #: Suffix of a download in progress; ``get --resume`` continues it.
@@ -206,4 +207,5 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    tune_malloc()  # big buffers reused: cheaper uploads (wsfiles.tuning)
     return args.run(args)

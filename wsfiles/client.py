@@ -23,18 +23,22 @@ from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.xormasker import XorMaskerNull
 from twisted.internet import defer, endpoints, threads
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTCP
 
 from wsfiles.config import SUBPROTOCOL
+from wsfiles.masking import Masker
 from wsfiles.streaming import (
+    CHUNK_SIZE,
     SEND_BUFFER,
     CountingConsumer,
     FileStreamer,
     MessageFrames,
     StreamFailed,
 )
+from wsfiles.tuning import malloc_tuned
 
 #: Client-side error codes (the server's are in docs/protocol.md).
 CONNECTION_FAILED = "connection_failed"
@@ -78,6 +82,31 @@ class _FileProtocol(WebSocketClientProtocol):
         self.transport.bufferSize = SEND_BUFFER
         self.factory.opened.callback(self)
 
+    _masker: Masker | None = None
+
+    def sendMessageFrame(self, payload: bytes, sync: bool = False) -> None:
+        """One frame of the message being sent, masked by wsfiles.masking.
+
+        Autobahn picks the frame's random key and writes the header; the
+        payload is masked here (a copy, the XOR in place, and the copy to
+        ``bytes`` Twisted insists on) instead of by Autobahn's masker, which
+        makes a zeroed copy first, and Autobahn's masker is swapped for its
+        pass-through one so it only keeps count.  No compression is ever
+        negotiated on the file channel, so the payload goes out as given.
+        """
+        if self.state != self.STATE_OPEN:
+            return
+        self.beginMessageFrame(len(payload))
+        key = self.send_message_frame_mask
+        if key and payload:
+            if self._masker is None:
+                self._masker = Masker(key)
+            else:
+                self._masker.rekey(key)
+            payload = bytes(self._masker.process(payload))
+            self.send_message_frame_masker = XorMaskerNull()
+        self.sendMessageFrameData(payload, sync)
+
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
         self.factory.client._file_message_begin(self)
@@ -102,6 +131,16 @@ class _FileProtocol(WebSocketClientProtocol):
 
 
 Progress = Callable[[int, int], None]
+
+#: Upload frame sizes: 1 MiB frames cost the server an eighth of the per-frame
+#: work of 128 KiB ones, but they cost this process a page fault per 4 KiB
+#: unless malloc reuses big buffers (wsfiles.tuning); docs/performance.md.
+TUNED_UPLOAD_FRAME = 1024 * 1024
+
+
+def upload_frame_size() -> int:
+    """The frame size uploads use in this process."""
+    return TUNED_UPLOAD_FRAME if malloc_tuned() else CHUNK_SIZE
 
 
 class _Download:
@@ -421,7 +460,9 @@ class WsfilesClient:
                         prefix = await threads.deferToThread(_feed_hash, source, start, offset)
                     source.seek(start + offset)
                     frames = MessageFrames(self._file)
-                    streamer = FileStreamer(source, actual - offset, sha256=prefix)
+                    streamer = FileStreamer(
+                        source, actual - offset, upload_frame_size(), sha256=prefix
+                    )
                     report = None
                     if progress is not None:
 
