@@ -240,8 +240,15 @@ def run_on_reactor(make: Callable[[Any], Coroutine[Any, Any, T]], budget: float 
             d.addTimeout(budget, reactor)
         d.addBoth(finished)
 
+    # The reactor installs its own SIGINT/SIGTERM/SIGCHLD handlers and leaves
+    # them behind: put the previous ones back so Ctrl-C works afterwards.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
     reactor.callWhenRunning(start)
-    reactor.run()
+    try:
+        reactor.run()
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
     if not outcome:
         raise KeyboardInterrupt("the reactor stopped before the benchmark finished")
     result = outcome[0]
