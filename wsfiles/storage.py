@@ -400,7 +400,9 @@ class LocalFolder:
             try:
                 return _open_dir_nofollow(self._client, dir_fd=root_fd)
             except FileNotFoundError:
-                os.mkdir(self._client, 0o700, dir_fd=root_fd)
+                # Two writer threads may commit a new client's first files at once.
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self._client, 0o700, dir_fd=root_fd)
                 return _open_dir_nofollow(self._client, dir_fd=root_fd)
         finally:
             os.close(root_fd)
