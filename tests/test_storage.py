@@ -282,3 +282,108 @@ async def test_uploads_through_the_server_stay_within_the_budget(server_factory,
     # one read more per upload (the file channel reads up to SEND_BUFFER).
     assert storage.peak_buffered_bytes <= budget + len(files) * max(SEND_BUFFER, 64 * KiB)
     assert storage.buffered_bytes == 0
+
+
+# -- a stored file's SHA-256 is remembered, so downloads need not hash it again --
+
+
+async def _read_all(download: Any) -> tuple[bytes, str]:
+    """Stream a download into memory; return its bytes and the digest it reports."""
+    from twisted.internet import interfaces
+    from zope.interface import implementer
+
+    @implementer(interfaces.IConsumer)
+    class Sink:
+        def __init__(self) -> None:
+            self.data = bytearray()
+
+        def registerProducer(self, producer: Any, streaming: bool) -> None:
+            pass
+
+        def unregisterProducer(self) -> None:
+            pass
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+    sink = Sink()
+    prefix = await download.prefix_sha256()
+    try:
+        await download.stream_to(sink, prefix)
+    finally:
+        download.close()
+    return bytes(sink.data), prefix.hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_saved_file_is_downloaded_without_hashing_it_again(storage, tmp_path, monkeypatch):
+    data = _blob(3 * MiB + 7, seed=5)
+    folder = storage.folder(None)
+    upload = await folder.begin_upload("f", len(data))
+    await _send(_Watch(storage), upload, data, 256 * KiB)
+    await upload.commit()
+
+    hashed: list[int] = []  # bytes fed to any SHA-256 made from now on
+    real = hashlib.sha256
+
+    class Counting:
+        def __init__(self, *args: Any) -> None:
+            self._inner = real(*args)
+
+        def update(self, chunk: bytes) -> None:
+            hashed.append(len(chunk))
+            self._inner.update(chunk)
+
+        def hexdigest(self) -> str:
+            return self._inner.hexdigest()
+
+    monkeypatch.setattr(hashlib, "sha256", Counting)
+    for offset in (0, MiB + 3):  # whole, and ranged: still the whole file's digest
+        got, digest = await _read_all(await folder.open_download("f", offset))
+        assert got == data[offset:]
+        assert digest == hashlib.sha256(data).hexdigest()
+    assert sum(hashed) == 0  # neither the bytes sent nor a ranged get's prefix were hashed
+    # The control: a file the server did not write (no record) is hashed.
+    (tmp_path / "root" / "g").write_bytes(data)
+    got, digest = await _read_all(await folder.open_download("g"))
+    assert (got, digest) == (data, hashlib.sha256(data).hexdigest())
+    assert sum(hashed) == len(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_changed_behind_the_servers_back_is_hashed_again(storage, tmp_path):
+    data = _blob(MiB, seed=6)
+    folder = storage.folder(None)
+    upload = await folder.begin_upload("f", len(data))
+    await _send(_Watch(storage), upload, data, 256 * KiB)
+    await upload.commit()
+    path = tmp_path / "root" / "f"
+    changed = _blob(MiB, seed=7)  # same size, new mtime
+    stamp = path.stat().st_mtime_ns
+    path.write_bytes(changed)
+    os.utime(path, ns=(stamp + 1_000_000, stamp + 1_000_000))
+    got, digest = await _read_all(await folder.open_download("f"))
+    assert got == changed
+    assert digest == hashlib.sha256(changed).hexdigest()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_forged_behind_the_servers_back_is_caught_by_the_client(server, tmp_path):
+    """Changed in place with its size and mtime put back, a file goes out under
+    its recorded hash; the client, which hashes what it receives, refuses it."""
+    import io
+
+    from wsfiles.client import CHECKSUM_MISMATCH, WsfilesError
+
+    client = await server.connect()
+    data = _blob(2 * MiB, seed=8)
+    await client.upload("f", data)
+    path = server.root / "f"
+    before = path.stat()
+    with path.open("r+b") as f:
+        f.seek(MiB)
+        f.write(b"X")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(WsfilesError) as caught:
+        await client.download("f", io.BytesIO())
+    assert caught.value.code == CHECKSUM_MISMATCH

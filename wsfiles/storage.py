@@ -459,7 +459,7 @@ class LocalFolder:
             if offset > st.st_size:
                 source.close()
                 raise ValueError(f"offset {offset} is beyond the size {st.st_size}")
-            return LocalDownload(source, st.st_size, offset)
+            return LocalDownload(source, st.st_size, offset, digest=_recorded_digest(fd, st))
 
         return _guarded(open_it)
 
@@ -842,6 +842,7 @@ class LocalUpload:
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
+            _remember_digest(fd, digest)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -941,15 +942,66 @@ class LocalUpload:
             del self._folder._storage._resumable[self._path]
 
 
+#: The extended attribute holding a stored file's SHA-256, as
+#: "HEX SIZE MTIME_NS" of the moment it was written (see _remember_digest).
+DIGEST_XATTR = "user.wsfiles.sha256"
+
+
+def _remember_digest(fd: int, digest: str) -> None:
+    """Record the SHA-256 of the file just written, with its size and mtime.
+
+    A download of the whole file then sends the recorded hash instead of
+    hashing the file again (SHA-256 is most of a download's CPU).  The record
+    is trusted only while the file's size and mtime are those recorded: a
+    file changed in any ordinary way is hashed again.  One changed in place
+    with its mtime forged back goes out under the old hash, and the client,
+    which always hashes what it receives, reports ``checksum_mismatch``
+    (docs/protocol.md).  Where the filesystem has no user xattrs, nothing is
+    recorded and downloads hash as before.
+    """
+    st = os.fstat(fd)
+    record = f"{digest} {st.st_size} {st.st_mtime_ns}".encode()
+    with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: hash on download instead
+        os.setxattr(fd, DIGEST_XATTR, record)
+
+
+def _recorded_digest(fd: int, st: os.stat_result) -> str | None:
+    """The SHA-256 recorded for the file open as ``fd``, if it still holds."""
+    try:
+        digest, size, mtime_ns = os.getxattr(fd, DIGEST_XATTR).decode("ascii").split()
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if size != str(st.st_size) or mtime_ns != str(st.st_mtime_ns) or len(digest) != 64:
+        return None
+    return digest
+
+
+class KnownDigest:
+    """Stands in for a hashlib object when the file's SHA-256 is recorded:
+    ``update`` does nothing and ``hexdigest`` gives the record."""
+
+    def __init__(self, digest: str) -> None:
+        self._digest = digest
+
+    def update(self, data: bytes) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return self._digest
+
+
 @implementer(IDownload)
 class LocalDownload(FileStreamer):
     """A file opened for reading from ``offset``, streamed by FileStreamer."""
 
-    def __init__(self, source: Any, size: int, offset: int = 0) -> None:
+    def __init__(
+        self, source: Any, size: int, offset: int = 0, *, digest: str | None = None
+    ) -> None:
         source.seek(offset)
         super().__init__(source, size - offset)
         self.size = size
         self.offset = offset
+        self._digest = digest
 
     def stream_to(self, consumer: interfaces.IConsumer, sha256: Any = None) -> Deferred:
         if sha256 is not None:
@@ -957,7 +1009,10 @@ class LocalDownload(FileStreamer):
         return super().stream_to(consumer)
 
     def prefix_sha256(self) -> Deferred:
-        """Hash bytes [0, offset) in a thread (a resumed download's first part)."""
+        """Hash bytes [0, offset) in a thread (a resumed download's first part);
+        with a recorded digest, no hashing at all (KnownDigest)."""
+        if self._digest is not None:
+            return defer.succeed(KnownDigest(self._digest))
         if self.offset == 0:
             return defer.succeed(hashlib.sha256())
         return threads.deferToThread(_hash_fd_prefix, self._source.fileno(), self.offset)
