@@ -58,7 +58,7 @@ BENCHMARKS = (
     Benchmark(
         "concurrency",
         ("concurrency.py",),
-        240,
+        360,
         "16 clients moving 1 GiB at once (RSS); 1,000 clients save + get",
     ),
     Benchmark(
