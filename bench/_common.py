@@ -6,6 +6,7 @@ Benchmarks are scripts run as ``python bench/NAME.py``, so this folder is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -219,6 +220,29 @@ class ServerProcess:
 # -- the reactor ------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def own_signal_handlers() -> Iterator[None]:
+    """Put back this process's signal handlers after the Twisted reactor has run.
+
+    ``reactor.run()`` installs its own SIGINT/SIGTERM/SIGCHLD handlers (and a
+    wakeup fd) and leaves them behind when it stops: Ctrl-C would then only
+    ask a stopped reactor to stop.
+    """
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
+    saved = {signum: signal.getsignal(signum) for signum in watched}
+    try:
+        yield
+    finally:
+        for signum, handler in saved.items():
+            if handler is not None:  # None: not set from Python; leave it
+                signal.signal(signum, handler)
+        signal.set_wakeup_fd(-1)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_on_reactor(make: Callable[[Any], Coroutine[Any, Any, T]], budget: float | None = None) -> T:
     """Run ``make(reactor)`` on the global reactor (at most ``budget`` s); return its result.
 
@@ -240,15 +264,9 @@ def run_on_reactor(make: Callable[[Any], Coroutine[Any, Any, T]], budget: float 
             d.addTimeout(budget, reactor)
         d.addBoth(finished)
 
-    # The reactor installs its own SIGINT/SIGTERM/SIGCHLD handlers and leaves
-    # them behind: put the previous ones back so Ctrl-C works afterwards.
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)}
     reactor.callWhenRunning(start)
-    try:
+    with own_signal_handlers():
         reactor.run()
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
     if not outcome:
         raise KeyboardInterrupt("the reactor stopped before the benchmark finished")
     result = outcome[0]
@@ -313,9 +331,14 @@ def source_version() -> str:
 
 
 def header() -> None:
-    """What every benchmark prints first: how it was run and on what."""
+    """What every benchmark prints first: how it was run and on what.
+
+    It also makes SIGTERM (bench/run_all.py's time limit) act like Ctrl-C, so
+    the ``with`` blocks around servers and temporary folders clean up.
+    """
     import shlex
 
+    signal.signal(signal.SIGTERM, _interrupted)
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(versions())
     print(f"Autobahn NVX: {nvx_status()}")

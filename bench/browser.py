@@ -873,25 +873,6 @@ def report_memory(label: str, phase: PagePhase, size: int) -> dict[str, float]:
 # -- main ----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def own_signal_handlers() -> Iterator[None]:
-    """Put back this process's signal handlers after the Twisted reactor has run.
-
-    ``reactor.run()`` installs its own SIGINT/SIGTERM/SIGCHLD handlers (and a
-    wakeup fd) and leaves them behind when it stops: Ctrl-C would then only
-    ask a stopped reactor to stop, and the browser part could not be interrupted.
-    """
-    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD)
-    saved = {signum: signal.getsignal(signum) for signum in watched}
-    try:
-        yield
-    finally:
-        for signum, handler in saved.items():
-            if handler is not None:
-                signal.signal(signum, handler)
-        signal.set_wakeup_fd(-1)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="1G", help="file size, e.g. 64M or 1G (default 1G)")
@@ -948,12 +929,9 @@ def main(argv: list[str]) -> int:
             print(f"wsfiles server: pid {server.pid}, port {server.port}", flush=True)
             try:
                 copy = work / "python-copy.bin"
-                with own_signal_handlers():
-                    py_up, py_down = run_on_reactor(
-                        lambda reactor: python_round(
-                            server.port, source, copy, args.timeout, reactor
-                        )
-                    )
+                py_up, py_down = run_on_reactor(
+                    lambda reactor: python_round(server.port, source, copy, args.timeout, reactor)
+                )
                 print(f"python client up   {size / py_up / MB:8.1f} MB/s  {py_up:6.2f} s")
                 print(f"python client down {size / py_down / MB:8.1f} MB/s  {py_down:6.2f} s")
                 print(check("python client download", copy, expected))

@@ -75,6 +75,7 @@ from typing import Any
 
 from _common import (
     LOOPBACK,
+    MB,
     ServerProcess,
     cpu_seconds,
     header,
@@ -602,11 +603,11 @@ def report(idle: IdleFigures, count: int, rates: dict[str, tuple[Rate, Rate]]) -
     print(
         f"idle connections: {idle.opened} of {count} open, {idle.connect_seconds:.1f} s to connect"
     )
-    per_connection = (idle.open_rss_kib - idle.idle_rss_kib) / max(1, idle.opened)
+    per_connection = (idle.open_rss_kib - idle.idle_rss_kib) * 1024 / 1000 / max(1, idle.opened)
     print(
-        f"  server VmRSS idle {idle.idle_rss_kib / 1000:.1f} MB, with all open"
-        f" {idle.open_rss_kib / 1000:.1f} MB (VmHWM {idle.open_hwm_kib / 1000:.1f} MB,"
-        f" after the lists {idle.after_hwm_kib / 1000:.1f} MB);"
+        f"  server VmRSS idle {idle.idle_rss_kib * 1024 / MB:.1f} MB, with all open"
+        f" {idle.open_rss_kib * 1024 / MB:.1f} MB (VmHWM {idle.open_hwm_kib * 1024 / MB:.1f} MB,"
+        f" after the lists {idle.after_hwm_kib * 1024 / MB:.1f} MB);"
         f" {per_connection:.1f} kB per connection"
     )
     print(
@@ -616,11 +617,11 @@ def report(idle: IdleFigures, count: int, rates: dict[str, tuple[Rate, Rate]]) -
     all_open = idle.opened == count
     print_result(
         "idle connections server RSS",
-        f"{idle.open_rss_kib / 1000:.1f} MB with {idle.opened} open"
-        f" ({per_connection:.1f} kB each, idle {idle.idle_rss_kib / 1000:.1f} MB,"
-        f" peak {idle.after_hwm_kib / 1000:.1f} MB)",
+        f"{idle.open_rss_kib * 1024 / MB:.1f} MB with {idle.opened} open"
+        f" ({per_connection:.1f} kB each, idle {idle.idle_rss_kib * 1024 / MB:.1f} MB,"
+        f" peak {idle.after_hwm_kib * 1024 / MB:.1f} MB)",
         f"< {RSS_TARGET_MB} MB with {count} open",
-        all_open and idle.open_rss_kib / 1000 < RSS_TARGET_MB,
+        all_open and idle.open_rss_kib * 1024 / MB < RSS_TARGET_MB,
     )
     print_result(
         "idle connections list answered",

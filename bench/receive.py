@@ -73,7 +73,13 @@ def masked_frames(data: bytes, frame: int) -> bytes:
         fin = start + frame >= len(data)
         opcode = 2 if start == 0 else 0
         key = os.urandom(4)
-        head = bytes([(0x80 if fin else 0) | opcode, 0x80 | 127]) + struct.pack("!Q", len(payload))
+        head = bytes([(0x80 if fin else 0) | opcode])
+        if len(payload) < 126:
+            head += bytes([0x80 | len(payload)])
+        elif len(payload) < 65536:
+            head += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
+        else:
+            head += bytes([0x80 | 127]) + struct.pack("!Q", len(payload))
         parts += [head, key, create_xor_masker(key, len(payload)).process(payload)]
     return b"".join(parts)
 

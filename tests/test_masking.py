@@ -52,6 +52,25 @@ def test_masking_matches_autobahn_across_uneven_pieces_and_frames(native: bool) 
         assert bytes(masker.process(ours)) == data
 
 
+def test_a_native_masker_that_disagrees_with_the_reference_is_not_used(monkeypatch) -> None:
+    """Should Autobahn's private masker change, wsfiles masks in Python instead."""
+    if not masking.NATIVE:
+        pytest.skip("Autobahn's native masker is not installed")
+
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            real = getattr(masking._lib, name)
+            return (lambda *args: None) if name == "nvx_xormask_process" else real
+
+    monkeypatch.setattr(masking, "_lib", Broken())
+    assert masking._native_agrees() is False
+    assert masking._lib is None  # every Masker made from now on uses Python
+    key = os.urandom(4)
+    data = os.urandom(1000)
+    masker = masking.Masker(key)
+    assert bytes(masker.process(data)) == create_xor_masker(key, len(data)).process(data)
+
+
 def test_a_key_must_be_four_bytes() -> None:
     with pytest.raises(ValueError, match="4 bytes"):
         masking.Masker(b"abc")
@@ -73,6 +92,8 @@ def frame(opcode: int, payload: bytes, *, fin: bool = True) -> bytes:
     head = bytes([(0x80 if fin else 0) | opcode])
     if len(payload) < 126:
         head += bytes([0x80 | len(payload)])
+    elif len(payload) < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", len(payload))
     else:
         head += bytes([0x80 | 127]) + struct.pack("!Q", len(payload))
     body = create_xor_masker(key, len(payload)).process(payload) if payload else b""
@@ -103,6 +124,16 @@ def test_unmasking_delivers_binary_text_and_fragmented_messages() -> None:
         protocol.dataReceived(wire[start : start + 65_536])
     assert protocol.messages == [(data, True), ("héllo".encode(), False), (b"", True)]
     assert protocol.state == protocol.STATE_OPEN
+
+
+def test_control_frames_between_fragments_are_unmasked_and_the_message_survives() -> None:
+    protocol, transport = opened()
+    data = os.urandom(70_000)  # a 2-byte length frame, then an 8-byte one
+    wire = frame(2, data[:1000], fin=False) + frame(9, b"ping in between")
+    wire += frame(0, data[1000:], fin=False) + frame(0, b"", fin=True)
+    protocol.dataReceived(wire)
+    assert protocol.messages == [(data, True)]
+    assert bytes([0x8A, len(b"ping in between")]) + b"ping in between" in transport.value()
 
 
 def test_unmasking_answers_a_ping_with_its_payload_and_reads_a_close_reason() -> None:

@@ -224,7 +224,7 @@ async def test_ending_a_waiting_upload_lets_it_and_the_others_go(storage):
     second = await folder.begin_upload("second", 10 * KiB)
     first_waits = first.write(_blob(100 * KiB, 3))
     second_data = _blob(10 * KiB, 4)
-    second_waits = second.write(second_data)  # others wait: first come, first served
+    second_waits = second.write(second_data)  # others are waiting: a newcomer waits too
     assert first_waits is not None and second_waits is not None
     first.abort()
     assert first_waits.called
@@ -387,3 +387,24 @@ async def test_a_file_forged_behind_the_servers_back_is_caught_by_the_client(ser
     with pytest.raises(WsfilesError) as caught:
         await client.download("f", io.BytesIO())
     assert caught.value.code == CHECKSUM_MISMATCH
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_changed_during_a_download_fails_it_rather_than_send_a_stale_hash(
+    storage, tmp_path
+):
+    from wsfiles.streaming import StreamFailed
+
+    data = _blob(MiB, seed=9)
+    folder = storage.folder(None)
+    upload = await folder.begin_upload("f", len(data))
+    await _send(_Watch(storage), upload, data, 256 * KiB)
+    await upload.commit()
+    download = await folder.open_download("f")  # the record holds now
+    path = tmp_path / "root" / "f"
+    with path.open("r+b") as f:  # changed in place, as another program might
+        f.write(b"Y")
+    stamp = path.stat().st_mtime_ns + 1_000_000
+    os.utime(path, ns=(stamp, stamp))
+    with pytest.raises(StreamFailed, match="changed while it was being sent"):
+        await _read_all(download)

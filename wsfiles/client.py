@@ -87,10 +87,11 @@ class _FileProtocol(WebSocketClientProtocol):
     def sendMessageFrame(self, payload: bytes, sync: bool = False) -> None:
         """One frame of the message being sent, masked by wsfiles.masking.
 
-        Autobahn picks the frame's random key and writes the header; the
-        payload is masked here (a copy, the XOR in place, and the copy to
-        ``bytes`` Twisted insists on) instead of by Autobahn's masker, which
-        makes a zeroed copy first, and Autobahn's masker is swapped for its
+        Autobahn picks the frame's random key and writes the header (it still
+        builds its own masker for the frame, unused); the payload is masked
+        here (a copy, the XOR in place, and the copy to ``bytes`` Twisted
+        insists on) instead of by Autobahn's masker, which also zero-fills
+        a buffer first, and Autobahn's masker is swapped for its
         pass-through one so it only keeps count.  No compression is ever
         negotiated on the file channel, so the payload goes out as given.
         """

@@ -23,7 +23,10 @@ except ImportError:  # pragma: no cover - every supported wheel has it
 #: WebSocket opcodes (RFC 6455 section 5.2).
 _CONTINUATION, _TEXT, _BINARY = 0, 1, 2
 
-NATIVE = _lib is not None
+
+def _python_mask(key: bytes, position: int, data: bytes) -> bytes:
+    """The reference: ``data`` masked as the payload bytes from ``position`` on."""
+    return bytes(byte ^ key[(position + i) % 4] for i, byte in enumerate(data))
 
 
 class Masker:
@@ -73,6 +76,34 @@ class Masker:
             out[:] = mixed.to_bytes(length, "little")
         self._position += length
         return out
+
+
+def _native_agrees() -> bool:
+    """Check the native path against the reference once, at import.
+
+    It relies on Autobahn's private masker (its state's layout, its
+    functions); should a future Autobahn change them, wsfiles falls back to
+    the Python path rather than store wrongly unmasked uploads.
+    """
+    global _lib
+    sample = bytes(range(251)) * 3
+    try:
+        masker = Masker(b"\x9a\x17\xe3\x5c")
+        pieces = [masker.process(sample[:5]), masker.process(sample[5:])]
+        masker.rekey(b"\x01\x02\x03\x04")
+        again = masker.process(sample[:7])
+    except Exception:  # any failure of the private API means: do not use it
+        agrees = False
+    else:
+        agrees = bytes(pieces[0] + pieces[1]) == _python_mask(
+            b"\x9a\x17\xe3\x5c", 0, sample
+        ) and bytes(again) == _python_mask(b"\x01\x02\x03\x04", 0, sample[:7])
+    if not agrees:
+        _lib = None
+    return agrees
+
+
+NATIVE = _lib is not None and _native_agrees()
 
 
 class Unmasking:

@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from wsfiles.names import RESERVED_PREFIX
-from wsfiles.streaming import FileStreamer, SkipHash
+from wsfiles.streaming import FileStreamer, SkipHash, StreamFailed
 
 TEMP_FOLDER = ".wsfiles-tmp"
 PARTIAL_FOLDER = ".wsfiles-partial"
@@ -943,35 +943,44 @@ class LocalUpload:
 
 
 #: The extended attribute holding a stored file's SHA-256, as
-#: "HEX SIZE MTIME_NS" of the moment it was written (see _remember_digest).
+#: "HEX SIZE MTIME_NS INODE" of the moment it was written (see _remember_digest).
 DIGEST_XATTR = "user.wsfiles.sha256"
 
 
 def _remember_digest(fd: int, digest: str) -> None:
     """Record the SHA-256 of the file just written, with its size and mtime.
 
-    A download of the whole file then sends the recorded hash instead of
-    hashing the file again (SHA-256 is most of a download's CPU).  The record
-    is trusted only while the file's size and mtime are those recorded: a
-    file changed in any ordinary way is hashed again.  One changed in place
+    A download then sends the recorded hash instead of hashing the file
+    again (SHA-256 is half of a download's CPU).  The record is trusted only
+    while the file's size, mtime and inode are those recorded, when the
+    download starts and again when its last byte is out: a file changed in
+    any ordinary way is hashed again, and one changed during a download
+    fails that download (``storage_error``).  On filesystems whose mtime is
+    coarse (1 s), a same-size rewrite within the same second would keep the
+    record; ext4, XFS and btrfs keep nanoseconds.  One changed in place
     with its mtime forged back goes out under the old hash, and the client,
     which always hashes what it receives, reports ``checksum_mismatch``
     (docs/protocol.md).  Where the filesystem has no user xattrs, nothing is
     recorded and downloads hash as before.
     """
-    st = os.fstat(fd)
-    record = f"{digest} {st.st_size} {st.st_mtime_ns}".encode()
+    record = (digest + " " + _identity(os.fstat(fd))).encode()
     with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: hash on download instead
         os.setxattr(fd, DIGEST_XATTR, record)
+
+
+def _identity(st: os.stat_result) -> str:
+    """What must not change for a recorded digest to hold: size, mtime, inode
+    (a copy that kept the attribute is hashed again)."""
+    return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
 
 
 def _recorded_digest(fd: int, st: os.stat_result) -> str | None:
     """The SHA-256 recorded for the file open as ``fd``, if it still holds."""
     try:
-        digest, size, mtime_ns = os.getxattr(fd, DIGEST_XATTR).decode("ascii").split()
+        digest, identity = os.getxattr(fd, DIGEST_XATTR).decode("ascii").split(" ", 1)
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    if size != str(st.st_size) or mtime_ns != str(st.st_mtime_ns) or len(digest) != 64:
+    if identity != _identity(st) or len(digest) != 64:
         return None
     return digest
 
@@ -1003,7 +1012,17 @@ class LocalDownload(FileStreamer):
     def stream_to(self, consumer: interfaces.IConsumer, sha256: Any = None) -> Deferred:
         if sha256 is not None:
             self.sha256 = sha256  # hashed in the reading thread
-        return super().stream_to(consumer)
+        done = super().stream_to(consumer)
+        if self._digest is not None:
+            done.addCallback(self._still_recorded)
+        return done
+
+    def _still_recorded(self, result: None) -> None:
+        """The recorded digest goes out only if the file did not change meanwhile."""
+        assert self._digest is not None
+        if _recorded_digest(self._source.fileno(), os.fstat(self._source.fileno())) is None:
+            raise StreamFailed("the file changed while it was being sent")
+        return result
 
     def prefix_sha256(self) -> Deferred:
         """Hash bytes [0, offset) in a thread (a resumed download's first part);
