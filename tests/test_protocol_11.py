@@ -54,7 +54,7 @@ async def test_hello_names_the_features(server):
     assert (
         set(client.hello["features"])
         == set(FEATURES)
-        == {"resume", "range", "checksum", "delete", "rename", "changed", "chunked"}
+        == {"resume", "range", "checksum", "delete", "rename", "changed", "chunked", "pieces"}
     )
 
 
@@ -90,6 +90,43 @@ async def test_ranged_get_sends_the_rest_and_the_whole_files_hash(server):
         assert sending["offset"] == offset and sending["size"] == len(data)
         assert received == data[offset:]
         assert replies[-1]["sha256"] == sha(data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_file_in_pieces_gives_each_piece_and_its_own_hash(server):
+    data = os.urandom(300_000)
+    await server.put("f", data)
+    client = await server.connect()
+    pieces = []
+    for offset, length in ((0, 131_072), (131_072, 131_072), (262_144, 131_072), (299_000, 0)):
+        message = {"op": "get", "name": "f", "offset": offset, "length": length}
+        replies, received = await raw_get(client, message)
+        expected = data[offset : offset + length]
+        sending = next(r for r in replies if r["op"] == "sending")
+        assert (sending["offset"], sending["length"], sending["size"]) == (
+            offset,
+            len(expected),  # the last piece stops at the end of the file
+            len(data),
+        )
+        assert received == expected
+        assert replies[-1]["op"] == "sent" and "sha256" not in replies[-1]
+        assert replies[-1]["range_sha256"] == sha(expected)
+        assert replies[-1]["length"] == len(expected)
+        pieces.append(received)
+    assert b"".join(pieces) == data
+    # length alone: from the start
+    replies, received = await raw_get(client, {"op": "get", "name": "f", "length": 10})
+    assert received == data[:10] and replies[-1]["range_sha256"] == sha(data[:10])
+
+
+@pytest.mark.parametrize("length", [-1, 1.5, True, "3", None])
+@pytest_twisted.ensureDeferred
+async def test_bad_lengths_are_bad_requests(server, length):
+    await server.put("f", b"x" * 1000)
+    client = await server.connect()
+    reply = await client.reply(client.send({"op": "get", "name": "f", "length": length}))
+    assert reply["op"] == "error" and reply["code"] == "bad_request"
+    assert not client.has_file_channel
 
 
 @pytest.mark.parametrize("offset", [300_001, -1, 1.5, True, "3", None])

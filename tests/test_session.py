@@ -145,7 +145,16 @@ def test_hello_first(h):
     assert h.sent[0] == {
         "op": "hello",
         "protocol": 1,
-        "features": ["resume", "range", "checksum", "delete", "rename", "changed", "chunked"],
+        "features": [
+            "resume",
+            "range",
+            "checksum",
+            "delete",
+            "rename",
+            "changed",
+            "chunked",
+            "pieces",
+        ],
         "client": "anonymous",
         "max_size": 1000,
         "files": [],

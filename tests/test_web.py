@@ -12,6 +12,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import BIN, add_user_with_cli, twistd_args
@@ -102,6 +103,43 @@ def page(browser):
 
 def row(page, name: str):
     return page.locator(f"#files tbody tr[data-name='{name}']")
+
+
+def test_a_file_larger_than_a_piece_downloads_in_pieces_byte_for_byte(web, page, tmp_path):
+    """The page fetches big files in 8 MiB pieces (protocol 1.1 pieces) and
+    saves them as one file."""
+    srv = web()
+    data = os.urandom(2 * 8 * 1024 * 1024 + 12_345)  # three pieces, the last short
+    (srv.root / "big.bin").write_bytes(data)
+    requests: list[dict] = []
+
+    def seen(ws: Any) -> None:
+        ws.on("framesent", lambda payload: requests.append(_json_or_none(payload)))
+
+    page.on("websocket", seen)
+    page.goto(srv.url)
+    row(page, "big.bin").wait_for()
+    with page.expect_download(timeout=60_000) as download:
+        row(page, "big.bin").locator("button[data-action='download']").click()
+    saved = tmp_path / "saved.bin"
+    download.value.save_as(saved)
+    assert saved.read_bytes() == data
+    gets = [r for r in requests if r and r.get("op") == "get"]
+    assert [(r["offset"], r["length"]) for r in gets] == [
+        (0, 8 * 1024 * 1024),
+        (8 * 1024 * 1024, 8 * 1024 * 1024),
+        (16 * 1024 * 1024, 8 * 1024 * 1024),
+    ]
+
+
+def _json_or_none(payload: Any) -> dict | None:
+    import json
+
+    try:
+        value = json.loads(payload)
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 def test_list_upload_download_and_live_updates(web, page, tmp_path):

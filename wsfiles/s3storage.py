@@ -299,12 +299,12 @@ class S3Folder:
     def stat(self, name: str) -> Deferred:
         return Deferred.fromCoroutine(self._stat(name))
 
-    def open_download(self, name: str, offset: int = 0) -> Deferred:
+    def open_download(self, name: str, offset: int = 0, length: int | None = None) -> Deferred:
         async def open_it() -> S3Download:
             info = await self._stat(name)
             if offset > info.size:
                 raise ValueError(f"offset {offset} is beyond the size {info.size}")
-            return S3Download(self._client, self._prefix + name, info.size, offset)
+            return S3Download(self._client, self._prefix + name, info.size, offset, length)
 
         return Deferred.fromCoroutine(open_it())
 
@@ -685,16 +685,19 @@ class _Body(protocol.Protocol):
 
 @implementer(interfaces.IPushProducer, IDownload)
 class S3Download(StreamEnd):
-    def __init__(self, client: S3Client, key: str, size: int, offset: int) -> None:
+    def __init__(
+        self, client: S3Client, key: str, size: int, offset: int, length: int | None = None
+    ) -> None:
         self._client = client
         self._key = key
         self.size = size
         self.offset = offset
+        self.length = size - offset if length is None else min(length, size - offset)
         self._consumer: interfaces.IConsumer | None = None
         self._sha256: Any = None
         self._done: Deferred | None = None
         self._body: _Body | None = None
-        self._remaining = size - offset
+        self._remaining = self.length
 
     def prefix_sha256(self) -> Deferred:
         async def hash_prefix() -> Any:
@@ -718,7 +721,8 @@ class S3Download(StreamEnd):
             return done
 
         async def start() -> None:
-            response = await self._client.stream(self._key, self.offset, None)
+            last = self.offset + self.length - 1 if self.offset + self.length < self.size else None
+            response = await self._client.stream(self._key, self.offset, last)
             self._body = _Body(self)
             self._client.deliver(response, self._body)
             if self._done is None:  # stopped while the GET was on its way

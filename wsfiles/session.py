@@ -12,6 +12,7 @@ the session's file channel.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,7 @@ from wsfiles.timers import Deadline
 
 PROTOCOL_VERSION = 1
 #: What this server supports beyond protocol 1.0 (announced in ``hello``).
-FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed", "chunked")
+FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed", "chunked", "pieces")
 #: WebSocket close codes for a file channel the server gives up on.
 CLOSE_POLICY = 1008  # a stalled transfer
 CLOSE_MESSAGE_TOO_BIG = 1009  # more data than allowed
@@ -358,6 +359,7 @@ class CommandSession:
         self._refuse_while_draining()
         name = check_file_name(message.get("name"))
         offset = _count_field(message, "offset", 0)
+        length = _count_field(message, "length") if "length" in message else None
         info = await self._stat(name)
         if offset > info.size:
             raise ProtocolError(
@@ -367,7 +369,7 @@ class CommandSession:
         self._enqueue(
             "get",
             name,
-            lambda record: self._run_get(name, offset, ranged, request_id, record),
+            lambda record: self._run_get(name, offset, ranged, length, request_id, record),
             request_id,
         )
 
@@ -544,23 +546,33 @@ class CommandSession:
         return await self._channel_waiter
 
     async def _run_get(
-        self, name: str, offset: int, ranged: bool, request_id: RequestId, record: TransferRecord
+        self,
+        name: str,
+        offset: int,
+        ranged: bool,
+        length: int | None,
+        request_id: RequestId,
+        record: TransferRecord,
     ) -> None:
+        """Send the file from ``offset``; with ``length``, only that piece of it,
+        whose own SHA-256 ``sent`` then carries as ``range_sha256``."""
         channel = await self._file_channel_ready(request_id)
         try:
-            download = await self.folder.open_download(name, offset)
+            download = await self.folder.open_download(name, offset, length)
         except NotFound:
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
         except ValueError as e:  # the file shrank below the offset meanwhile
             raise ProtocolError(errors.BAD_REQUEST, str(e)) from None
         self._download = download
         try:
-            prefix = await download.prefix_sha256()
+            prefix = hashlib.sha256() if length is not None else await download.prefix_sha256()
             if channel is not self._file_channel:  # it closed while we prepared
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
             sending = {"op": "sending", "name": name, "size": download.size}
             if ranged:
                 sending["offset"] = offset
+            if length is not None:
+                sending["offset"], sending["length"] = offset, download.length
             self._send(sending, request_id)
             consumer = CountingConsumer(
                 channel.begin_message(), progress=lambda _: self._stall.reset()
@@ -584,10 +596,12 @@ class CommandSession:
             channel.end_message()
             record.size, record.offset = download.size, offset
             record.sha256 = prefix.hexdigest()
-            self._send(
-                {"op": "sent", "name": name, "size": download.size, "sha256": record.sha256},
-                request_id,
-            )
+            sent: dict[str, Any] = {"op": "sent", "name": name, "size": download.size}
+            if length is None:
+                sent["sha256"] = record.sha256
+            else:
+                sent.update(offset=offset, length=download.length, range_sha256=record.sha256)
+            self._send(sent, request_id)
         finally:
             self._stall.cancel()
             self._download = None

@@ -88,7 +88,8 @@ class IDownload(Interface):
     """An opened file, ready to be streamed to a consumer."""
 
     size = Attribute("The file's total size.")
-    offset = Attribute("Where the stream starts; it delivers size - offset bytes.")
+    offset = Attribute("Where the stream starts.")
+    length = Attribute("How many bytes it delivers: size - offset, or fewer when asked.")
 
     def prefix_sha256() -> Deferred:
         """Fire with a hashlib object fed with bytes [0, offset)."""
@@ -149,8 +150,9 @@ class IFolder(Interface):
     def stat(name: str) -> Deferred:
         """Fire with the FileInfo of ``name``, or fail with NotFound."""
 
-    def open_download(name: str, offset: int = 0) -> Deferred:
-        """Fire with an IDownload starting at ``offset``, or fail with NotFound."""
+    def open_download(name: str, offset: int = 0, length: int | None = None) -> Deferred:
+        """Fire with an IDownload of bytes [offset, offset + length) (to the end
+        when ``length`` is None or reaches past it), or fail with NotFound."""
 
     def begin_upload(
         name: str, size: int, sha256: str | None = None, resume: bool = False
@@ -452,13 +454,15 @@ class LocalFolder:
 
         return _guarded(stat_it)
 
-    def open_download(self, name: str, offset: int = 0) -> Deferred:
+    def open_download(self, name: str, offset: int = 0, length: int | None = None) -> Deferred:
         def open_it() -> LocalDownload:
             fd, st = self._open_regular(name)
             source = os.fdopen(fd, "rb", buffering=0)
             if offset > st.st_size:
                 source.close()
                 raise ValueError(f"offset {offset} is beyond the size {st.st_size}")
+            if length is not None:  # a piece: hashed as it goes, no recorded digest
+                return LocalDownload(source, st.st_size, offset, length)
             return LocalDownload(source, st.st_size, offset, digest=_recorded_digest(fd, st))
 
         return _guarded(open_it)
@@ -1001,10 +1005,17 @@ class LocalDownload(FileStreamer):
     """A file opened for reading from ``offset``, streamed by FileStreamer."""
 
     def __init__(
-        self, source: Any, size: int, offset: int = 0, *, digest: str | None = None
+        self,
+        source: Any,
+        size: int,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        digest: str | None = None,
     ) -> None:
         source.seek(offset)
-        super().__init__(source, size - offset)
+        self.length = size - offset if length is None else min(length, size - offset)
+        super().__init__(source, self.length)
         self.size = size
         self.offset = offset
         self._digest = digest

@@ -136,10 +136,8 @@ class Connection {
   openFileChannel(url) {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(base + url, ["wsfiles.v1"]);
-      // "blob" keeps downloads out of the JS heap, but a WebSocket message still
-      // reaches JS whole: measured in Chromium 156 (bench/browser.py), a download
-      // costs about 2x its size in the renderer while it arrives and 1x in the
-      // browser process until its object URL is revoked ("arraybuffer": 3x).
+      // "blob" keeps downloaded pieces out of the JS heap ("arraybuffer" measured
+      // worse in Chromium 156); see download() for why they are pieces.
       ws.binaryType = "blob";
       ws.onopen = () => { this.fileSocket = ws; resolve(ws); };
       ws.onmessage = (event) => { if (this.onDownloadData) this.onDownloadData(event.data); };
@@ -192,7 +190,7 @@ function renderFiles(files) {
   $("#empty").hidden = files.length > 0;
 }
 
-function transferItem(label, size) {
+function transferItem(label, total) {
   const item = document.createElement("li");
   item.innerHTML = '<div class="line"><span class="label"></span><span class="stats"></span></div><progress max="1"></progress>';
   item.querySelector(".label").textContent = label;
@@ -200,13 +198,14 @@ function transferItem(label, size) {
   const started = performance.now();
   return {
     element: item,
+    resize(size) { total = size; },
     progress(done, offset = 0) {
       const seconds = (performance.now() - started) / 1000;
       const speed = (done - offset) / Math.max(seconds, 0.001);
-      item.querySelector("progress").value = size ? done / size : 1;
+      item.querySelector("progress").value = total ? done / total : 1;
       item.querySelector(".stats").textContent =
-        humanSize(done) + " of " + humanSize(size) + " · " + humanSize(speed) + "/s · " +
-        humanTime((size - done) / speed) + " left";
+        humanSize(done) + " of " + humanSize(total) + " · " + humanSize(speed) + "/s · " +
+        humanTime((total - done) / speed) + " left";
     },
     waiting(text) {
       item.querySelector("progress").removeAttribute("value");
@@ -298,40 +297,98 @@ async function sendSlices(file, offset, item) {
   }
 }
 
+// Downloads come in pieces (protocol 1.1 "pieces"): a WebSocket message reaches
+// the page only whole, so one message per file would cost the browser memory
+// in proportion to the file (measured in Chromium 156 by bench/browser.py: about
+// 3x a 1 GiB file at its peak). Each piece of PIECE bytes arrives as a Blob and
+// goes to downloadTarget().
+const PIECE = 8 * 1024 * 1024;
+
+async function getPiece(name, offset, item) {
+  let blob = null, sent = null, arrived;
+  const got = new Promise((done) => (arrived = done));
+  connection.onDownloadData = (data) => { blob = data; arrived(); };
+  const id = connection.send({ op: "get", name, offset, length: PIECE });
+  connection.currentTransfer = id;
+  try {
+    for (;;) {
+      const reply = await connection.reply(id);
+      if (reply.op === "channel") await connection.openFileChannel(reply.url).catch(() => {});
+      else if (reply.op === "sending") item.resize(reply.size);
+      else if (reply.op === "sent") { sent = reply; break; }
+      else if (reply.op === "error") throw new ProtocolError(reply);
+    }
+    await got;
+  } finally {
+    connection.onDownloadData = null;
+    connection.currentTransfer = null;
+    connection.done(id);
+  }
+  if (blob.size !== sent.length) throw new ProtocolError({ code: "channel_closed", message: "short download" });
+  return { blob, size: sent.size };
+}
+
+// Where the pieces go. In a secure context (https, or http to localhost) they
+// are written to a file in the origin-private file system, on disk, and the
+// download is made from that file, so neither the page nor the browser holds
+// the file in memory. Elsewhere they stay Blobs, which the browser keeps in
+// its own (browser-process) memory until the download is saved.
+async function downloadTarget() {
+  if (window.isSecureContext && navigator.storage && navigator.storage.getDirectory) {
+    try {
+      const folder = await navigator.storage.getDirectory();
+      const fileName = "download-" + Date.now() + "-" + Math.random().toString(36).slice(2);
+      const handle = await folder.getFileHandle(fileName, { create: true });
+      const writable = await handle.createWritable();
+      return {
+        write: (blob) => writable.write(blob),
+        async finish() { await writable.close(); return handle.getFile(); },
+        async discard() {
+          await writable.abort().catch(() => {});
+          await folder.removeEntry(fileName).catch(() => {});
+        },
+        remove: () => folder.removeEntry(fileName).catch(() => {}),
+      };
+    } catch (error) { /* no usable private file system: keep Blobs */ }
+  }
+  const pieces = [];
+  return {
+    write: async (blob) => { pieces.push(blob); },
+    finish: async () => new Blob(pieces),
+    discard: async () => {},
+    remove: () => {},
+  };
+}
+
 function download(name) {
   return queue(async () => {
     const item = transferItem("↓ " + name, 0);
-    let blob = null, sent = null;
-    let arrived;
-    const got = new Promise((resolve) => (arrived = resolve));
-    connection.onDownloadData = (data) => { blob = data; arrived(); };
-    const id = connection.send({ op: "get", name });
-    connection.currentTransfer = id;
+    const target = await downloadTarget();
+    let received = 0, size = 0, file;
     try {
-      for (;;) {
-        const reply = await connection.reply(id);
-        if (reply.op === "channel") await connection.openFileChannel(reply.url).catch(() => {});
-        else if (reply.op === "sending") item.waiting("receiving " + humanSize(reply.size) + "…");
-        else if (reply.op === "sent") { sent = reply; break; }
-        else if (reply.op === "error") throw new ProtocolError(reply);
-      }
-      await got;
+      do {
+        const piece = await getPiece(name, received, item);
+        await target.write(piece.blob);
+        received += piece.blob.size;
+        size = piece.size;
+        item.progress(received);
+        if (!piece.blob.size && received < size) {
+          throw new ProtocolError({ code: "channel_closed", message: "the file shrank" });
+        }
+      } while (received < size);
+      file = await target.finish();
     } catch (error) {
+      await target.discard();
       item.finish("failed");
       throw error;
-    } finally {
-      connection.onDownloadData = null;
-      connection.currentTransfer = null;
-      connection.done(id);
     }
-    if (blob.size !== sent.size) throw new ProtocolError({ code: "channel_closed", message: "short download" });
     const link = document.createElement("a");
-    link.href = URL.createObjectURL(blob);
+    link.href = URL.createObjectURL(file);
     link.download = name;
     document.body.append(link);
     link.click();
     link.remove();
-    setTimeout(() => URL.revokeObjectURL(link.href), 60000);
+    setTimeout(() => { URL.revokeObjectURL(link.href); target.remove(); }, 60000);
     item.finish("downloaded");
   });
 }
