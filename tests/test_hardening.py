@@ -291,6 +291,64 @@ async def test_an_open_command_channel_keeps_no_http_request_alive(server_factor
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_open_command_channel_keeps_a_small_instance_dict(server_factory):
+    """Memory per idle connection: Autobahn's options live on the protocol class,
+    its handshake data and default-valued state are dropped, no send queue or
+    transfer queue exists; the connection still lists, hears live updates, and
+    closes cleanly."""
+    srv = await server_factory()
+    watcher = await srv.connect()
+    client = await srv.connect()
+
+    def command_channels() -> list[Any]:
+        return [c for c in srv.site.book.open if c.channel_name == "command"]
+
+    for channel in command_channels():
+        state = vars(channel)
+        assert len(state) <= 21, sorted(state)  # a dict of at most 21 keys takes 464 bytes
+        for name in ("http_headers", "http_request_data", "http_response_data", "_wskey"):
+            assert name not in state
+        assert "autoPingInterval" not in state and channel.autoPingInterval == 30.0
+        assert channel.send_queue == () and channel.session._transfers is None
+        assert channel.session._stall_deadline is None
+    await client.upload("a.txt", b"abc")
+    assert [f["name"] for f in await client.list()] == ["a.txt"]
+    files = await watcher.changes.get().addTimeout(10, reactor)
+    assert [f["name"] for f in files] == ["a.txt"]
+    for channel in command_channels():
+        assert channel.session._transfers is None  # released once the transfer is done
+    await srv.close_client(client)
+    await srv.close_client(watcher)
+
+
+def test_text_frame_matches_autobahn_for_every_length_encoding():
+    """The command channel's own text frames are byte for byte what Autobahn sends."""
+    from autobahn.twisted.websocket import WebSocketServerProtocol
+
+    from wsfiles.command import text_frame
+
+    class Capture(WebSocketServerProtocol):
+        maskServerFrames = False
+        logFrames = False
+
+        def __init__(self) -> None:
+            from autobahn.websocket.protocol import TrafficStats
+
+            self.sent: list[bytes] = []
+            self.trafficStats = TrafficStats()
+
+        def sendData(self, data: bytes, sync: bool = False, chopsize: Any = None) -> None:
+            self.sent.append(data)
+
+    proto = Capture()
+    proto.factory = type("F", (), {"isServer": True})()
+    for size in (0, 1, 125, 126, 65535, 65536, 70000):
+        payload = bytes([0x61]) * size
+        proto.sendFrame(opcode=1, payload=payload)
+        assert text_frame(payload) == proto.sent[-1], size
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_client_gone_during_its_token_check_gets_no_session_and_queued_checks_are_skipped(
     server_factory, tmp_path, monkeypatch
 ):

@@ -107,6 +107,15 @@ class TokenBucket:
     then may the connection be closed.
     """
 
+    __slots__ = (
+        "_clock",
+        "_refused_in_window",
+        "_refused_window_start",
+        "_stamp",
+        "_tokens",
+        "rate",
+    )
+
     def __init__(self, rate: float, clock: IReactorTime) -> None:
         self.rate = rate
         self._clock = clock

@@ -190,13 +190,16 @@ class CommandSession:
         self.draining = False
         self._quiet_waiters: list[Deferred] = []
         self._idle = Deadline(clock, settings.idle_timeout, self._idle_expired)
-        self._stall = Deadline(clock, settings.stall_timeout, self._stall_expired)
+        self._stall_timeout = settings.stall_timeout
+        self._stall_deadline: Deadline | None = None  # made by the first transfer
         self._bucket = TokenBucket(settings.rate_limit, clock)
         self._stalled = False
         self._commands: Deferred = defer.succeed(None)
         #: Commands accepted and not yet finished (the one running included).
         self._unfinished = 0
-        self._transfers: deque[Callable[[], Awaitable[None]]] = deque()
+        #: Transfers waiting to run; a deque only while there are some (an
+        #: idle connection does not pay for one).
+        self._transfers: deque[Callable[[], Awaitable[None]]] | None = None
         self._transferring = False
         self._file_channel: FileChannel | None = None
         self._claimed_by: FileChannel | None = None
@@ -205,6 +208,12 @@ class CommandSession:
         self._download: IDownload | None = None
         self._discarding = False
         self.closed = False
+
+    @property
+    def _stall(self) -> Deadline:
+        if self._stall_deadline is None:
+            self._stall_deadline = Deadline(self._clock, self._stall_timeout, self._stall_expired)
+        return self._stall_deadline
 
     # -- sending ---------------------------------------------------------
 
@@ -443,8 +452,9 @@ class CommandSession:
         if self._changes is not None:
             self._changes.unsubscribe(self._folder_key, self._folder_changed)
         self._idle.cancel()
-        self._stall.cancel()
-        self._transfers.clear()
+        if self._stall_deadline is not None:
+            self._stall_deadline.cancel()
+        self._transfers = None
         self.registry.revoke(self)
         if self._channel_waiter is not None:
             waiter, self._channel_waiter = self._channel_waiter, None
@@ -493,6 +503,8 @@ class CommandSession:
                         self._clock.seconds() - record.started,
                     )
 
+        if self._transfers is None:
+            self._transfers = deque()
         self._transfers.append(lambda: self._reporting_errors(run, request_id))
         self._idle.cancel()  # a command channel never idles out while it transfers
         if not self._transferring:
@@ -520,6 +532,7 @@ class CommandSession:
                 await self._transfers.popleft()()
         finally:
             self._transferring = False
+            self._transfers = None  # empty, or closed
             if not self.closed:
                 self._idle.reset()
             waiters, self._quiet_waiters = self._quiet_waiters, []

@@ -10,6 +10,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 class Deadline:
     """Calls ``on_expiry`` unless ``reset`` or ``cancel`` comes first."""
 
+    __slots__ = ("_call", "_clock", "_on_expiry", "seconds")  # one or two per connection
+
     def __init__(self, clock: IReactorTime, seconds: float, on_expiry: Callable[[], None]) -> None:
         self._clock = clock
         self.seconds = seconds
