@@ -311,6 +311,7 @@ async def test_an_open_command_channel_keeps_a_small_instance_dict(server_factor
         assert "autoPingInterval" not in state and channel.autoPingInterval == 30.0
         assert channel.send_queue == () and channel.session._transfers is None
         assert channel.session._stall_deadline is None
+        assert len(vars(channel.transport)) <= 21  # rebuilt: 464 bytes, not 832
     await client.upload("a.txt", b"abc")
     assert [f["name"] for f in await client.list()] == ["a.txt"]
     files = await watcher.changes.get().addTimeout(10, reactor)
