@@ -2,7 +2,7 @@
 
 Run from the repository root (wsfiles must be installed)::
 
-    python bench/run_all.py                       # everything, default sizes (10-12 min here)
+    python bench/run_all.py                       # everything, default sizes (about 4 min here)
     python bench/run_all.py --only throughput connections
     python bench/run_all.py --markdown results.md # also write the table as Markdown
 
@@ -16,7 +16,7 @@ one), goal, PASS/FAIL.  A benchmark that fails, times out or is missing shows
 as such in the table.
 
 Each benchmark has a time budget (see BENCHMARKS; 17 minutes in all at
-worst, SIGTERM then SIGKILL past it); a normal run of all of them takes 10-12
+worst, SIGTERM then SIGKILL past it); a run of all of them took under 4
 minutes on the 2-core machine the figures in docs/performance.md come from.
 The exit status is 0 when every benchmark ran to completion (whatever the
 targets say), 1 otherwise.
