@@ -361,3 +361,14 @@ def print_result(target: str, figure: str, goal: str, ok: bool | None) -> None:
     print(f"{target}: {figure}   target {goal}  {shown}".rstrip(), flush=True)
     record = {"target": target, "figure": figure, "goal": goal, "ok": ok}
     print(RESULT_PREFIX + json.dumps(record), flush=True)
+
+
+def run_script(main: Callable[[list[str]], int]) -> None:
+    """``sys.exit(main(argv))``; Ctrl-C (or run_all's SIGTERM) exits 1 after the
+    ``with`` blocks in ``main`` stopped the servers and removed the files."""
+    try:
+        code = main(sys.argv[1:])
+    except KeyboardInterrupt:
+        print("interrupted; servers stopped, temporary files removed", file=sys.stderr)
+        code = 1
+    sys.exit(code)

@@ -113,6 +113,7 @@ from _common import (
     header,
     print_result,
     run_on_reactor,
+    run_script,
     sha256_of,
     twistd_wsfiles,
 )
@@ -975,14 +976,5 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _terminated(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # clean up as for Ctrl-C
-
-
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, _terminated)
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

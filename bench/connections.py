@@ -83,6 +83,7 @@ from _common import (
     print_result,
     read_status_kib,
     run_on_reactor,
+    run_script,
     twistd_wsfiles,
 )
 from twisted.internet import defer, protocol, threads
@@ -715,8 +716,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped, temporary files removed", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

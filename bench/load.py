@@ -79,6 +79,7 @@ from _common import (
     percentile,
     read_status_kib,
     run_on_reactor,
+    run_script,
     twistd_wsfiles,
 )
 from twisted.internet import defer, task
@@ -1235,8 +1236,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -25,6 +25,7 @@ targets say), 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _common import RESULT_PREFIX, header
+from _common import RESULT_PREFIX, header, run_script
 
 BENCH = Path(__file__).resolve().parent
 
@@ -108,14 +109,21 @@ def run(benchmark: Benchmark, log_path: Path) -> Outcome:
         deadline = start + benchmark.budget
         timer = _Watchdog(process, deadline)
         assert process.stdout is not None
-        for line in process.stdout:
-            log.write(line)
-            if line.startswith(RESULT_PREFIX):
-                outcome.results.append(json.loads(line[len(RESULT_PREFIX) :]))
-            else:
-                print(f"  {line}", end="", flush=True)
-        process.wait()
-        timer.cancel()
+        try:
+            for line in process.stdout:
+                log.write(line)
+                if line.startswith(RESULT_PREFIX):
+                    outcome.results.append(json.loads(line[len(RESULT_PREFIX) :]))
+                else:
+                    print(f"  {line}", end="", flush=True)
+            process.wait()
+        except BaseException:  # Ctrl-C or SIGTERM here: the benchmark cleans up too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            process.wait(60)
+            raise
+        finally:
+            timer.cancel()
     outcome.seconds = time.monotonic() - start
     if timer.fired:
         outcome.status = f"stopped after {benchmark.budget:g} s"
@@ -202,8 +210,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

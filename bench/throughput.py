@@ -73,6 +73,7 @@ from _common import (
     print_result,
     read_status_kib,
     run_on_reactor,
+    run_script,
     sha256_of,
     twistd_wsfiles,
 )
@@ -437,8 +438,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)
