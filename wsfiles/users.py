@@ -201,10 +201,11 @@ class UserDirectory:
         #: Bumped whenever the users in force change: a check that began
         #: under an older version is answered but not remembered.
         self._generation = 0
-        self._checking: dict[bytes, list[Deferred]] = {}
+        #: Checks in progress: each asker's Deferred and whether it still waits.
+        self._checking: dict[bytes, list[tuple[Deferred, Callable[[], bool]]]] = {}
         self._scrypt_slots = DeferredSemaphore(SCRYPT_AT_ONCE)
-        #: How many scrypt checks ran (for tests and benchmarks).
-        #: scrypt checks run, and skipped because every asker had gone.
+        #: scrypt checks run, and skipped because every asker had gone (for
+        #: tests and benchmarks).
         self.scrypt_checks = 0
         self.scrypt_skipped = 0
 
