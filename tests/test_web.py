@@ -132,6 +132,27 @@ def test_a_file_larger_than_a_piece_downloads_in_pieces_byte_for_byte(web, page,
     ]
 
 
+def test_without_a_private_file_system_the_pieces_stay_blobs_and_the_file_is_whole(
+    web, page, tmp_path
+):
+    """Outside a secure context there is no origin-private file system: the page
+    then keeps the pieces as Blobs and saves them as one file."""
+    srv = web()
+    data = os.urandom(8 * 1024 * 1024 + 4321)  # two pieces
+    (srv.root / "big.bin").write_bytes(data)
+    page.add_init_script(
+        "Object.defineProperty(navigator.storage, 'getDirectory', {value: undefined})"
+    )
+    page.goto(srv.url)
+    row(page, "big.bin").wait_for()
+    assert page.evaluate("() => navigator.storage.getDirectory") is None
+    with page.expect_download(timeout=60_000) as download:
+        row(page, "big.bin").locator("button[data-action='download']").click()
+    saved = tmp_path / "saved.bin"
+    download.value.save_as(saved)
+    assert saved.read_bytes() == data
+
+
 def _json_or_none(payload: Any) -> dict | None:
     import json
 
