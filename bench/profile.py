@@ -6,8 +6,11 @@ with ptrace, so run it as root or with ptrace allowed)::
     python bench/profile.py                      # 1 GiB, graphs into docs/profile/
     python bench/profile.py --size 256M --out /tmp/graphs
 
-It starts ``twistd wsfiles`` on 127.0.0.1 (bench/_common.py), then for an
-upload and then a download of the same file with ``wsfiles.client`` it runs
+It starts ``twistd wsfiles --rate-limit 1000000`` on 127.0.0.1
+(bench/_common.py), records the server answering pipelined ``list``s for 4 s
+(bench/connections.py's lean client, 128 in flight) into
+``list-pipelined-server.{svg,txt}``, then for an upload and then a download
+of the same file with ``wsfiles.client`` it runs
 two ``py-spy record`` processes at once, one attached to the server and one
 to this process (the client), and writes per direction and side:
 
@@ -39,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import connections
 from _common import (
     ServerProcess,
     bounded,
@@ -56,6 +60,9 @@ REPO = Path(__file__).resolve().parent.parent
 RATE = 250
 TRANSFER_TIMEOUT = 300.0
 PY_SPY_STOP_TIMEOUT = 60.0
+LIST_SECONDS = 4.0
+LIST_WINDOW = 128
+LIST_ANSWER = b'{"op": "list"'
 
 
 class Recording:
@@ -126,6 +133,23 @@ def summary(raw: Path, top: int = 15) -> str:
     return "\n".join(lines)
 
 
+async def pipelined_lists(reactor: Any, port: int, server_pid: int, out: Path) -> None:
+    """Profile the server answering pipelined ``list``s (bench/connections.py's client)."""
+    proto = await connections.open_lean(reactor, port, "/command", None)
+    try:
+        await connections.measure(reactor, proto, server_pid, 0.5, LIST_WINDOW, LIST_ANSWER)
+        recording = Recording(server_pid, out / "list-pipelined-server.svg")
+        try:
+            rate = await connections.measure(
+                reactor, proto, server_pid, LIST_SECONDS, LIST_WINDOW, LIST_ANSWER
+            )
+        finally:
+            recording.stop()
+        print(f"pipelined list: {rate.per_second:,.0f}/s while profiled", flush=True)
+    finally:
+        proto.transport.abortConnection()
+
+
 async def transfers(
     reactor: Any, port: int, server_pid: int, source: Path, copy: Path, out: Path
 ) -> None:
@@ -168,13 +192,18 @@ def main(argv: list[str]) -> int:
         (work / "root").mkdir()
         source = work / "source.bin"
         expected = make_source(source, size)
-        argv_server = twistd_wsfiles(work / "root", "--max-size", str(max(size, 1 << 30)))
+        argv_server = twistd_wsfiles(
+            work / "root", "--max-size", str(max(size, 1 << 30)), "--rate-limit", "1000000"
+        )
         with ServerProcess("wsfiles", argv_server) as server:
-            run_on_reactor(
-                lambda reactor: transfers(
+
+            async def profiles(reactor: Any) -> None:
+                await pipelined_lists(reactor, server.port, server.pid, args.out)
+                await transfers(
                     reactor, server.port, server.pid, source, work / "copy.bin", args.out
                 )
-            )
+
+            run_on_reactor(profiles)
         with (work / "copy.bin").open("rb") as f:
             if hashlib.file_digest(f, "sha256").hexdigest() != expected:
                 raise RuntimeError("the downloaded copy differs from the source")
