@@ -217,18 +217,27 @@ async def start_s3_server(rgw: Any, root: Path, **settings: Any) -> InProcessSer
     return srv
 
 
-@pytest.fixture(params=["local", "s3"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests in a module marked ``every_backend`` run once per storage backend."""
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "every_backend"
+    ):
+        metafunc.parametrize("backend", ["local", "s3"], indirect=True)
+
+
+@pytest.fixture
 def backend(request):
-    """Run a suite against every storage backend (S3: a real Ceph RGW)."""
-    if request.param == "s3":
+    """The storage under ``server``/``server_factory``: None for local folders,
+    else a Ceph RGW (S3).  Local unless the module is marked ``every_backend``."""
+    if getattr(request, "param", "local") == "s3":
         request.node.add_marker(pytest.mark.timeout(300))  # the first pays for Ceph
         return request.getfixturevalue("ceph_rgw")
     return None
 
 
 @pytest.fixture
-def backend_server_factory(backend, tmp_path):
-    """server_factory, on the parametrized backend."""
+def server_factory(backend, tmp_path):
+    """Start servers with custom settings; all are stopped at teardown."""
     started: list[InProcessServer] = []
 
     async def factory(**kwargs: Any) -> InProcessServer:
@@ -249,30 +258,8 @@ def backend_server_factory(backend, tmp_path):
 
 
 @pytest_twisted.async_yield_fixture
-async def backend_server(backend_server_factory):
-    yield await backend_server_factory()
-
-
-@pytest_twisted.async_yield_fixture
-async def server(tmp_path):
-    srv = await start_server(tmp_path / "root")
-    yield srv
-    await srv.stop()
-
-
-@pytest.fixture
-def server_factory(tmp_path):
-    """Start servers with custom settings; all are stopped at teardown."""
-    started: list[InProcessServer] = []
-
-    async def factory(**kwargs: Any) -> InProcessServer:
-        srv = await start_server(tmp_path / f"root{len(started)}", **kwargs)
-        started.append(srv)
-        return srv
-
-    yield factory
-    for srv in started:
-        pytest_twisted.blockon(Deferred.fromCoroutine(srv.stop()))
+async def server(server_factory):
+    yield await server_factory()
 
 
 # -- a real twistd process ----------------------------------------------------

@@ -43,14 +43,7 @@ from wsfiles.streaming import CHUNK_SIZE
 # These suites run against every storage backend (local folders, and S3 on a
 # real Ceph RGW): they reach the stored files only through the storage
 # interface (server.put, server.read, server.stored, server.leftovers).
-@pytest.fixture
-def server(backend_server):
-    return backend_server
-
-
-@pytest.fixture
-def server_factory(backend_server_factory):
-    return backend_server_factory
+pytestmark = pytest.mark.every_backend
 
 
 def send_raw(client: WsfilesClient, message: dict[str, Any]) -> Any:

@@ -16,18 +16,10 @@ from twisted.internet.defer import Deferred
 from wsfiles.client import WsfilesError, _Download
 from wsfiles.session import FEATURES
 
-
 # These suites run against every storage backend (local folders, and S3 on a
 # real Ceph RGW): they reach the stored files only through the storage
 # interface (server.put, server.read, server.stored, server.leftovers).
-@pytest.fixture
-def server(backend_server):
-    return backend_server
-
-
-@pytest.fixture
-def server_factory(backend_server_factory):
-    return backend_server_factory
+pytestmark = pytest.mark.every_backend
 
 
 def _copy(d: Any) -> Any:
