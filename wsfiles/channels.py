@@ -72,6 +72,12 @@ class TrackedChannel:
         super().connectionMade()  # type: ignore[misc]
 
     def onOpen(self) -> None:
+        # Behind WebSocketResource the HTTPChannel stays registered as the
+        # transport's producer: no other producer (a download's) could be
+        # registered, and it would keep the channel and its Request (headers
+        # and all, about 3 kB) alive as long as the connection.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
         book: ChannelBook = self.factory.book
         book.deadlines.met(self.transport)
         book.open.add(self)

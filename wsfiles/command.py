@@ -196,11 +196,6 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         super().onOpen()
-        # Behind WebSocketResource the HTTPChannel stays registered as the
-        # transport's producer, which keeps it and its Request (headers and
-        # all) alive as long as the connection: about 3 kB each, for nothing.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
         self._compact()
         factory = self.factory
         client = self._client or ANONYMOUS

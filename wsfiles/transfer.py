@@ -44,10 +44,6 @@ class FileChannelProtocol(TrackedChannel, Unmasking, WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         super().onOpen()
-        # Behind WebSocketResource the HTTPChannel is still registered as the
-        # transport's producer; ours could not be registered otherwise.
-        if getattr(self.transport, "producer", None) is not None:
-            self.transport.unregisterProducer()
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = SEND_BUFFER
         assert self.session is not None
