@@ -6,6 +6,7 @@ Benchmarks are scripts run as ``python bench/NAME.py``, so this folder is
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import math
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterator
 from importlib.metadata import version
@@ -27,6 +29,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 import wsfiles
+from wsfiles.sizes import parse_size
 
 T = TypeVar("T")
 
@@ -74,6 +77,59 @@ def machine_busy_seconds() -> float:
 
 
 # -- files ----------------------------------------------------------------
+
+
+def size_argument(text: str) -> int:
+    """argparse ``type`` for sizes: bytes with K/M/G/T (powers of 1024), at least 1."""
+    try:
+        size = parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if size < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 byte")
+    return size
+
+
+def make_source(path: Path, size: int) -> str:
+    """Write ``size`` random-ish bytes to ``path``; return their SHA-256."""
+    pool = os.urandom(8 * 1024 * 1024)
+    digest = hashlib.sha256()
+    remaining = size
+    counter = 0
+    with path.open("wb") as f:
+        while remaining:
+            # Vary each block a little so no two 8 MiB blocks are identical.
+            block = (counter.to_bytes(8, "little") + pool[8:])[:remaining]
+            f.write(block)
+            digest.update(block)
+            remaining -= len(block)
+            counter += 1
+    return digest.hexdigest()
+
+
+def verify_copy(what: str, path: Path, expected: str) -> str:
+    """Compare a copy with the source's SHA-256: a line saying it matches, or RuntimeError."""
+    actual = sha256_of(path)
+    if actual != expected:
+        raise RuntimeError(f"{what}: SHA-256 {actual} differs from the source's {expected}")
+    return f"{what}: SHA-256 matches ({actual[:16]}...)"
+
+
+def check_copy(what: str, path: Path, expected: str) -> None:
+    """verify_copy, then delete the copy (also when it differs)."""
+    try:
+        verify_copy(what, path, expected)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def announced(step: str) -> Iterator[None]:
+    """Print ``step...`` and, once it is done, how long it took."""
+    print(f"{step}...", end=" ", flush=True)
+    start = time.perf_counter()
+    yield
+    print(f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
 def sha256_of(path: Path) -> str:

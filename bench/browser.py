@@ -88,7 +88,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import hashlib
 import json
 import math
 import os
@@ -111,15 +110,16 @@ from _common import (
     ServerProcess,
     bounded,
     header,
+    make_source,
     print_result,
     run_on_reactor,
     run_script,
-    sha256_of,
+    size_argument,
     twistd_wsfiles,
+    verify_copy,
 )
 
 from wsfiles.client import connect
-from wsfiles.sizes import parse_size
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -149,30 +149,6 @@ FLAT_SHARE = 0.25
 
 
 # -- files ---------------------------------------------------------------
-
-
-def make_source(path: Path, size: int) -> str:
-    """Write ``size`` random-ish bytes to ``path``; return their SHA-256."""
-    pool = os.urandom(8 * 1024 * 1024)
-    digest = hashlib.sha256()
-    remaining = size
-    counter = 0
-    with path.open("wb") as f:
-        while remaining:
-            # Vary each block a little so no two 8 MiB blocks are identical.
-            block = (counter.to_bytes(8, "little") + pool[8:])[:remaining]
-            f.write(block)
-            digest.update(block)
-            remaining -= len(block)
-            counter += 1
-    return digest.hexdigest()
-
-
-def check(what: str, path: Path, expected: str) -> str:
-    actual = sha256_of(path)
-    if actual != expected:
-        raise RuntimeError(f"{what}: SHA-256 {actual} differs from the source's {expected}")
-    return f"{what}: SHA-256 matches ({actual[:16]}...)"
 
 
 # -- Chromium's processes --------------------------------------------------
@@ -876,7 +852,9 @@ def report_memory(label: str, phase: PagePhase, size: int) -> dict[str, float]:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1G", help="file size, e.g. 64M or 1G (default 1G)")
+    parser.add_argument(
+        "--size", type=size_argument, default="1G", help="file size, e.g. 64M or 1G (default 1G)"
+    )
     parser.add_argument(
         "--timeout", type=float, default=120.0, help="seconds allowed per transfer (120)"
     )
@@ -897,12 +875,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="enable the DevTools Network domain on the page (as Playwright does), to see its cost",
     )
     args = parser.parse_args(argv)
-    try:
-        args.size = parse_size(args.size)
-    except ValueError as e:
-        parser.error(f"--size: {e}")
-    if args.size < 1:
-        parser.error("--size must be at least 1 byte")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     return args
@@ -935,7 +907,7 @@ def main(argv: list[str]) -> int:
                 )
                 print(f"python client up   {size / py_up / MB:8.1f} MB/s  {py_up:6.2f} s")
                 print(f"python client down {size / py_down / MB:8.1f} MB/s  {py_down:6.2f} s")
-                print(check("python client download", copy, expected))
+                print(verify_copy("python client download", copy, expected))
                 copy.unlink()
                 (root / PYTHON_FILE).unlink()
                 up, down, saved = browser_round(
@@ -944,8 +916,8 @@ def main(argv: list[str]) -> int:
             except BaseException:
                 print(server.recent_output(), file=sys.stderr)
                 raise
-            print(check("page upload, on the server's disk", root / PAGE_FILE, expected))
-            print(check("page download, as saved by Chromium", saved, expected))
+            print(verify_copy("page upload, on the server's disk", root / PAGE_FILE, expected))
+            print(verify_copy("page download, as saved by Chromium", saved, expected))
         print()
         print(f"{size} bytes, MB = 10^6 bytes; the machine may be shared, figures are as measured")
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -85,8 +85,11 @@ REPO = BENCH.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(BENCH)]
 
 from _common import (  # noqa: E402
+    announced,
+    check_copy,
     cpu_seconds,
     machine_busy_seconds,
+    make_source,
     nvx_status,
     read_status_kib,
     source_version,
@@ -95,7 +98,6 @@ from _common import (  # noqa: E402
 from cluster import free_port  # noqa: E402
 from cluster.ceph import NO_MON_CONFIG, CephRGW, ensure_ceph_installed  # noqa: E402
 from cluster.redis import REDIS_SERVER, RedisServer  # noqa: E402
-from throughput import check_copy, make_source  # noqa: E402
 
 from wsfiles.client import WsfilesClient, connect  # noqa: E402
 from wsfiles.sizes import parse_size  # noqa: E402
@@ -748,14 +750,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     return args
-
-
-@contextlib.contextmanager
-def announced(step: str) -> Iterator[None]:
-    print(f"{step}...", end=" ", flush=True)
-    start = time.perf_counter()
-    yield
-    print(f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
 def main(argv: list[str]) -> int:

@@ -47,13 +47,13 @@ from _common import (
     ServerProcess,
     bounded,
     header,
+    make_source,
     run_on_reactor,
+    size_argument,
     twistd_wsfiles,
 )
-from throughput import make_source
 
 from wsfiles.client import connect
-from wsfiles.sizes import parse_size
 from wsfiles.tuning import tune_malloc
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,10 +180,10 @@ async def transfers(
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1G", help="file size (default 1G)")
+    parser.add_argument("--size", type=size_argument, default="1G", help="file size (default 1G)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "profile")
     args = parser.parse_args(argv)
-    size = parse_size(args.size)
+    size: int = args.size
     header()
     tune_malloc()  # as the wsfiles command and bench/throughput.py do
     args.out.mkdir(parents=True, exist_ok=True)

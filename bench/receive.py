@@ -30,13 +30,12 @@ import struct
 import sys
 import time
 
-from _common import MIB, header, print_result
+from _common import MIB, header, print_result, size_argument
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.xormasker import create_xor_masker
 from twisted.internet.testing import StringTransport
 
 from wsfiles.masking import Unmasking
-from wsfiles.sizes import parse_size
 
 READ_SIZE = 256 * 1024
 
@@ -113,10 +112,12 @@ def feed(protocol: Counting, wire: bytes, check: bool) -> float:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="256M", help="bytes per case (default 256M)")
+    parser.add_argument(
+        "--size", type=size_argument, default="256M", help="bytes per case (default 256M)"
+    )
     parser.add_argument("--runs", type=int, default=5, help="repetitions; the best counts")
     args = parser.parse_args(argv)
-    size = parse_size(args.size)
+    size: int = args.size
     header()
     data = os.urandom(size)
     expected = hashlib.sha256(data).hexdigest()

@@ -47,14 +47,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ftplib
-import hashlib
 import os
 import re
 import shlex
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,21 +64,23 @@ from _common import (
     MB,
     WSFILES_READY,
     ServerProcess,
+    announced,
     bounded,
+    check_copy,
     cpu_seconds,
     header,
     machine_busy_seconds,
+    make_source,
     print_result,
     read_status_kib,
     run_on_reactor,
     run_script,
-    sha256_of,
+    size_argument,
     twistd_wsfiles,
 )
 from twisted.internet import threads
 
 from wsfiles.client import connect, upload_frame_size
-from wsfiles.sizes import parse_size
 from wsfiles.tuning import tune_malloc
 
 FTP_BLOCK = 256 * 1024
@@ -103,34 +103,6 @@ READY = {
 
 
 # -- files ---------------------------------------------------------------
-
-
-def make_source(path: Path, size: int) -> str:
-    """Write ``size`` random-ish bytes to ``path``; return their SHA-256."""
-    pool = os.urandom(8 * 1024 * 1024)
-    digest = hashlib.sha256()
-    remaining = size
-    counter = 0
-    with path.open("wb") as f:
-        while remaining:
-            # Vary each block a little so no two 8 MiB blocks are identical.
-            block = counter.to_bytes(8, "little") + pool[8:]
-            block = block[: min(len(block), remaining)]
-            f.write(block)
-            digest.update(block)
-            remaining -= len(block)
-            counter += 1
-    return digest.hexdigest()
-
-
-def check_copy(what: str, path: Path, expected: str) -> None:
-    """Compare a downloaded copy with the source, then delete it."""
-    try:
-        actual = sha256_of(path)
-    finally:
-        path.unlink(missing_ok=True)
-    if actual != expected:
-        raise RuntimeError(f"{what}: SHA-256 {actual} differs from the source's {expected}")
 
 
 # -- server subprocesses -------------------------------------------------
@@ -351,7 +323,9 @@ def report(size: int, rounds: list[Round], peak_kib: dict[str, int], client_kib:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", default="1G", help="file size, e.g. 512M or 1G (default 1G)")
+    parser.add_argument(
+        "--size", type=size_argument, default="1G", help="file size, e.g. 512M or 1G (default 1G)"
+    )
     parser.add_argument("--runs", type=int, default=1, help="repetitions; the best counts")
     parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds allowed per transfer (300)"
@@ -362,25 +336,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="leave this process's malloc alone (the wsfiles command tunes it: wsfiles.tuning)",
     )
     args = parser.parse_args(argv)
-    try:
-        args.size = parse_size(args.size)
-    except ValueError as e:
-        parser.error(f"--size: {e}")
-    if args.size < 1:
-        parser.error("--size must be at least 1 byte")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     return args
-
-
-@contextlib.contextmanager
-def announced(step: str) -> Iterator[None]:
-    print(f"{step}...", end=" ", flush=True)
-    start = time.perf_counter()
-    yield
-    print(f"{time.perf_counter() - start:.1f} s", flush=True)
 
 
 def main(argv: list[str]) -> int:
