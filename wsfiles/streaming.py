@@ -23,13 +23,6 @@ CHUNK_SIZE = 128 * 1024
 SEND_BUFFER = 256 * 1024
 
 
-class SkipHash:
-    """Given to a FileStreamer whose bytes are hashed elsewhere: ``update`` does nothing."""
-
-    def update(self, data: bytes) -> None:
-        pass
-
-
 class StreamFailed(Exception):
     """The source could not be read, or streaming was stopped.
 
