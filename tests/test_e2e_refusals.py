@@ -26,6 +26,7 @@ from e2e_helpers import (
     KiB,
     MiB,
     blob,
+    local_only,
     next_reply,
     record,
     sha256,
@@ -414,6 +415,40 @@ async def test_file_channel_cut_during_download(server, how):
     assert out.getvalue() == small
     assert [m["op"] for m in log].count("channel") == 2
     assert (await server.stored())["big.bin"] == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_rewritten_during_its_download_is_storage_error_never_a_stale_sent(server):
+    """The server sends the SHA-256 it recorded at upload; a file another program
+    rewrites in place while it goes out must fail the get (storage_error), not
+    end with a ``sent`` whose hash describes bytes that are no longer there."""
+    local_only(server, "rewrites the stored file in place, behind the server's back")
+    data = blob(32 * MiB, 14)
+    client = await server.connect()
+    await within(client.upload("big.bin", data))  # the upload records its SHA-256
+    path = server.folder() / "big.bin"
+
+    def rewrite_first_byte() -> None:
+        with path.open("r+b") as f:
+            f.write(b"Y")
+        stamp = path.stat().st_mtime_ns + 1_000_000  # a clearly newer mtime
+        os.utime(path, ns=(stamp, stamp))
+
+    sink = TrippingSink(256 * KiB, rewrite_first_byte)
+    with pytest.raises(WsfilesError) as caught:
+        await within(client.download("big.bin", sink))
+    assert sink.tripped.called
+    assert caught.value.code == "storage_error"
+    assert caught.value.reply is not None and caught.value.reply["id"] is not None
+    await assert_usable(client, ["big.bin"])
+
+    # The server altered nothing, and the next get sends the file as it now is.
+    rewritten = b"Y" + data[1:]
+    assert path.read_bytes() == rewritten
+    out = io.BytesIO()
+    reply = await within(client.download("big.bin", out))
+    assert out.getvalue() == rewritten
+    assert reply["sha256"] == sha256(rewritten)
 
 
 @pytest_twisted.ensureDeferred

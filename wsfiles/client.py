@@ -112,17 +112,14 @@ class _FileProtocol(WebSocketClientProtocol):
         super().onMessageBegin(isBinary)
         self.factory.client._file_message_begin(self)
 
-    def onMessageFrameBegin(self, length: int) -> None:
-        super().onMessageFrameBegin(length)
-
     def onMessageFrameData(self, payload: bytes) -> None:
-        self.factory.client._file_data(payload)
+        self.factory.client._file_data(self, payload)
 
     def onMessageFrameEnd(self) -> None:
         pass
 
     def onMessageEnd(self) -> None:
-        self.factory.client._file_message_end()
+        self.factory.client._file_message_end(self)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
@@ -500,11 +497,13 @@ class WsfilesClient:
         if resume and download.received:
             message["offset"] = download.received
         request_id = self.send(message)
+        begun = False
         try:
             while True:
                 reply = await self._transfer_reply(request_id)
                 op = reply.get("op")
                 if op == "sending":
+                    begun = True
                     download.total = reply["size"]
                 elif op == "sent":
                     await download.done
@@ -516,6 +515,10 @@ class WsfilesClient:
                         raise WsfilesError(CHECKSUM_MISMATCH, "the bytes do not match", reply)
                     return reply
                 else:
+                    if begun:
+                        # A message was begun and cut: the server has given up
+                        # that file channel, and the next transfer gets a new one.
+                        self._file = None
                     _checked(reply)
         finally:
             if self._download is download:
@@ -526,20 +529,25 @@ class WsfilesClient:
 
     # -- the file channel's incoming data --------------------------------
 
+    # Only the current file channel's bytes count: one the server has given up
+    # may still deliver the rest of a cut message, which belongs to no transfer.
+
     def _file_message_begin(self, protocol: _FileProtocol) -> None:
-        if self._download is None:
+        if protocol is self._file and self._download is None:
             self.notices.put({"op": "client:unexpected-binary"})
 
-    def _file_data(self, data: bytes) -> None:
+    def _file_data(self, protocol: _FileProtocol, data: bytes) -> None:
         download = self._download
-        if download is not None:
+        if download is not None and protocol is self._file:
             download.sink.write(data)
             download.sha256.update(data)
             download.received += len(data)
             if download.progress is not None:
                 download.progress(download.received, download.total)
 
-    def _file_message_end(self) -> None:
+    def _file_message_end(self, protocol: _FileProtocol) -> None:
+        if protocol is not self._file:
+            return
         download, self._download = self._download, None
         if download is not None:
             download.done.callback(None)
