@@ -9,16 +9,23 @@ from wsfiles.sizes import parse_size
 from wsfiles.tap import DEFAULT_LISTEN, Options
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path, monkeypatch):
+    """Parsing creates the default --root (./wsfiles-data): keep it out of the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def parse(*argv: str) -> Options:
     options = Options()
     options.parseOptions(list(argv))
     return options
 
 
-def test_defaults():
+def test_defaults(tmp_path):
     options = parse()
     assert options["listen"] == [DEFAULT_LISTEN]
     assert options["root"] == "./wsfiles-data"
+    assert (tmp_path / "wsfiles-data").is_dir()  # created if missing
     assert options["max-size"] == 1024**3
     assert options["channel-timeout"] == 30
     assert options["users"] is None
@@ -54,6 +61,9 @@ def test_sizes(text, expected):
         (["--channel-timeout", "soon"], "--channel-timeout"),
         (["--channel-timeout", "0"], "--channel-timeout"),
         (["--listen", "nonsense:1234"], "--listen"),
+        (["--listen", "ssl:0:privateKey=/nonexistent/key.pem"], "/nonexistent/key.pem"),
+        (["--listen", "systemd:domain=INET:index=0"], "systemd passed no socket"),
+        (["--root", "/proc/nonexistent/root"], "cannot create --root"),
         (["--users", "/nonexistent/users"], "users file"),
     ],
 )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import socket
 import subprocess
 
+import pytest
 import pytest_twisted
 from conftest import add_user_with_cli, handshake_status, twistd_args
 
@@ -95,10 +97,20 @@ def test_port_in_use_fails_at_start_up_with_a_clear_message(tmp_path):
     assert "Traceback" not in output
 
 
-def test_bad_option_is_a_usage_error_without_traceback(tmp_path):
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--max-size", "huge"], "--max-size"),
+        (["--listen", "ssl:0:privateKey=/nonexistent/key.pem"], "/nonexistent/key.pem"),
+        (["--listen", "systemd:domain=INET:index=0"], "systemd passed no socket"),
+        (["--root", "/proc/nonexistent/root"], "cannot create --root"),
+    ],
+)
+def test_bad_option_is_a_usage_error_without_traceback(tmp_path, argv, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LISTEN_")}
     result = subprocess.run(
-        twistd_args("--max-size", "huge"), capture_output=True, text=True, timeout=60, cwd=tmp_path
+        twistd_args(*argv), capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "--max-size" in output and "Traceback" not in output
+    assert message in output and "Traceback" not in output

@@ -57,11 +57,24 @@ COUNT_OPTIONS = [
 
 
 def _check_endpoint(option: str, description: str) -> None:
+    """Build the endpoint now: a bad one is a usage error, not a traceback at start-up.
+
+    Parsing can fail in any way its plugin likes: ``ValueError`` for a bad
+    argument, ``OSError`` for an ``ssl:`` key file that cannot be read,
+    ``IndexError`` for a ``systemd:`` index that systemd passed no socket for.
+    """
     from twisted.internet import reactor
 
     try:
         endpoints.serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+    except IndexError:
+        if not description.startswith("systemd:"):
+            raise
+        raise usage.UsageError(
+            f"{option} {description!r}: systemd passed no socket with that index"
+            " (start the service through its .socket unit, or listen on tcp:)"
+        ) from None
+    except Exception as e:
         raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
 
 
@@ -223,6 +236,13 @@ class Options(usage.Options):
         root = self["root"]
         if os.path.exists(root) and not os.path.isdir(root):
             raise usage.UsageError(f"--root {root!r} exists and is not a folder")
+        if self["storage"] == "local":
+            try:  # here, so that a root we cannot make is a usage error
+                os.makedirs(root, exist_ok=True)
+            except OSError as e:
+                raise usage.UsageError(f"cannot create --root {root!r}: {e.strerror}") from None
+            if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+                raise usage.UsageError(f"--root {root!r} is not writable by this user")
         instance = self["instance-id"]
         if instance is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", instance):
             raise usage.UsageError("--instance-id: 1-32 of A-Z a-z 0-9 _ -")
