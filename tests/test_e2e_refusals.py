@@ -612,6 +612,8 @@ INVALID_NAMES = {
     "newline": "a\nb",
     "escape": "\x1b[31mred",
     "del 0x7f": "a\x7f",
+    "c1 next line 0x85": "a\x85b",
+    "c1 escape 0x9b": "\x9b31mred",
     "dot": ".",
     "dotdot": "..",
     "reserved temp folder": ".wsfiles-tmp",
@@ -643,7 +645,17 @@ async def test_invalid_name_is_refused(server, op, name):
 
 @pytest.mark.parametrize(
     "name",
-    ["a" * 255, "é" * 127 + "a", ".wsfiles", ".hidden", "...", "a.b.c", "sp ace", "中文"],
+    [
+        "a" * 255,
+        "é" * 127 + "a",
+        ".wsfiles",
+        ".hidden",
+        "...",
+        "a.b.c",
+        "sp ace",
+        "中文",
+        "nbsp\xa0after-c1",
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_valid_names_near_the_rules_are_accepted(server, name):

@@ -12,6 +12,9 @@ RESERVED_PREFIX = ".wsfiles-"
 MAX_NAME_BYTES = 255
 
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+#: Separators and control characters: C0, DEL and C1 (U+0080-U+009F, which
+#: holds terminal escapes such as CSI U+009B).
+_FORBIDDEN_IN_FILE_NAME = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
 
 
 def check_file_name(name: object) -> str:
@@ -26,7 +29,7 @@ def check_file_name(name: object) -> str:
         raise errors.ProtocolError(errors.INVALID_NAME, "the name is empty")
     if name in (".", ".."):
         raise errors.ProtocolError(errors.INVALID_NAME, f"{name!r} is not a file name")
-    if any(ch in "/\\" or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+    if _FORBIDDEN_IN_FILE_NAME.search(name):
         raise errors.ProtocolError(
             errors.INVALID_NAME,
             "a name may not contain '/', '\\' or control characters",
