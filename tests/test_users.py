@@ -41,6 +41,17 @@ def test_adding_an_existing_name_is_an_error(tmp_path):
     assert users.read_text() == before
 
 
+@pytest_twisted.ensureDeferred
+async def test_adding_to_a_hand_edited_file_without_a_final_newline_keeps_both_users(tmp_path):
+    users = tmp_path / "users"
+    alice = add_user(str(users), "alice")
+    users.write_text(users.read_text().rstrip("\n"))  # as an editor might save it
+    bob = add_user(str(users), "bob")
+    directory = UserDirectory(str(users))
+    assert await directory.authenticate(alice) == "alice"
+    assert await directory.authenticate(bob) == "bob"
+
+
 @pytest.mark.parametrize("name", ["", ".hidden", "a/b", "x" * 65, "sp ace", "ü"])
 def test_invalid_client_names_are_refused(tmp_path, name):
     with pytest.raises(UsersFileError):

@@ -131,9 +131,12 @@ def add_user(path: str, name: str) -> str:
     salt = secrets.token_bytes(16)
     digest = _hash_secret(secret, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     hashed = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(f"{name} {token_id} {hashed}\n")
+    line = f"{name} {token_id} {hashed}\n"
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a+b") as f:
+        if f.seek(0, os.SEEK_END) and os.pread(fd, 1, f.tell() - 1) != b"\n":
+            line = "\n" + line  # a hand-edited file may lack its last newline
+        f.write(line.encode())
     return f"{token_id}.{secret}"
 
 
