@@ -79,7 +79,7 @@ class _FileProtocol(WebSocketClientProtocol):
     """The client's end of the file channel: streams messages into a sink."""
 
     def onOpen(self) -> None:
-        self.transport.bufferSize = SEND_BUFFER
+        self.transport.bufferSize = TUNED_RECEIVE_BUFFER if malloc_tuned() else SEND_BUFFER
         self.factory.opened.callback(self)
 
     _masker: Masker | None = None
@@ -134,6 +134,9 @@ Progress = Callable[[int, int], None]
 #: work of 128 KiB ones, but they cost this process a page fault per 4 KiB
 #: unless malloc reuses big buffers (wsfiles.tuning); docs/performance.md.
 TUNED_UPLOAD_FRAME = 1024 * 1024
+#: Read size of a tuned process's file channel: a whole download frame
+#: (streaming.DOWNLOAD_FRAME) per read, so few reads span a frame boundary.
+TUNED_RECEIVE_BUFFER = 1024 * 1024
 
 
 def upload_frame_size() -> int:

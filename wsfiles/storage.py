@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
 from wsfiles.names import RESERVED_PREFIX
-from wsfiles.streaming import FileStreamer, StreamFailed
+from wsfiles.streaming import DOWNLOAD_FRAME, FileStreamer, StreamFailed
 
 TEMP_FOLDER = ".wsfiles-tmp"
 PARTIAL_FOLDER = ".wsfiles-partial"
@@ -1018,7 +1018,7 @@ class LocalDownload(FileStreamer):
     ) -> None:
         source.seek(offset)
         self.length = size - offset if length is None else min(length, size - offset)
-        super().__init__(source, self.length)
+        super().__init__(source, self.length, DOWNLOAD_FRAME)
         self.size = size
         self.offset = offset
         self._digest = digest
