@@ -18,6 +18,7 @@ from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
 from wsfiles.session import CommandSession
 from wsfiles.storage import LocalStorage
+from wsfiles.streaming import DOWNLOAD_FRAME
 
 
 @implementer(interfaces.IConsumer)
@@ -362,7 +363,7 @@ def test_stalled_upload_fails_and_removes_its_temp_file(tmp_path):
 def test_stalled_download_fails(tmp_path):
     h = Harness(tmp_path, stall_timeout=30)
     with open(f"{h.root}/f", "wb") as f:
-        f.write(b"x" * 1_000_000)
+        f.write(b"x" * (3 * DOWNLOAD_FRAME))  # more than one write
     h.channel.pause_after_first_write = True
     h.command(op="get", name="f", id=9)
     h.attach()
