@@ -294,9 +294,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     def _close(self, code: int, reason: str) -> None:
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode()[:123], isReply=False)
 
-    # Text messages are buffered by Autobahn (they are small: the factory
-    # limits them); binary ones are refused at their first byte and their
-    # payload is dropped instead of buffered.
+    # Text messages are buffered by Autobahn (they are small: we limit them);
+    # binary ones, of any size, are refused at their first byte and their
+    # payload is dropped instead of buffered, so the channel stays usable.
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
         if isBinary and self.session is not None:
@@ -305,8 +305,13 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     def onMessageFrameBegin(self, length: int) -> None:
         super().onMessageFrameBegin(length)
         # The message limit is ours, not Autobahn's: Autobahn would also apply
-        # it to what we send, and a long file list is a large message.
-        if self.message_data_total_length > COMMAND_MESSAGE_LIMIT and not self.failedByMe:
+        # it to what we send (a long file list is a large message), and to the
+        # binary messages we drop.
+        if (
+            not self.message_is_binary
+            and self.message_data_total_length > COMMAND_MESSAGE_LIMIT
+            and not self.failedByMe
+        ):
             self._fail_connection(1009, f"commands are limited to {COMMAND_MESSAGE_LIMIT} bytes")
 
     def onMessageFrameData(self, payload: bytes) -> None:
@@ -402,8 +407,9 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.setProtocolOptions(
             **protocol_options(
                 settings,
-                maxMessagePayloadSize=0,  # checked in onMessageFrameBegin, incoming only
-                maxFramePayloadSize=COMMAND_MESSAGE_LIMIT,
+                # Text is limited in onMessageFrameBegin; binary is dropped as it comes.
+                maxMessagePayloadSize=0,
+                maxFramePayloadSize=0,
             )
         )
 
