@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -54,6 +55,33 @@ def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
     assert not any(n.startswith("tests/") for n in names)
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names
+
+    # A plain (non-editable) install of that wheel shows the plugin in twistd.
+    # ``python -S`` skips site-packages' .pth files, so the editable install
+    # of this checkout that the test command made cannot stand in for it.
+    target = tmp_path / "installed"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    dependencies = [p for p in sys.path if p.endswith("-packages")]
+    twistd_help = (
+        "import sys, wsfiles; print(wsfiles.__file__);"
+        " from twisted.scripts.twistd import run; sys.argv = ['twistd', '--help']; run()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", twistd_help],
+        cwd=tmp_path,
+        env={"PYTHONPATH": os.pathsep.join([str(target), *dependencies]), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(target / "wsfiles"))  # the installed copy ran
+    assert "wsfiles" in result.stdout.split("Commands:")[1]
 
 
 def test_autobahn_native_masker_is_in_use():
