@@ -194,6 +194,8 @@ async def test_the_json_log_records_each_transfer_and_no_secrets(tmp_path):
         client._received = record_offers
         data = b"logged" * 1000
         await client.upload("notes.txt", data)
+        await client.rename("notes.txt", "kept.txt")
+        await client.delete("kept.txt")
         await client.close()
     finally:
         process.signalProcess("TERM")
@@ -206,6 +208,11 @@ async def test_the_json_log_records_each_transfer_and_no_secrets(tmp_path):
     assert transfer["size"] == len(data)
     assert transfer["sha256"] == hashlib.sha256(data).hexdigest()
     assert transfer["duration"] >= 0
+    # What changes stored files is logged, with who did it.
+    (renamed,) = [r for r in records if r.get("to") == "kept.txt"]
+    assert renamed["name"] == "notes.txt" and renamed["client"] == "alice"
+    (deleted,) = [r for r in records if str(r.get("log_format", "")).startswith("deleted")]
+    assert deleted["name"] == "kept.txt" and deleted["client"] == "alice"
     assert token not in log and token.split(".")[1] not in log
     tickets = [url.split("ticket=")[1] for url in offers]
     assert tickets and all(ticket not in log for ticket in tickets)

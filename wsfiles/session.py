@@ -333,15 +333,9 @@ class CommandSession:
         except ProtocolError as e:
             self._send_error(e.code, e.message, e.request_id)
             return
+        # No log line per command: twistd writes every level, and the commands
+        # that change stored files log their outcome (transfers, delete, rename).
         op = message["op"]
-        if op != "list":  # read-only and the most frequent: a log line each would cost more
-            _log.debug(
-                "command {op} from {client}: {name!r}",
-                op=op[:64],
-                client=self.client,
-                name=message.get("name"),
-                command=True,
-            )
         handler = self._handlers.get(op)
         if handler is None:
             self._send_error(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)
@@ -408,6 +402,7 @@ class CommandSession:
             await self.folder.delete(name)
         except NotFound:
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        _log.info("deleted {name!r} of {client}", name=name, client=self.client)
         self._send({"op": "deleted", "name": name}, request_id)
         self._announce_change()
 
@@ -423,6 +418,7 @@ class CommandSession:
             raise ProtocolError(
                 errors.EXISTS, f'{to!r} exists; send "overwrite": true to replace it'
             ) from None
+        _log.info("renamed {name!r} of {client} to {to!r}", name=name, client=self.client, to=to)
         self._send({"op": "renamed", "name": name, "to": to}, request_id)
         self._announce_change()
 
