@@ -397,6 +397,23 @@ def test_a_command_flood_closes_the_connection(tmp_path):
     h.session.close()
 
 
+def test_binary_messages_count_against_the_rate_limit(tmp_path):
+    """Each refused binary message is a reply: past the rate they are answered
+    rate_limited, and a flood of them closes the connection like one of commands."""
+    h = Harness(tmp_path, rate_limit=5)
+    for _ in range(7):
+        h.session.binary_received()
+    assert h.ops[-7:] == ["error:wrong_channel"] * 5 + ["error:rate_limited"] * 2
+    h.clock.advance(1)  # the bucket refills
+    h.session.binary_received()
+    assert h.ops[-1] == "error:wrong_channel"
+    assert h.closed_with is None
+    for _ in range(5 + 10 * 5 + 1):
+        h.session.binary_received()
+    assert h.closed_with == (1008, "too many commands")
+    h.session.close()
+
+
 def test_quota_counts_replacements_and_uploads_in_flight(tmp_path):
     ledger = QuotaLedger(100, lambda _: None)
     h = Harness(tmp_path, quota=ledger)

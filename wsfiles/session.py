@@ -257,13 +257,35 @@ class CommandSession:
         """A command arrived: handle it after the ones before it."""
         if not self._busy:
             self._idle.reset()
+        self._rate_limited(
+            lambda: self._in_order(lambda: self._dispatch(payload), None),
+            lambda: self._in_order(lambda: self._refuse_rate_limited(payload), None),
+        )
+
+    def binary_received(self) -> None:
+        """Data on the command channel: refused, nothing stored.  It counts
+        against the rate limit like a command: every refusal is a reply, and
+        a client that never reads them would otherwise grow our send buffer."""
+        self._rate_limited(
+            lambda: self._send_error(
+                errors.WRONG_CHANNEL, "binary data belongs on the file channel; nothing was stored"
+            ),
+            lambda: self._send_error(errors.RATE_LIMITED, self._rate_limited_message),
+        )
+
+    def _rate_limited(self, run: Callable[[], object], refuse: Callable[[], object]) -> None:
+        """``run`` within the rate limit, ``refuse`` past it; close on a flood."""
         if self._bucket.take():
-            self._in_order(lambda: self._dispatch(payload), None)
+            run()
         elif self._bucket.flooding:
             _log.warn("closing {client}'s command channel: command flood", client=self.client)
             self._close_connection(1008, "too many commands")
         else:
-            self._in_order(lambda: self._refuse_rate_limited(payload), None)
+            refuse()
+
+    @property
+    def _rate_limited_message(self) -> str:
+        return f"more than {self._bucket.rate:g} commands per second; this one was not run"
 
     async def _refuse_rate_limited(self, payload: bytes) -> None:
         try:
@@ -271,11 +293,7 @@ class CommandSession:
             request_id = _request_id(message) if isinstance(message, dict) else None
         except (ValueError, RecursionError, ProtocolError):
             request_id = None
-        self._send_error(
-            errors.RATE_LIMITED,
-            f"more than {self._bucket.rate:g} commands per second; this one was not run",
-            request_id,
-        )
+        self._send_error(errors.RATE_LIMITED, self._rate_limited_message, request_id)
 
     @property
     def _busy(self) -> bool:
@@ -284,13 +302,6 @@ class CommandSession:
     def _idle_expired(self) -> None:
         _log.info("closing {client}'s idle command channel", client=self.client)
         self._close_connection(1000, "idle timeout")
-
-    def binary_received(self) -> None:
-        """Data on the command channel: refused, nothing stored."""
-        self._send_error(
-            errors.WRONG_CHANNEL,
-            "binary data belongs on the file channel; nothing was stored",
-        )
 
     def _in_order(self, handler: Callable[[], Awaitable[None]], request_id: RequestId) -> Deferred:
         async def guarded() -> None:
