@@ -305,6 +305,30 @@ async def test_text_over_the_command_limit_is_closed_with_1009(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_empty_fragments_of_a_command_are_not_kept(server):
+    """Empty continuation frames are legal but carry nothing: the server keeps
+    nothing for them (Autobahn kept a list entry each, without bound), and the
+    command they belong to runs when its last frame arrives."""
+    client = await server.connect()
+    (command,) = [c for c in server.site.book.open if c.channel_name == "command"]
+    protocol = client._command
+    assert protocol is not None
+    pong: Deferred = Deferred()
+    protocol.onPong = pong.callback
+    protocol.beginMessage(isBinary=False)
+    protocol.sendMessageFrame(b'{"op": "list", ')
+    for _ in range(20_000):
+        protocol.sendMessageFrame(b"")
+    protocol.sendPing(b"sync")  # answered once every frame before it was read
+    await within(pong)
+    assert len(command.message_data) == 1  # the one non-empty fragment
+    client._replies["after"] = DeferredQueue()
+    protocol.sendMessageFrame(b'"id": "after"}')
+    protocol.endMessage()
+    assert await next_reply(client, "after") == {"op": "list", "files": [], "id": "after"}
+
+
+@pytest_twisted.ensureDeferred
 async def test_text_on_the_file_channel_is_wrong_channel_and_not_executed(server):
     client = await server.connect()
     await within(client.upload("seed", b"seed"))  # sets up the file channel

@@ -315,7 +315,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             self._fail_connection(1009, f"commands are limited to {COMMAND_MESSAGE_LIMIT} bytes")
 
     def onMessageFrameData(self, payload: bytes) -> None:
-        if not self.message_is_binary:
+        # Empty frames are legal and carry nothing; Autobahn would keep a list
+        # entry for each, and the 64 KiB limit counts bytes, not frames.
+        if payload and not self.message_is_binary:
             super().onMessageFrameData(payload)
 
     def onMessageFrameEnd(self) -> None:
