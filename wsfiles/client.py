@@ -519,9 +519,12 @@ class WsfilesClient:
                     return reply
                 else:
                     if begun:
-                        # A message was begun and cut: the server has given up
-                        # that file channel, and the next transfer gets a new one.
-                        self._file = None
+                        # A message was begun and cut: that file channel cannot
+                        # carry on (the server gives it up too); the next
+                        # transfer gets a new one.
+                        cut, self._file = self._file, None
+                        if cut is not None:
+                            cut.dropConnection(abort=True)
                     _checked(reply)
         finally:
             if self._download is download:
