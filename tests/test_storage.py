@@ -49,6 +49,10 @@ async def test_lists_regular_files_only(storage, tmp_path):
     (root / "link-to-a").symlink_to(root / "a.txt")
     (root / ".wsfiles-other").write_bytes(b"reserved")
     os.close(os.open(os.path.join(os.fsencode(root), b"bad-\xff"), os.O_CREAT | os.O_WRONLY))
+    # Put there by other programs, and no command could name them: not listed.
+    (root / "back\\slash").write_bytes(b"x")
+    (root / "c1-\x9b").write_bytes(b"x")
+    (root / "tab\there").write_bytes(b"x")
     files = await storage.folder(None).list()
     assert [(f.name, f.size) for f in files] == [("a.txt", 1), ("b.txt", 2)]
 

@@ -49,6 +49,15 @@ def check_file_name(name: object) -> str:
     return name
 
 
+def is_valid_file_name(name: str) -> bool:
+    """``check_file_name`` as a yes/no: a listing shows only names a client can address."""
+    try:
+        check_file_name(name)
+    except errors.ProtocolError:
+        return False
+    return True
+
+
 def is_valid_client_name(name: str) -> bool:
     """Client names become folder names: ``[A-Za-z0-9_.-]{1,64}``, no leading dot."""
     return bool(_CLIENT_NAME.fullmatch(name)) and not name.startswith(".")

@@ -47,6 +47,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from wsfiles.names import is_valid_file_name
 from wsfiles.storage import (
     ChecksumMismatch,
     Exists,
@@ -276,7 +277,7 @@ class S3Folder:
             root = ElementTree.fromstring(body)
             for item in root.iter(f"{_NS}Contents"):
                 name = item.findtext(f"{_NS}Key", "")[len(self._prefix) :]
-                if not name or "/" in name:
+                if not is_valid_file_name(name):  # e.g. a key put there by other tools
                     continue
                 stamp = datetime.fromisoformat(
                     item.findtext(f"{_NS}LastModified", "").replace("Z", "+00:00")

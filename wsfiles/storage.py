@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from wsfiles.names import RESERVED_PREFIX
+from wsfiles.names import is_valid_file_name
 from wsfiles.streaming import DOWNLOAD_FRAME, FileStreamer, StreamFailed
 
 TEMP_FOLDER = ".wsfiles-tmp"
@@ -418,7 +418,7 @@ class LocalFolder:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed while we looked
-                if stat.S_ISREG(st.st_mode) and _listable(name):
+                if stat.S_ISREG(st.st_mode) and is_valid_file_name(name):
                     files.append(FileInfo(name, st.st_size, st.st_mtime))
         finally:
             os.close(fd)
@@ -654,17 +654,6 @@ def _write_meta(path: str, record: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.rename(temp, path)
-
-
-def _listable(name: str) -> bool:
-    """Only names a client could have created are listed."""
-    if name.startswith(RESERVED_PREFIX):
-        return False
-    try:
-        name.encode("utf-8")  # undecodable bytes arrive as lone surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _guarded(operation: Callable[[], object]) -> Deferred:
