@@ -72,6 +72,12 @@ def test_bad_values_are_usage_errors(argv, message):
         parse(*argv)
 
 
+def test_a_refused_command_line_creates_no_root(tmp_path):
+    with pytest.raises(usage.UsageError, match="--instance-id"):
+        parse("--instance-id", "not valid!")
+    assert not (tmp_path / "wsfiles-data").exists()
+
+
 def test_root_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

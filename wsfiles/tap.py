@@ -67,13 +67,13 @@ def _check_endpoint(option: str, description: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, description)
-    except IndexError:
-        if not description.startswith("systemd:"):
-            raise
-        raise usage.UsageError(
-            f"{option} {description!r}: systemd passed no socket with that index"
-            " (start the service through its .socket unit, or listen on tcp:)"
-        ) from None
+    except IndexError as e:
+        if description.startswith("systemd:"):
+            raise usage.UsageError(
+                f"{option} {description!r}: systemd passed no socket with that index"
+                " (start the service through its .socket unit, or listen on tcp:)"
+            ) from None
+        raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
     except Exception as e:
         raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
 
@@ -236,13 +236,6 @@ class Options(usage.Options):
         root = self["root"]
         if os.path.exists(root) and not os.path.isdir(root):
             raise usage.UsageError(f"--root {root!r} exists and is not a folder")
-        if self["storage"] == "local":
-            try:  # here, so that a root we cannot make is a usage error
-                os.makedirs(root, exist_ok=True)
-            except OSError as e:
-                raise usage.UsageError(f"cannot create --root {root!r}: {e.strerror}") from None
-            if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
-                raise usage.UsageError(f"--root {root!r} is not writable by this user")
         instance = self["instance-id"]
         if instance is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", instance):
             raise usage.UsageError("--instance-id: 1-32 of A-Z a-z 0-9 _ -")
@@ -252,6 +245,13 @@ class Options(usage.Options):
             if not self["s3-endpoint"] or not self["s3-bucket"]:
                 raise usage.UsageError("--storage s3 needs --s3-endpoint and --s3-bucket")
             self["s3-keys"] = _s3_keys(self["s3-credentials"])
+        else:  # last, once every other option is known to be good
+            try:  # here, so that a root we cannot make is a usage error
+                os.makedirs(root, exist_ok=True)
+            except OSError as e:
+                raise usage.UsageError(f"cannot create --root {root!r}: {e.strerror}") from None
+            if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
+                raise usage.UsageError(f"--root {root!r} is not writable by this user")
 
     def settings(self) -> Settings:
         return Settings(
