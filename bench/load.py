@@ -22,7 +22,8 @@ in this process:
    under the server's default rate limit of 50;
 3. meanwhile the misbehaving clients cycle through protocol violations and check
    that each is refused with its documented code: binary data on the command
-   channel (``wrong_channel``, of any size: the channel stays usable),
+   channel (``wrong_channel``, of any size: the channel stays usable), a command
+   over 64 KiB (the command channel is closed with 1009),
    more data than declared or less (``size_mismatch``), a declared or sent size
    over the limit (``too_large``), garbage commands (``bad_request``), data on the
    file channel with no save waiting (``unexpected_data``), and dropping the file
@@ -149,7 +150,7 @@ SCENARIOS = (
     "bad_request",
     "abort_file",
     "size_short",
-    "wrong_channel_big",
+    "command_too_big",
     "too_large_data",
     "unexpected_data",
     "abort_command",
@@ -713,18 +714,30 @@ class Misbehaver:
     # -- the scenarios ---------------------------------------------------
 
     async def wrong_channel(self) -> None:
+        """Binary data on the command channel, small or over the 64 KiB command
+        limit: refused, dropped, and the channel stays usable."""
+        size = self.rng.choice(
+            (self.rng.randint(1, 4 * KIB), COMMAND_MESSAGE_LIMIT + self.rng.randint(1, 64 * KIB))
+        )
         await self.pacer.wait()
-        self.live.send_binary_on_command(self.rng.randbytes(self.rng.randint(1, 4 * KIB)))
+        self.live.send_binary_on_command(self.rng.randbytes(size))
         await self._expect_notice("wrong_channel", "wrong_channel")
         await self._usable()
 
-    async def wrong_channel_big(self) -> None:
-        """Over the 64 KiB command limit: still refused, dropped, and the channel stays."""
-        size = COMMAND_MESSAGE_LIMIT + self.rng.randint(1, 64 * KIB)
+    async def command_too_big(self) -> None:
+        """A text message over the 64 KiB command limit closes the channel (1009)."""
+        client = self.live
+        padding = "x" * (COMMAND_MESSAGE_LIMIT + self.rng.randint(1, 64 * KIB))
         await self.pacer.wait()
-        self.live.send_binary_on_command(self.rng.randbytes(size))
-        await self._expect_notice("wrong_channel_big", "wrong_channel")
-        await self._usable()
+        client.send_text(json.dumps({"op": "list", "padding": padding}))
+        if not await self.ctx.poll(lambda: client._command is None, NOTICE_TIMEOUT):
+            self.ctx.unexpected(self.who, "a command over 64 KiB left the channel open")
+        else:
+            self.ctx.stats.close_codes["command channel after command_too_big"][
+                client.close_code
+            ] += 1
+        await self.ctx.close(client)
+        self.client = None
 
     async def bad_request(self) -> None:
         await self.pacer.wait()

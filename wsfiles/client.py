@@ -32,6 +32,7 @@ from wsfiles.config import SUBPROTOCOL
 from wsfiles.masking import Masker
 from wsfiles.streaming import (
     CHUNK_SIZE,
+    DOWNLOAD_FRAME,
     SEND_BUFFER,
     CountingConsumer,
     FileStreamer,
@@ -134,9 +135,9 @@ Progress = Callable[[int, int], None]
 #: work of 128 KiB ones, but they cost this process a page fault per 4 KiB
 #: unless malloc reuses big buffers (wsfiles.tuning); docs/performance.md.
 TUNED_UPLOAD_FRAME = 1024 * 1024
-#: Read size of a tuned process's file channel: a whole download frame
-#: (streaming.DOWNLOAD_FRAME) per read, so few reads span a frame boundary.
-TUNED_RECEIVE_BUFFER = 1024 * 1024
+#: Read size of a tuned process's file channel: a whole download frame per
+#: read, so few reads span a frame boundary.
+TUNED_RECEIVE_BUFFER = DOWNLOAD_FRAME
 
 
 def upload_frame_size() -> int:

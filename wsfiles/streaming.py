@@ -62,7 +62,7 @@ class StreamEnd:
 
 @implementer(interfaces.IPushProducer)
 class FileStreamer(StreamEnd):
-    """Streams ``size`` bytes of ``source`` to a consumer in CHUNK_SIZE pieces,
+    """Streams ``size`` bytes of ``source`` to a consumer in ``chunk_size`` pieces,
     pausing when told to and hashing them as it reads.
 
     Reads are inline: a read-ahead thread measured slower on 2 cores
