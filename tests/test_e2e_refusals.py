@@ -305,6 +305,29 @@ async def test_text_over_the_command_limit_is_closed_with_1009(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_binary_on_the_command_channel_is_dropped_as_it_arrives(server):
+    """A fragmented binary message on the command channel: refused at its first
+    frame, and none of its bytes are kept while the rest arrives."""
+    client = await server.connect()
+    (command,) = [c for c in server.site.book.open if c.channel_name == "command"]
+    protocol = client._command
+    assert protocol is not None
+    pong: Deferred = Deferred()
+    protocol.onPong = pong.callback
+    protocol.beginMessage(isBinary=True)
+    for part in range(4):
+        protocol.sendMessageFrame(blob(MiB, 20 + part))
+    protocol.sendPing(b"sync")  # answered once every frame before it was read
+    await within(pong)
+    assert command.message_data == [] and not command.frame_data
+    error = await next_notice(client)
+    assert error["code"] == "wrong_channel"
+    protocol.endMessage()
+    await assert_usable(client, [])
+    assert await server.stored() == {}
+
+
+@pytest_twisted.ensureDeferred
 async def test_empty_fragments_of_a_command_are_not_kept(server):
     """Empty continuation frames are legal but carry nothing: the server keeps
     nothing for them (Autobahn kept a list entry each, without bound), and the
