@@ -304,21 +304,31 @@ async def test_text_over_the_command_limit_is_closed_with_1009(server):
     await assert_usable(keeper, [])
 
 
+def command_channel_ends(server: Any, client: WsfilesClient) -> tuple[Any, Any]:
+    """The server's end (its only command channel) and the client's end."""
+    (ours,) = [c for c in server.site.book.open if c.channel_name == "command"]
+    assert client._command is not None
+    return ours, client._command
+
+
+async def all_read(protocol: Any) -> None:
+    """Ping and await the pong: the peer has read every frame sent before it."""
+    pong: Deferred = Deferred()
+    protocol.onPong = pong.callback
+    protocol.sendPing(b"sync")
+    await within(pong)
+
+
 @pytest_twisted.ensureDeferred
 async def test_binary_on_the_command_channel_is_dropped_as_it_arrives(server):
     """A fragmented binary message on the command channel: refused at its first
     frame, and none of its bytes are kept while the rest arrives."""
     client = await server.connect()
-    (command,) = [c for c in server.site.book.open if c.channel_name == "command"]
-    protocol = client._command
-    assert protocol is not None
-    pong: Deferred = Deferred()
-    protocol.onPong = pong.callback
+    command, protocol = command_channel_ends(server, client)
     protocol.beginMessage(isBinary=True)
     for part in range(4):
         protocol.sendMessageFrame(blob(MiB, 20 + part))
-    protocol.sendPing(b"sync")  # answered once every frame before it was read
-    await within(pong)
+    await all_read(protocol)
     assert command.message_data == [] and not command.frame_data
     error = await next_notice(client)
     assert error["code"] == "wrong_channel"
@@ -333,17 +343,12 @@ async def test_empty_fragments_of_a_command_are_not_kept(server):
     nothing for them (Autobahn kept a list entry each, without bound), and the
     command they belong to runs when its last frame arrives."""
     client = await server.connect()
-    (command,) = [c for c in server.site.book.open if c.channel_name == "command"]
-    protocol = client._command
-    assert protocol is not None
-    pong: Deferred = Deferred()
-    protocol.onPong = pong.callback
+    command, protocol = command_channel_ends(server, client)
     protocol.beginMessage(isBinary=False)
     protocol.sendMessageFrame(b'{"op": "list", ')
     for _ in range(20_000):
         protocol.sendMessageFrame(b"")
-    protocol.sendPing(b"sync")  # answered once every frame before it was read
-    await within(pong)
+    await all_read(protocol)
     assert len(command.message_data) == 1  # the one non-empty fragment
     client._replies["after"] = DeferredQueue()
     protocol.sendMessageFrame(b'"id": "after"}')
