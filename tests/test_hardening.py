@@ -203,6 +203,41 @@ async def test_rate_limited_commands_are_answered_and_the_connection_stays(serve
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_replies_stops_being_read(server):
+    """Replies pace commands: once a client's unread replies fill the command
+    channel's send buffer, the server stops reading its commands rather than
+    buffer a listing for each without bound; every reply comes once it reads.
+    The replies (45 listings of about 300 kB) are more than loopback's socket
+    buffers take from a peer that does not read."""
+    for i in range(3000):
+        (server.folder() / f"a-file-with-a-name-long-enough-to-weigh-{i:05d}.bin").touch()
+    client = await server.connect()
+    (command,) = [c for c in server.site.book.open if c.channel_name == "command"]
+    assert command.transport.producer is command
+    paused: Deferred = Deferred()
+    pause = command.pauseProducing
+
+    def noting_pause() -> None:
+        pause()
+        if not paused.called:
+            paused.callback(None)
+
+    command.pauseProducing = noting_pause
+    assert client._command is not None
+    client._command.transport.pauseProducing()  # the client stops reading
+    ids = [client.send({"op": "list"}) for _ in range(45)]  # within the rate limit
+    await within(paused)
+    connection = command.transport.transport  # the TCP connection under the test's wrapper
+    assert connection not in reactor.getReaders()
+
+    client._command.transport.resumeProducing()
+    for request_id in ids:
+        reply = await within(client.reply(request_id))
+        assert reply["op"] == "list" and len(reply["files"]) == 3000
+    assert connection in reactor.getReaders()  # reading again
+
+
+@pytest_twisted.ensureDeferred
 async def test_quota_refuses_before_any_channel_is_offered(server_factory):
     srv = await server_factory(quota=1000)
     client = await srv.connect()

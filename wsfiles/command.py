@@ -16,8 +16,9 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from wsfiles.admission import ConnectionSlots
 from wsfiles.changes import ChangeHub
@@ -121,8 +122,15 @@ def text_frame(payload: bytes) -> bytes:
     return b"\x81\x7f" + length.to_bytes(8, "big") + payload
 
 
+@implementer(IPushProducer)
 class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
-    """Translates command-channel frames into CommandSession calls."""
+    """Translates command-channel frames into CommandSession calls.
+
+    It is also the producer of its replies: when a client stops reading them
+    and the send buffer fills, Twisted pauses it and it stops reading that
+    client's commands until the buffer drains (a reply can be a whole listing,
+    so a client that only sends would otherwise grow the server's memory).
+    """
 
     channel_name = "command"
 
@@ -196,6 +204,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         super().onOpen()
+        self.transport.registerProducer(self, True)
         self._compact()
         factory = self.factory
         client = self._client or ANONYMOUS
@@ -285,6 +294,17 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     def dataReceived(self, data: bytes) -> None:
         # Autobahn's own version formats a debug log line for every read.
         self._dataReceived(data)
+
+    # -- IPushProducer: replies pace the reading of commands ------------------
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
 
     def going_away(self) -> None:
         """The server is stopping: close with 1001."""
