@@ -414,11 +414,13 @@ class LocalFolder:
         try:
             files = []
             for name in os.listdir(fd):
+                if not is_valid_file_name(name):  # one no command could address
+                    continue
                 try:
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except FileNotFoundError:
                     continue  # removed while we looked
-                if stat.S_ISREG(st.st_mode) and is_valid_file_name(name):
+                if stat.S_ISREG(st.st_mode):
                     files.append(FileInfo(name, st.st_size, st.st_mtime))
         finally:
             os.close(fd)
