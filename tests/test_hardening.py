@@ -229,12 +229,14 @@ async def test_a_client_that_stops_reading_replies_stops_being_read(server):
     await within(paused)
     connection = command.transport.transport  # the TCP connection under the test's wrapper
     assert connection not in reactor.getReaders()
+    assert command.session._events_held  # changed events wait too, only the latest
 
     client._command.transport.resumeProducing()
     for request_id in ids:
         reply = await within(client.reply(request_id))
         assert reply["op"] == "list" and len(reply["files"]) == 3000
     assert connection in reactor.getReaders()  # reading again
+    assert not command.session._events_held
 
 
 @pytest_twisted.ensureDeferred

@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
@@ -412,6 +413,42 @@ def test_binary_messages_count_against_the_rate_limit(tmp_path):
         h.session.binary_received()
     assert h.closed_with == (1008, "too many commands")
     h.session.close()
+
+
+def test_changed_events_are_held_while_the_client_is_not_reading(tmp_path):
+    """Each ``changed`` carries the whole listing: while the command channel's
+    send buffer is full, only the latest is kept, and it goes out on release."""
+    clock = Clock()
+    storage = LocalStorage(str(tmp_path / "root"))
+    hub = ChangeHub(storage, clock)
+    events: list[bytes] = []
+    session = CommandSession(
+        "anonymous",
+        storage.folder(None),
+        PairingRegistry(clock, channel_timeout=5),
+        Settings(max_size=1000),
+        lambda message: None,
+        send_raw=events.append,
+        clock=clock,
+        close_connection=lambda code, reason: None,
+        changes=hub,
+    )
+    session.start()
+    session.hold_events()
+    for name in ("a", "b"):
+        (tmp_path / "root" / name).write_bytes(b"x")
+        hub.changed(None)
+        clock.advance(1)
+    assert events == []
+    session.release_events()
+    assert [[f["name"] for f in json.loads(e)["files"]] for e in events] == [["a", "b"]]
+    session.release_events()
+    assert len(events) == 1
+    (tmp_path / "root" / "c").write_bytes(b"x")
+    hub.changed(None)
+    clock.advance(1)  # not held any more: sent at once
+    assert [f["name"] for f in json.loads(events[-1])["files"]] == ["a", "b", "c"]
+    session.close()
 
 
 def test_quota_counts_replacements_and_uploads_in_flight(tmp_path):

@@ -299,9 +299,13 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
 
     def pauseProducing(self) -> None:
         self.transport.pauseProducing()
+        if self.session is not None:
+            self.session.hold_events()
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
+        if self.session is not None:
+            self.session.release_events()
 
     def stopProducing(self) -> None:
         pass

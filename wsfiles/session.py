@@ -159,6 +159,12 @@ def _sha256_field(message: dict[str, Any]) -> str | None:
 class CommandSession:
     """The state of one command channel and its (optional) file channel."""
 
+    #: While the command channel's send buffer is full (its client is not
+    #: reading), ``changed`` events are held, only the latest: each one
+    #: carries the whole listing.
+    _events_held: bool = False
+    _held_event: bytes | None = None
+
     def __init__(
         self,
         client: str,
@@ -448,8 +454,23 @@ class CommandSession:
             self._changes.changed(self._folder_key)
 
     def _folder_changed(self, payload: bytes) -> None:
-        if not self.closed:
+        if self.closed:
+            return
+        if self._events_held:
+            self._held_event = payload
+        else:
             self._send_raw(payload)
+
+    def hold_events(self) -> None:
+        """The client is not reading: keep only the latest ``changed`` for later."""
+        self._events_held = True
+
+    def release_events(self) -> None:
+        """The client caught up: send the latest ``changed`` held meanwhile, if any."""
+        self._events_held = False
+        payload, self._held_event = self._held_event, None
+        if payload is not None:
+            self._folder_changed(payload)
 
     def close(self) -> None:
         """The command channel is gone: stop everything that belongs to it."""
