@@ -205,10 +205,9 @@ async def test_rate_limited_commands_are_answered_and_the_connection_stays(serve
 @pytest_twisted.ensureDeferred
 async def test_a_client_that_stops_reading_replies_stops_being_read(server):
     """Replies pace commands: once a client's unread replies fill the command
-    channel's send buffer, the server stops reading its commands rather than
-    buffer a listing for each without bound; every reply comes once it reads.
-    The replies (45 listings of about 300 kB) are more than loopback's socket
-    buffers take from a peer that does not read."""
+    channel's send buffer, the server stops reading its commands and holds
+    those already read, rather than buffer a listing (here about 300 kB) for
+    each without bound; every reply comes, in order, once it reads again."""
     for i in range(3000):
         (server.folder() / f"a-file-with-a-name-long-enough-to-weigh-{i:05d}.bin").touch()
     client = await server.connect()
@@ -227,16 +226,22 @@ async def test_a_client_that_stops_reading_replies_stops_being_read(server):
     client._command.transport.pauseProducing()  # the client stops reading
     ids = [client.send({"op": "list"}) for _ in range(45)]  # within the rate limit
     await within(paused)
+    # Paused from inside the write that filled the buffer: let the rest of that
+    # read (the other commands) be parsed, then look.
+    await task.deferLater(reactor, 0, lambda: None)
     connection = command.transport.transport  # the TCP connection under the test's wrapper
     assert connection not in reactor.getReaders()
-    assert command.session._events_held  # changed events wait too, only the latest
+    assert command.session._backed_up
+    wrapper = command.transport  # the test's tracking wrapper; the bytes wait in the TCP one
+    buffered = len(wrapper.transport.dataBuffer) + wrapper.transport._tempDataLen
+    assert buffered < 1_000_000  # about one listing, not 45 (14 MB)
 
     client._command.transport.resumeProducing()
     for request_id in ids:
         reply = await within(client.reply(request_id))
         assert reply["op"] == "list" and len(reply["files"]) == 3000
     assert connection in reactor.getReaders()  # reading again
-    assert not command.session._events_held
+    assert not command.session._backed_up
 
 
 @pytest_twisted.ensureDeferred

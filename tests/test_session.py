@@ -434,21 +434,39 @@ def test_changed_events_are_held_while_the_client_is_not_reading(tmp_path):
         changes=hub,
     )
     session.start()
-    session.hold_events()
+    session.client_backed_up()
     for name in ("a", "b"):
         (tmp_path / "root" / name).write_bytes(b"x")
         hub.changed(None)
         clock.advance(1)
     assert events == []
-    session.release_events()
+    session.client_caught_up()
     assert [[f["name"] for f in json.loads(e)["files"]] for e in events] == [["a", "b"]]
-    session.release_events()
+    session.client_caught_up()
     assert len(events) == 1
     (tmp_path / "root" / "c").write_bytes(b"x")
     hub.changed(None)
     clock.advance(1)  # not held any more: sent at once
     assert [f["name"] for f in json.loads(events[-1])["files"]] == ["a", "b", "c"]
     session.close()
+
+
+def test_commands_wait_unanswered_while_the_client_is_backed_up(h):
+    h.session.client_backed_up()
+    h.command(op="list", id=1)
+    h.command(op="list", id=2)
+    assert h.sent[1:] == []  # nothing but hello
+    h.session.client_caught_up()
+    assert [(m["op"], m["id"]) for m in h.sent[1:]] == [("list", 1), ("list", 2)]
+
+
+def test_commands_waiting_for_a_reader_end_unanswered_when_the_channel_closes(h):
+    h.session.client_backed_up()
+    h.command(op="save", name="a", size=1, id=1)
+    h.session.close()
+    assert h.sent[1:] == []
+    assert h.registry.pending_tickets == 0  # the save was not run: no channel offered
+    assert h.session._unfinished == 0  # and nothing is left waiting
 
 
 def test_quota_counts_replacements_and_uploads_in_flight(tmp_path):

@@ -297,15 +297,22 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
 
     # -- IPushProducer: replies pace the reading of commands ------------------
 
+    # Twisted pauses us from inside the write that filled the buffer: the rest
+    # of the read being parsed still reaches the session, which holds those
+    # commands until we resume.  A listing over the buffer's 64 KiB pauses and
+    # resumes once even for a client that reads at once; that costs nothing.
+    # Closing relies on Autobahn's dropConnection unregistering this producer
+    # (a registered producer would hold up loseConnection).
+
     def pauseProducing(self) -> None:
         self.transport.pauseProducing()
         if self.session is not None:
-            self.session.hold_events()
+            self.session.client_backed_up()
 
     def resumeProducing(self) -> None:
         self.transport.resumeProducing()
         if self.session is not None:
-            self.session.release_events()
+            self.session.client_caught_up()
 
     def stopProducing(self) -> None:
         pass

@@ -160,9 +160,10 @@ class CommandSession:
     """The state of one command channel and its (optional) file channel."""
 
     #: While the command channel's send buffer is full (its client is not
-    #: reading), ``changed`` events are held, only the latest: each one
-    #: carries the whole listing.
-    _events_held: bool = False
+    #: reading what we send), commands wait their turn unanswered and
+    #: ``changed`` events are held, only the latest (each is the whole listing).
+    _backed_up: bool = False
+    _caught_up: Deferred | None = None
     _held_event: bytes | None = None
 
     def __init__(
@@ -312,6 +313,12 @@ class CommandSession:
     def _in_order(self, handler: Callable[[], Awaitable[None]], request_id: RequestId) -> Deferred:
         async def guarded() -> None:
             try:
+                if self._backed_up:
+                    if self._caught_up is None:
+                        self._caught_up = Deferred()
+                    await self._caught_up
+                    if self.closed:
+                        return
                 await self._reporting_errors(handler, request_id)
             finally:
                 self._unfinished -= 1
@@ -456,21 +463,25 @@ class CommandSession:
     def _folder_changed(self, payload: bytes) -> None:
         if self.closed:
             return
-        if self._events_held:
+        if self._backed_up:
             self._held_event = payload
         else:
             self._send_raw(payload)
 
-    def hold_events(self) -> None:
-        """The client is not reading: keep only the latest ``changed`` for later."""
-        self._events_held = True
+    def client_backed_up(self) -> None:
+        """Our replies are piling up unread: answer nothing more until they drain."""
+        self._backed_up = True
 
-    def release_events(self) -> None:
-        """The client caught up: send the latest ``changed`` held meanwhile, if any."""
-        self._events_held = False
+    def client_caught_up(self) -> None:
+        """The replies drained: go on with the commands, and send the latest
+        ``changed`` held meanwhile, if any."""
+        self._backed_up = False
         payload, self._held_event = self._held_event, None
         if payload is not None:
             self._folder_changed(payload)
+        waiter, self._caught_up = self._caught_up, None
+        if waiter is not None:
+            waiter.callback(None)  # may back us up again at once: each command checks
 
     def close(self) -> None:
         """The command channel is gone: stop everything that belongs to it."""
@@ -492,6 +503,9 @@ class CommandSession:
             self._download.stop()
         if self._file_channel is not None:
             self._file_channel.close()
+        waiter, self._caught_up = self._caught_up, None
+        if waiter is not None:
+            waiter.callback(None)  # the commands waiting for a reader end unanswered
 
     # -- transfers -------------------------------------------------------
 
