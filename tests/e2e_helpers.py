@@ -62,6 +62,11 @@ def stray_notices(client: WsfilesClient) -> list[dict[str, Any]]:
     return [m for m in client.notices.pending if m.get("op") not in UNSOLICITED]
 
 
+def command_channels(server: Any) -> list[Any]:
+    """The server's open command channels (its protocol objects)."""
+    return [c for c in server.site.book.open if c.channel_name == "command"]
+
+
 def stored(server: Any) -> dict[str, bytes]:
     """The regular files of the (anonymous) folder, with their contents."""
     return {p.name: p.read_bytes() for p in server.folder().iterdir() if p.is_file()}

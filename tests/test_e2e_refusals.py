@@ -26,6 +26,7 @@ from e2e_helpers import (
     KiB,
     MiB,
     blob,
+    command_channels,
     local_only,
     next_reply,
     record,
@@ -306,7 +307,7 @@ async def test_text_over_the_command_limit_is_closed_with_1009(server):
 
 def command_channel_ends(server: Any, client: WsfilesClient) -> tuple[Any, Any]:
     """The server's end (its only command channel) and the client's end."""
-    (ours,) = [c for c in server.site.book.open if c.channel_name == "command"]
+    (ours,) = command_channels(server)
     assert client._command is not None
     return ours, client._command
 

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import handshake_status
-from e2e_helpers import within
+from e2e_helpers import command_channels, within
 from twisted.internet import endpoints, protocol, reactor, task
 from twisted.internet.defer import Deferred
 
@@ -211,7 +211,7 @@ async def test_a_client_that_stops_reading_replies_stops_being_read(server):
     for i in range(3000):
         (server.folder() / f"a-file-with-a-name-long-enough-to-weigh-{i:05d}.bin").touch()
     client = await server.connect()
-    (command,) = [c for c in server.site.book.open if c.channel_name == "command"]
+    (command,) = command_channels(server)
     assert command.transport.producer is command
     paused: Deferred = Deferred()
     pause = command.pauseProducing
@@ -232,8 +232,7 @@ async def test_a_client_that_stops_reading_replies_stops_being_read(server):
     connection = command.transport.transport  # the TCP connection under the test's wrapper
     assert connection not in reactor.getReaders()
     assert command.session._backed_up
-    wrapper = command.transport  # the test's tracking wrapper; the bytes wait in the TCP one
-    buffered = len(wrapper.transport.dataBuffer) + wrapper.transport._tempDataLen
+    buffered = len(connection.dataBuffer) + connection._tempDataLen
     assert buffered < 1_000_000  # about one listing, not 45 (14 MB)
 
     client._command.transport.resumeProducing()
@@ -342,10 +341,7 @@ async def test_an_open_command_channel_keeps_a_small_instance_dict(server_factor
     watcher = await srv.connect()
     client = await srv.connect()
 
-    def command_channels() -> list[Any]:
-        return [c for c in srv.site.book.open if c.channel_name == "command"]
-
-    for channel in command_channels():
+    for channel in command_channels(srv):
         state = vars(channel)
         assert len(state) <= 21, sorted(state)  # a dict of at most 21 keys takes 464 bytes
         for name in ("http_headers", "http_request_data", "http_response_data", "_wskey"):
@@ -358,7 +354,7 @@ async def test_an_open_command_channel_keeps_a_small_instance_dict(server_factor
     assert [f["name"] for f in await client.list()] == ["a.txt"]
     files = await watcher.changes.get().addTimeout(10, reactor)
     assert [f["name"] for f in files] == ["a.txt"]
-    for channel in command_channels():
+    for channel in command_channels(srv):
         assert channel.session._transfers is None  # released once the transfer is done
     await srv.close_client(client)
     await srv.close_client(watcher)

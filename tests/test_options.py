@@ -72,6 +72,15 @@ def test_bad_values_are_usage_errors(argv, message):
         parse(*argv)
 
 
+def test_a_root_this_user_cannot_write_is_refused(tmp_path, monkeypatch):
+    # Permission bits do not stop root (the test command runs as root), so the
+    # answer of os.access is what is changed here.
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr("wsfiles.tap.os.access", lambda path, mode: False)
+    with pytest.raises(usage.UsageError, match="not writable by this user"):
+        parse("--root", str(tmp_path / "locked"))
+
+
 def test_a_refused_command_line_creates_no_root(tmp_path):
     with pytest.raises(usage.UsageError, match="--instance-id"):
         parse("--instance-id", "not valid!")

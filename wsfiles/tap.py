@@ -67,14 +67,12 @@ def _check_endpoint(option: str, description: str) -> None:
 
     try:
         endpoints.serverFromString(reactor, description)
-    except IndexError as e:
-        if description.startswith("systemd:"):
+    except Exception as e:
+        if isinstance(e, IndexError) and description.startswith("systemd:"):
             raise usage.UsageError(
                 f"{option} {description!r}: systemd passed no socket with that index"
                 " (start the service through its .socket unit, or listen on tcp:)"
             ) from None
-        raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
-    except Exception as e:
         raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
 
 

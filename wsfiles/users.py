@@ -134,7 +134,8 @@ def add_user(path: str, name: str) -> str:
     line = f"{name} {token_id} {hashed}\n"
     fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a+b") as f:
-        if f.seek(0, os.SEEK_END) and os.pread(fd, 1, f.tell() - 1) != b"\n":
+        end = f.seek(0, os.SEEK_END)
+        if end and os.pread(fd, 1, end - 1) != b"\n":
             line = "\n" + line  # a hand-edited file may lack its last newline
         f.write(line.encode())
     return f"{token_id}.{secret}"
