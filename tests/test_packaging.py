@@ -31,7 +31,7 @@ def test_console_script_and_module_show_usage(tmp_path):
 
 
 def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
-    subprocess.run(
+    built = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -44,10 +44,11 @@ def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
             str(tmp_path),
             str(REPO),
         ],
-        check=True,
         timeout=120,
         capture_output=True,
+        text=True,
     )
+    assert built.returncode == 0, f"pip wheel failed:\n{built.stderr}"
     (wheel,) = tmp_path.glob("wsfiles-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/wsfiles_plugin.py" in names
@@ -60,12 +61,13 @@ def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
     # ``python -S`` skips site-packages' .pth files, so the editable install
     # of this checkout that the test command made cannot stand in for it.
     target = tmp_path / "installed"
-    subprocess.run(
+    installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", target, wheel],
-        check=True,
         timeout=120,
         capture_output=True,
+        text=True,
     )
+    assert installed.returncode == 0, f"pip install --target failed:\n{installed.stderr}"
     dependencies = [p for p in sys.path if p.endswith("-packages")]
     twistd_help = (
         "import sys, wsfiles; print(wsfiles.__file__);"
@@ -95,4 +97,7 @@ def test_ci_runs_the_test_command_from_the_readme():
     readme = (REPO / "README.md").read_text().splitlines()
     commands = [line.strip() for line in readme[:12] if line.startswith("    ")]
     assert len(commands) == 2, "the README opens with two commands: run, and test"
-    assert commands[1] in (REPO / ".ci" / "run").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert commands[1] in ci
+    # ... inside a virtual environment of its own, made before the command.
+    assert ci.index("-m venv") < ci.index("activate") < ci.index(commands[1])
