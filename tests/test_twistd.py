@@ -93,7 +93,24 @@ def test_port_in_use_fails_at_start_up_with_a_clear_message(tmp_path):
         )
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    assert "Address already in use" in output
+    assert output.count("Address already in use") == 1  # one line, not a log line and stderr
+    assert "Traceback" not in output
+
+
+def test_a_listener_that_fails_to_bind_otherwise_is_one_line_too(tmp_path):
+    # Twisted's lock file for a unix: socket cannot be made (a folder in the
+    # way): binding raises OSError, not CannotListenError.
+    (tmp_path / "wsfiles.sock.lock").mkdir()
+    result = subprocess.run(
+        twistd_args("--listen", f"unix:{tmp_path}/wsfiles.sock", "--root", str(tmp_path / "r")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output.count("wsfiles cannot start listening: [Errno 22]") == 1
     assert "Traceback" not in output
 
 
@@ -104,6 +121,9 @@ def test_port_in_use_fails_at_start_up_with_a_clear_message(tmp_path):
         (["--listen", "ssl:0:privateKey=/nonexistent/key.pem"], "/nonexistent/key.pem"),
         (["--listen", "systemd:domain=INET:index=0"], "systemd passed no socket"),
         (["--root", "/proc/nonexistent/root"], "cannot create --root"),
+        (["--listen", "tcp:99999"], "the port must be 0-65535"),
+        (["--listen", "tcp:-1"], "the port must be 0-65535"),
+        (["--listen", "unix:/proc/nope/sock"], "no folder '/proc/nope' for the socket"),
     ],
 )
 def test_bad_option_is_a_usage_error_without_traceback(tmp_path, argv, message):

@@ -66,7 +66,7 @@ def _check_endpoint(option: str, description: str) -> None:
     from twisted.internet import reactor
 
     try:
-        endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(reactor, description)
     except Exception as e:
         if isinstance(e, IndexError) and description.startswith("systemd:"):
             raise usage.UsageError(
@@ -74,6 +74,16 @@ def _check_endpoint(option: str, description: str) -> None:
                 " (start the service through its .socket unit, or listen on tcp:)"
             ) from None
         raise usage.UsageError(f"{option} {description!r} is not a valid endpoint: {e}") from None
+    # Parsing accepts what binding then refuses with a traceback: check the
+    # two mistakes people make (Twisted keeps these as private attributes).
+    port = getattr(endpoint, "_port", None)  # tcp:, ssl:
+    if isinstance(port, int) and not 0 <= port <= 65535:
+        raise usage.UsageError(f"{option} {description!r}: the port must be 0-65535")
+    address = getattr(endpoint, "_address", None)  # unix:
+    if isinstance(address, str) and not os.path.isdir(os.path.dirname(address) or "."):
+        raise usage.UsageError(
+            f"{option} {description!r}: no folder {os.path.dirname(address)!r} for the socket"
+        )
 
 
 def _size(option: str, text: str) -> int:
@@ -346,11 +356,14 @@ class WsfilesService(service.MultiService):
         listener.setServiceParent(self)
 
     def privilegedStartService(self) -> None:
+        # One line, once: twistd prints the SystemExit's message (to stderr,
+        # which its log also captures), so there is no log event as well.
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            _log.critical("wsfiles cannot start: {error}", error=str(e))
-            raise SystemExit(f"wsfiles: {e}") from None
+            raise SystemExit(f"wsfiles cannot start: {e}") from None
+        except (OSError, OverflowError, ValueError) as e:  # what binding raises besides
+            raise SystemExit(f"wsfiles cannot start listening: {e}") from None
 
     def startService(self) -> None:
         super().startService()
