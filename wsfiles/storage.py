@@ -187,6 +187,9 @@ class IStorage(Interface):
         """Bytes free for new files (NaN when unknown)."""
 
 
+_OPEN_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+
+
 def _open_dir_nofollow(path: str, *, dir_fd: int | None = None) -> int:
     """Open a directory without following a symlink in its last component."""
     return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -433,7 +436,11 @@ class LocalFolder:
     def _open_regular(self, name: str) -> tuple[int, os.stat_result]:
         folder_fd = self._open_folder()
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+            # O_NONBLOCK: opening a FIFO another program left here would
+            # otherwise wait for a writer, on the reactor thread; O_NOCTTY: a
+            # terminal device must not become ours.  Both are no-ops for the
+            # regular files that pass the check below.
+            fd = os.open(name, _OPEN_TO_READ, dir_fd=folder_fd)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(name) from None
         except OSError as e:
