@@ -408,8 +408,8 @@ async def test_a_client_gone_during_its_token_check_gets_no_session_and_queued_c
     all_asked: defer.Deferred = defer.Deferred()
     authenticate = users.authenticate
 
-    def recording(token: str, wanted: Any = None) -> defer.Deferred:
-        d = authenticate(token, wanted)
+    def recording(token: str, wanted: Any = None, address: str | None = None) -> defer.Deferred:
+        d = authenticate(token, wanted, address)
         checks.append(d)
         if len(checks) == len(tokens):
             all_asked.callback(None)

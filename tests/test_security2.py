@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import io
 import os
+import time
 
 import pytest
 import pytest_twisted
-from conftest import http_get
+from conftest import add_user_with_cli, handshake_status, http_get
 from e2e_helpers import within
+from twisted.internet import defer
 
 from wsfiles.client import WsfilesError, connect
 
@@ -36,3 +38,78 @@ async def test_get_of_a_named_pipe_is_refused_without_blocking_the_server(twistd
         assert "pipe" not in [f["name"] for f in await within(client.list(), 5)]
     finally:
         await client.close()
+
+
+def _wrong_secrets(token: str, count: int) -> list[str]:
+    token_id, secret = token.split(".")
+    return [f"{token_id}.{n:0{len(secret)}x}" for n in range(count)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_secrets_for_one_id_cannot_queue_scrypt_work(tmp_path):
+    from wsfiles.users import CHECKS_PER_TOKEN_ID, TooManyChecks, UserDirectory, add_user
+
+    path = str(tmp_path / "users")
+    alice, bob = add_user(path, "alice"), add_user(path, "bob")
+    directory = UserDirectory(path)
+    burst = [
+        directory.authenticate(t, address=f"10.0.0.{n}")
+        for n, t in enumerate(_wrong_secrets(alice, 50))
+    ]
+    refused = [d for d in burst if d.called]
+    assert len(refused) == 50 - CHECKS_PER_TOKEN_ID  # refused at once, unchecked
+    for d in refused:
+        with pytest.raises(TooManyChecks):
+            await d
+    assert await within(directory.authenticate(bob, address="10.0.0.99")) == "bob"
+    assert [await within(d) for d in burst if d not in refused] == [None] * CHECKS_PER_TOKEN_ID
+    assert directory.scrypt_checks == CHECKS_PER_TOKEN_ID + 1
+    # Once the burst is over, alice signs in as usual.
+    assert await within(directory.authenticate(alice, address="10.0.0.1")) == "alice"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_address_cannot_queue_scrypt_work_across_many_ids(tmp_path):
+    from wsfiles.users import CHECKS_PER_ADDRESS, TooManyChecks, UserDirectory, add_user
+
+    path = str(tmp_path / "users")
+    tokens = [add_user(path, f"user{n}") for n in range(4)]
+    directory = UserDirectory(path)
+    burst = [
+        directory.authenticate(wrong, address="192.0.2.7")
+        for token in tokens
+        for wrong in _wrong_secrets(token, 3)
+    ]
+    refused = [d for d in burst if d.called]
+    assert len(refused) == len(burst) - CHECKS_PER_ADDRESS
+    for d in refused:
+        with pytest.raises(TooManyChecks):
+            await d
+    assert await within(directory.authenticate(tokens[0], address="192.0.2.8")) == "user0"
+    for d in burst:
+        if d not in refused:
+            assert await within(d) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_another_users_first_login_is_fast_during_a_wrong_secret_burst(
+    twistd_factory, tmp_path
+):
+    users = tmp_path / "users"
+    alice, bob = add_user_with_cli(users, "alice"), add_user_with_cli(users, "bob")
+    srv = await twistd_factory("--users", str(users))
+    burst = [
+        defer.ensureDeferred(
+            handshake_status(srv.url, "/command", {"Authorization": [f"Bearer {wrong}"]})
+        )
+        for wrong in _wrong_secrets(alice, 300)
+    ]
+    started = time.monotonic()
+    client = await within(connect(srv.url, token=bob), 10)
+    took = time.monotonic() - started
+    await client.close()
+    statuses = await within(defer.gatherResults(burst), 60)
+    assert took < 2.0, f"bob's first login took {took:.1f} s during the burst"
+    assert set(statuses) <= {401, 403}
+    assert statuses.count(403) > 250  # refused at once, never hashed
+    assert "Traceback" not in srv.output

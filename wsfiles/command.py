@@ -18,6 +18,7 @@ from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsfiles.admission import ConnectionSlots
@@ -29,7 +30,7 @@ from wsfiles.quota import QuotaLedger
 from wsfiles.redisstate import RedisState
 from wsfiles.session import CommandSession
 from wsfiles.storage import IStorage
-from wsfiles.users import UserDirectory
+from wsfiles.users import TooManyChecks, UserDirectory
 
 _log = Logger()
 
@@ -162,9 +163,15 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             taking = self._take_slot(name, ip)
             return subprotocol if taking is None else taking.addCallback(lambda _: subprotocol)
 
-        return users.authenticate(token, wanted=lambda: not self.gone.called).addCallback(
-            authenticated
-        )
+        def throttled(failure: Failure) -> None:
+            failure.trap(TooManyChecks)
+            _log.info("refused a command channel from {ip}: {reason}", ip=ip, reason=failure.value)
+            # 403, not 429: a client can tell "slow down signing in" from
+            # "too many connections" (docs/protocol.md).
+            raise self.factory.book.refuse(403, str(failure.value))
+
+        checking = users.authenticate(token, wanted=lambda: not self.gone.called, address=ip)
+        return checking.addCallbacks(authenticated, throttled)
 
     def _client_ip(self, request: ConnectionRequest) -> str:
         """The peer's address; behind a trusted proxy, the one it forwarded for."""

@@ -17,12 +17,12 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet import threads
-from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -39,10 +39,19 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 VERIFIED_CACHE_SIZE = 1024
 #: scrypt checks running at once (each takes 16 MiB and a core); others queue.
 SCRYPT_AT_ONCE = 2
+#: Distinct tokens being checked (queued or running) at once for one token id,
+#: and from one address.  Past either, a check is refused at once: wrong
+#: secrets for a known id cannot queue scrypt work in front of other users.
+CHECKS_PER_TOKEN_ID = 4
+CHECKS_PER_ADDRESS = 8
 
 
 class UsersFileError(Exception):
     """The users file is unreadable or malformed, or a change was refused."""
+
+
+class TooManyChecks(Exception):
+    """Too many token checks are pending for this token id or address: refused unchecked."""
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,12 @@ def _always() -> bool:
     return True
 
 
+def _release(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
+
+
 class UserDirectory:
     """Authenticates tokens against a users file.
 
@@ -208,6 +223,10 @@ class UserDirectory:
         #: Checks in progress: each asker's Deferred and whether it still waits.
         self._checking: dict[bytes, list[tuple[Deferred, Callable[[], bool]]]] = {}
         self._scrypt_slots = DeferredSemaphore(SCRYPT_AT_ONCE)
+        self._pending_by_id: Counter[str] = Counter()
+        self._pending_by_address: Counter[str] = Counter()
+        #: Checks refused because too many were pending (for tests and metrics).
+        self.checks_refused = 0
         #: scrypt checks run, and skipped because every asker had gone (for
         #: tests and benchmarks).
         self.scrypt_checks = 0
@@ -243,8 +262,10 @@ class UserDirectory:
                 return entry.quota
         return None
 
-    def authenticate(self, token: str, wanted: Callable[[], bool] | None = None) -> Deferred:
-        """Fire with the client name for ``token``, or None.
+    def authenticate(
+        self, token: str, wanted: Callable[[], bool] | None = None, address: str | None = None
+    ) -> Deferred:
+        """Fire with the client name for ``token``, or None; fail with TooManyChecks.
 
         The hash runs in a thread: scrypt takes tens of milliseconds.  A
         token verified before (against the same users-file line) is answered
@@ -253,6 +274,8 @@ class UserDirectory:
         connection is still there): a check whose every asker has gone by the
         time its turn comes is skipped and answers None, so a burst of
         abandoned handshakes does not keep the CPU busy hashing for nobody.
+        A new check beyond CHECKS_PER_TOKEN_ID pending for the token's id, or
+        CHECKS_PER_ADDRESS pending from ``address``, fails at once.
         """
         self._refresh()
         token_id, dot, secret = token.partition(".")
@@ -268,11 +291,23 @@ class UserDirectory:
         if waiting is not None:
             waiting.append(asker)
             return waiter
+        by_address = self._pending_by_address
+        if self._pending_by_id[token_id] >= CHECKS_PER_TOKEN_ID or (
+            address is not None and by_address[address] >= CHECKS_PER_ADDRESS
+        ):
+            self.checks_refused += 1
+            return fail(TooManyChecks("too many sign-in attempts at once: retry in a moment"))
         self._checking[digest] = waiting = [asker]
+        self._pending_by_id[token_id] += 1
+        if address is not None:
+            by_address[address] += 1
         generation = self._generation
 
         def checked(ok: object) -> None:
             del self._checking[digest]
+            _release(self._pending_by_id, token_id)
+            if address is not None:
+                _release(by_address, address)
             # The users file may have changed meanwhile: the line must still be in force.
             current = self._entries.get(entry.token_id)
             good = ok is True and current is not None and current.hashed == entry.hashed
