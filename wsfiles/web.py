@@ -28,6 +28,7 @@ from wsfiles.pairing import PairingRegistry
 from wsfiles.storage import IStorage
 from wsfiles.transfer import FileChannelFactory
 from wsfiles.users import UserDirectory
+from wsfiles.whoami import WhoAmIPage
 
 _log = Logger()
 
@@ -225,6 +226,7 @@ class WsfilesSite(server.Site):
         root.putChild(b"command", GuardedWebSocketResource(self.command_factory, origins))
         root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
         root.putChild(b"healthz", HealthPage(storage, settings.min_free, self.shared_health))
+        root.putChild(b"whoami", WhoAmIPage(self.command_factory))
         if settings.metrics_on_main_listener:
             root.putChild(b"metrics", MetricsPage(self.metrics))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
