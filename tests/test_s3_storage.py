@@ -221,3 +221,72 @@ async def test_expired_resumable_uploads_are_swept_from_the_store(s3_server):
     assert offset == 0
     client.send_on_file_channel(data)
     assert (await client.reply(request_id))["sha256"] == sha(data)
+
+
+# -- the store down when a client connects -------------------------------------
+
+
+@pytest_twisted.async_yield_fixture
+async def store_behind_a_door(ceph_rgw, tmp_path):
+    """A server whose S3 store is reached through a StoreDoor (forward, refuse, silent)."""
+    from cluster.door import StoreDoor
+    from conftest import start_server
+
+    bucket = "wsfiles-" + secrets.token_hex(6)
+    ceph_rgw.create_bucket(bucket)
+    host, port = ceph_rgw.endpoint.split("://")[1].split(":")
+    door = StoreDoor(host, int(port))
+    await door.forward()
+    client = S3Client(reactor, door.url, bucket, ceph_rgw.access_key, ceph_rgw.secret_key)
+    client.request_timeout = 2.0  # the deadline for a silent store (10 s by default)
+    server = await start_server(tmp_path / "root", storage=S3Storage(client))
+    server.door = door
+    yield server
+    await server.stop()
+    await door.close()
+    await server.storage.close()
+
+
+async def refused_at_connect(url: str) -> tuple[list[dict], int | None]:
+    """Connect a command channel that ends before hello: what it was told, and the close code."""
+    from wsfiles.client import WsfilesClient
+
+    client = WsfilesClient(url, reactor, None)
+    with pytest.raises(WsfilesError) as ended:
+        await defer.ensureDeferred(client._connect(None, False, {})).addTimeout(30, reactor)
+    assert ended.value.code == "connection_failed"
+    told = []
+    while client.notices.pending:
+        told.append(await client.notices.get())
+    return told, client.close_code
+
+
+@pytest.mark.parametrize("outage", ["refuse", "silent"])
+@pytest_twisted.ensureDeferred
+async def test_a_client_connecting_while_the_store_is_down_is_told_and_closed(
+    store_behind_a_door, outage
+):
+    from twisted.logger import globalLogPublisher
+
+    server = store_behind_a_door
+    first = await server.connect()  # the store works: hello
+    assert first.hello["files"] == []
+    await server.close_client(first)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await getattr(server.door, outage)()
+        told, code = await refused_at_connect(server.url)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [m["op"] for m in told] == ["error"] and told[0]["code"] == "storage_error"
+    assert code == 1013
+    if outage == "silent":
+        assert "did not answer within 2 s" in told[0]["message"]
+    logged = [e for e in events if "cannot list its files" in e.get("log_format", "")]
+    assert len(logged) == 1 and logged[0]["log_level"].name == "warn"
+    assert not [e for e in events if "log_failure" in e], "a traceback was logged"
+    # The store is back: a client that reconnects is greeted.
+    await server.door.forward()
+    again = await server.connect()
+    assert again.hello["files"] == []

@@ -67,6 +67,12 @@ PART_SIZE = 8 * 1024 * 1024  # S3 needs >= 5 MiB for every part but the last
 ANONYMOUS_PREFIX = "@anonymous/"
 PARTIAL = ".wsfiles-partial"  # '@' is not allowed in client names
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+#: Seconds the object store has to answer a request before it is abandoned
+#: (StorageFailure): a store that accepts connections and never answers
+#: cannot hold a connecting client, a command or a shutdown for longer.  A
+#: request carrying a body gets SECONDS_PER_MIB more per MiB of it.
+REQUEST_TIMEOUT = 10.0
+SECONDS_PER_MIB = 4.0
 
 
 class _UnsignedPayloadSigner(S3SigV4Auth):
@@ -93,6 +99,9 @@ class S3Client:
         credentials = Credentials(access_key, secret_key)
         self._signer = S3SigV4Auth(credentials, "s3", region)
         self._unsigned = _UnsignedPayloadSigner(credentials, "s3", region)
+        self._reactor = reactor
+        #: See REQUEST_TIMEOUT (tests shorten it).
+        self.request_timeout = REQUEST_TIMEOUT
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
         self._background: set[Deferred] = set()
@@ -124,9 +133,17 @@ class S3Client:
     ) -> Deferred:
         """One request; fires with its response and body (other statuses:
         StorageFailure or NotFound).  ``close`` waits for requests under way."""
-        return self.track(
-            Deferred.fromCoroutine(self._send(method, key, params, body, headers, expect))
-        )
+        sending = Deferred.fromCoroutine(self._send(method, key, params, body, headers, expect))
+        return self.track(self._within_deadline(sending, len(body or b"")))
+
+    def _within_deadline(self, d: Deferred, body_size: int) -> Deferred:
+        """``d``, cancelled (its connection dropped) when the store takes too long."""
+        seconds = self.request_timeout + body_size / 2**20 * SECONDS_PER_MIB
+
+        def timed_out(result: Any, timeout: float) -> Any:
+            raise StorageFailure(f"the object store did not answer within {timeout:g} s")
+
+        return d.addTimeout(seconds, self._reactor, onTimeoutCancel=timed_out)
 
     async def _send(
         self,
@@ -159,7 +176,9 @@ class S3Client:
 
     def stream(self, key: str, first: int, last: int | None) -> Deferred:
         """A ranged GET whose body the caller reads with ``deliver``."""
-        return self.track(Deferred.fromCoroutine(self._stream(key, first, last)))
+        return self.track(
+            self._within_deadline(Deferred.fromCoroutine(self._stream(key, first, last)), 0)
+        )
 
     async def _stream(self, key: str, first: int, last: int | None) -> Any:
         url = self.url(key)
@@ -638,8 +657,15 @@ class _Collector(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._chunks.append(data)
 
+    def stop(self) -> None:
+        """Given up on (a deadline): drop the connection."""
+        if self.transport is not None:
+            self.transport.stopProducing()
+
     def connectionLost(self, reason: Any) -> None:
         self.ended.callback(None)
+        if self._finished.called:  # cancelled
+            return
         if reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._chunks))
         else:
@@ -647,8 +673,10 @@ class _Collector(protocol.Protocol):
 
 
 def _read_all(response: Any) -> Deferred:
-    finished: Deferred = Deferred()
-    response.deliverBody(_Collector(finished))  # (tracked by the caller's send)
+    collector: _Collector | None = None
+    finished: Deferred = Deferred(lambda _: collector.stop() if collector else None)
+    collector = _Collector(finished)
+    response.deliverBody(collector)  # (tracked by the caller's send)
     return finished
 
 

@@ -54,6 +54,9 @@ FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed", "chunk
 CLOSE_POLICY = 1008  # a stalled transfer
 CLOSE_MESSAGE_TOO_BIG = 1009  # more data than allowed
 CLOSE_INTERNAL_ERROR = 1011  # the file could not be read mid-message
+#: Command channel: the file list for ``hello`` could not be read (the object
+#: store is down); sent right after a ``storage_error`` (docs/protocol.md).
+CLOSE_STORAGE_UNAVAILABLE = 1013
 
 _log = Logger()
 
@@ -243,7 +246,11 @@ class CommandSession:
         """Greet the client with its file list; commands wait for this."""
 
         async def hello() -> None:
-            files = await self.folder.list()
+            try:
+                files = await self.folder.list()
+            except StorageFailure as e:
+                self._storage_unavailable(e)
+                return
             self._send(
                 {
                     "op": "hello",
@@ -259,6 +266,26 @@ class CommandSession:
             self._changes.subscribe(self._folder_key, self._folder_changed)
         self._idle.reset()
         return self._in_order(hello, None)
+
+    def _storage_unavailable(self, error: StorageFailure) -> None:
+        """No file list for ``hello``: say why, then close (1013), so the client
+        reconnects later instead of waiting for a greeting that will not come.
+        How long the store may take to answer is the backend's deadline."""
+        _log.warn(
+            "closing {client}'s command channel: cannot list its files: {error}",
+            client=self.client,
+            error=str(error),
+        )
+        if self._metrics is not None:
+            self._metrics.refusals.labels(errors.STORAGE_ERROR).inc()
+        self._send(
+            {
+                "op": "error",
+                "code": errors.STORAGE_ERROR,
+                "message": f"the file store is unavailable ({error}); reconnect later",
+            }
+        )
+        self._close_connection(CLOSE_STORAGE_UNAVAILABLE, "storage unavailable")
 
     def text_received(self, payload: bytes) -> None:
         """A command arrived: handle it after the ones before it."""
