@@ -8,11 +8,13 @@ from __future__ import annotations
 import io
 import os
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 from conftest import add_user_with_cli, handshake_status, http_get
-from e2e_helpers import within
+from e2e_helpers import MiB, next_reply, open_channel, within
 from twisted.internet import defer
 
 from wsfiles.client import WsfilesError, connect
@@ -113,3 +115,65 @@ async def test_another_users_first_login_is_fast_during_a_wrong_secret_burst(
     assert set(statuses) <= {401, 403}
     assert statuses.count(403) > 250  # refused at once, never hashed
     assert "Traceback" not in srv.output
+
+
+def _rewrite_users(users: Path, keep: Callable[[str], bool], extra: str = "") -> None:
+    """Rewrite the users file atomically, as `wsfiles user remove` will."""
+    lines = [line for line in users.read_text().splitlines(keepends=True) if keep(line)]
+    temp = users.with_suffix(".new")
+    temp.write_text("".join(lines) + extra)
+    os.replace(temp, users)
+
+
+@pytest_twisted.ensureDeferred
+async def test_removing_a_user_ends_its_open_channels_and_its_upload(twistd_factory, tmp_path):
+    users = tmp_path / "users"
+    alice, bob = add_user_with_cli(users, "alice"), add_user_with_cli(users, "bob")
+    srv = await twistd_factory("--users", str(users))
+    alice_client = await within(connect(srv.url, token=alice))
+    bob_client = await within(connect(srv.url, token=bob))
+    try:
+        # alice is half-way through an upload when she is removed.
+        alice_client.send({"op": "save", "name": "half.bin", "size": 4 * MiB, "id": 1})
+        offer = await next_reply(alice_client, 1)
+        await open_channel(alice_client, offer["url"])
+        assert (await next_reply(alice_client, 1))["op"] == "ready"
+        alice_client.send_on_file_channel(b"x" * MiB)  # one message of 1 MiB: short of 4
+        _rewrite_users(users, lambda line: not line.startswith("alice "))
+        code = await within(alice_client._command_factory.closed, 10)
+        assert code == 4401
+        # Both channels ended; nothing of the upload is stored or left over.
+        assert alice_client._file_factory is not None
+        await within(alice_client._file_factory.closed, 10)
+        assert not (srv.root / "alice" / "half.bin").exists()
+        assert [p for p in (srv.root / ".wsfiles-tmp").rglob("*") if p.is_file()] == []
+        assert await within(bob_client.list()) == []  # bob goes on
+        assert (
+            await handshake_status(srv.url, "/command", {"Authorization": [f"Bearer {alice}"]})
+            == 401
+        )
+    finally:
+        await alice_client.close()
+        await bob_client.close()
+    assert "Traceback" not in srv.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_rotating_a_token_ends_the_connections_of_the_old_one(twistd_factory, tmp_path):
+    from wsfiles.users import add_user
+
+    users = tmp_path / "users"
+    old = add_user_with_cli(users, "alice")
+    srv = await twistd_factory("--users", str(users))
+    client = await within(connect(srv.url, token=old))
+    try:
+        # A new line for alice (a new token id and hash) replaces the old one.
+        spare = tmp_path / "spare"
+        new = add_user(str(spare), "alice")
+        _rewrite_users(users, lambda line: not line.startswith("alice "), spare.read_text())
+        assert await within(client._command_factory.closed, 10) == 4401
+    finally:
+        await client.close()
+    renewed = await within(connect(srv.url, token=new))
+    assert await within(renewed.list()) == []
+    await renewed.close()

@@ -34,6 +34,10 @@ from wsfiles.users import TooManyChecks, UserDirectory
 
 _log = Logger()
 
+#: Close code for a channel whose user was removed or whose token was
+#: rotated or expired (docs/protocol.md, "Close codes").
+CLOSE_REVOKED = 4401
+
 ANONYMOUS = "anonymous"
 
 #: What Autobahn keeps per connection that only the opening handshake reads
@@ -138,6 +142,8 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     factory: CommandChannelFactory
     session: CommandSession | None = None
     _client: str | None = None
+    #: The users-file line (token id, hash) this channel was admitted with.
+    _credential: tuple[str, str] | None = None
     _slot: tuple[str, str] | None = None
     send_queue: Any
 
@@ -160,6 +166,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
                 _log.info("refused a command channel from {peer}: wrong token", peer=self.peer)
                 raise self.factory.book.refuse(401, "wrong token")
             self._client = name
+            self._credential = users.credential_of(name)
             taking = self._take_slot(name, ip)
             return subprotocol if taking is None else taking.addCallback(lambda _: subprotocol)
 
@@ -323,6 +330,21 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
 
     def stopProducing(self) -> None:
         pass
+
+    def end_if_revoked(self, users: UserDirectory) -> None:
+        """Close with 4401 when the line this channel was admitted with is gone.
+
+        The session's close then ends its file channel and aborts its
+        transfers as on any close: temp files removed, nothing half-stored.
+        """
+        if self._client is None or self.state != self.STATE_OPEN:
+            return
+        if users.credential_of(self._client) != self._credential:
+            _log.info(
+                "closing the command channel of {client}: its token is no longer valid",
+                client=self._client,
+            )
+            self._close(CLOSE_REVOKED, "credentials no longer valid")
 
     def going_away(self) -> None:
         """The server is stopping: close with 1001."""

@@ -321,6 +321,9 @@ class _AnnouncingEndpoint:
 
 #: Interrupted resumable uploads are removed within --partial-ttl + this.
 SWEEP_EVERY = 60.0
+#: A removed or re-tokened user's connections end within this (a stat of the
+#: users file each time; every instance sharing the file notices on its own).
+USERS_RECHECK_EVERY = 1.0
 
 
 def _sweep_partials(storage: Any, ttl: float) -> Deferred:
@@ -400,6 +403,8 @@ def makeService(options: Options) -> service.IService:
     top = WsfilesService(site, options["grace"])
     ttl = options["partial-ttl"]
     TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)
+    if options["users"] is not None:
+        TimerService(USERS_RECHECK_EVERY, site.recheck_users).setServiceParent(top)
     for description in options["listen"]:
         top.listen(description, site, reactor)
     if options["metrics-listen"] is not None:

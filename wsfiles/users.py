@@ -251,6 +251,27 @@ class UserDirectory:
         self._verified.clear()
         self._generation += 1
 
+    @property
+    def generation(self) -> int:
+        """Bumped whenever the users in force change."""
+        return self._generation
+
+    def reload(self) -> int:
+        """Re-read the file if it changed (a stat); return the generation in force."""
+        self._refresh()
+        return self._generation
+
+    def credential_of(self, name: str) -> tuple[str, str] | None:
+        """The token id and hash ``name`` signs in with now; None once removed.
+
+        A connection remembers the credential it was admitted with: when this
+        no longer matches (the user was removed or its token rotated), it ends.
+        """
+        for entry in self._entries.values():
+            if entry.name == name:
+                return (entry.token_id, entry.hashed)
+        return None
+
     def quota_of(self, name: str) -> int | None:
         """This client's own quota in bytes; None when the default applies.
 

@@ -230,6 +230,7 @@ class WsfilesSite(server.Site):
         if settings.metrics_on_main_listener:
             root.putChild(b"metrics", MetricsPage(self.metrics))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
+        self._users_generation = users.generation if users is not None else 0
         self.protocol = _DeadlineHTTPChannel
 
     def operations_site(self) -> server.Site:
@@ -240,6 +241,23 @@ class WsfilesSite(server.Site):
             b"healthz", HealthPage(self.storage, self.settings.min_free, self.shared_health)
         )
         return server.Site(root)
+
+    def recheck_users(self) -> None:
+        """Close the command channels of users removed or re-tokened since the last look.
+
+        Called every USERS_RECHECK_EVERY seconds: a changed users file is
+        noticed within that, whether or not a handshake re-read it first.
+        """
+        users = self.command_factory.users
+        if users is None:
+            return
+        generation = users.reload()
+        if generation == self._users_generation:
+            return
+        self._users_generation = generation
+        for channel in list(self.book.open):
+            if channel.channel_name == "command":
+                channel.end_if_revoked(users)
 
     async def drain(self, grace: float) -> None:
         """A graceful stop: transfers in flight get ``grace`` seconds to finish.
