@@ -6,15 +6,17 @@ Each test fails without its fix; docs/security.md says what each defends.
 from __future__ import annotations
 
 import io
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_twisted
 from conftest import add_user_with_cli, handshake_status, http_get
-from e2e_helpers import MiB, next_reply, open_channel, within
+from e2e_helpers import MiB, next_reply, open_channel, stored, within
 from twisted.internet import defer
 
 from wsfiles.client import WsfilesError, connect
@@ -177,3 +179,115 @@ async def test_rotating_a_token_ends_the_connections_of_the_old_one(twistd_facto
     renewed = await within(connect(srv.url, token=new))
     assert await within(renewed.list()) == []
     await renewed.close()
+
+
+# -- 7: file-count quota and listing cap ----------------------------------------
+
+
+async def _refused_code(awaitable: Any) -> str:
+    with pytest.raises(WsfilesError) as refused:
+        await within(awaitable)
+    return refused.value.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_files_refuses_a_new_file_past_the_count_but_not_a_replacement(
+    server_factory,
+):
+    srv = await server_factory(quota_files=3)
+    client = await within(connect(srv.url))
+    try:
+        for n in range(3):
+            await within(client.upload(f"f{n}", b""))
+        assert await _refused_code(client.upload("f3", b"")) == "quota_exceeded"
+        await within(client.upload("f1", b"replaced"))  # the count does not change
+        assert stored(srv) == {"f0": b"", "f1": b"replaced", "f2": b""}
+        await within(client.delete("f0"))
+        await within(client.upload("f3", b"now it fits"))
+        assert sorted(f["name"] for f in await within(client.list())) == ["f1", "f2", "f3"]
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_saves_of_new_names_cannot_all_fit_under_quota_files(server_factory):
+    srv = await server_factory(quota_files=2)
+    clients = [await within(connect(srv.url)) for _ in range(4)]
+    try:
+        results = await within(
+            defer.DeferredList(
+                [
+                    defer.ensureDeferred(c.upload(f"n{i}", b"x" * MiB))
+                    for i, c in enumerate(clients)
+                ],
+                consumeErrors=True,
+            )
+        )
+        codes = [ok or failure.value.code for ok, failure in results]
+        assert codes.count(True) == 2
+        assert codes.count("quota_exceeded") == 2
+        assert len(stored(srv)) == 2
+    finally:
+        for c in clients:
+            await c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_listing_never_grows_past_max_listing_and_is_never_cut(server_factory):
+    srv = await server_factory(max_listing=2000)
+    client = await within(connect(srv.url))
+    try:
+        long_names = [f"{n:03d}" + "n" * 197 for n in range(20)]  # 200 characters each
+        kept = []
+        for name in long_names:
+            try:
+                await within(client.upload(name, b""))
+            except WsfilesError as e:
+                assert e.code == "quota_exceeded"
+                break
+            kept.append(name)
+        assert 3 <= len(kept) < 20
+        listing = await within(client.list())
+        assert sorted(f["name"] for f in listing) == kept  # whole, not truncated
+        assert len(json.dumps(listing)) <= 2000
+        await within(client.upload(kept[0], b"replacing is fine"))
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_users_file_quota_files_overrides_the_option(server_factory, tmp_path):
+    from wsfiles.users import UserDirectory, add_user
+
+    path = tmp_path / "users"
+    alice, bob = add_user(str(path), "alice"), add_user(str(path), "bob")
+    lines = path.read_text().splitlines()
+    path.write_text(f"{lines[0]} quota_files=1\n{lines[1]} quota_files=none\n")
+    srv = await server_factory(users=UserDirectory(str(path)), quota_files=2)
+    a = await within(connect(srv.url, token=alice))
+    b = await within(connect(srv.url, token=bob))
+    try:
+        await within(a.upload("one", b""))
+        assert await _refused_code(a.upload("two", b"")) == "quota_exceeded"
+        for n in range(3):
+            await within(b.upload(f"b{n}", b""))
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("quota_files=many", "expected a whole number"),
+        ("quota_files=", "expected one of"),
+        ("color=blue", "expected one of quota=, quota_files="),
+        ("quota=1G quota=2G", "quota= given twice"),
+    ],
+)
+def test_bad_users_file_settings_name_their_line(extra, message):
+    from wsfiles.users import UsersFileError, parse_users
+
+    with pytest.raises(UsersFileError, match=message) as refused:
+        parse_users(f"# users\nalice 00ff scrypt$1$1$1$00$00 {extra}\n", "users")
+    assert "users:2:" in str(refused.value)

@@ -26,7 +26,7 @@ from wsfiles.changes import ChangeHub
 from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
-from wsfiles.quota import QuotaLedger
+from wsfiles.quota import EntryLimits, QuotaLedger
 from wsfiles.redisstate import RedisState
 from wsfiles.session import CommandSession
 from wsfiles.storage import IStorage
@@ -232,6 +232,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             clock=factory.clock,
             close_connection=self._close,
             quota=factory.quota,
+            entry_limits=factory.entry_limits,
             changes=factory.changes,
             folder_key=self._client,
             metrics=factory.book.metrics,
@@ -448,6 +449,11 @@ class CommandChannelFactory(WebSocketServerFactory):
         #: Set when the service begins a graceful stop.
         self.draining = False
         quota_override = users.quota_of if users else lambda _: None
+        self.entry_limits = EntryLimits(
+            settings.quota_files,
+            settings.max_listing,
+            users.quota_files_of if users else lambda _: None,
+        )
         self.redis: RedisState | None = None
         if settings.redis is None:
             self.slots = ConnectionSlots(settings.limits)

@@ -33,6 +33,10 @@ class Settings:
     limits: Limits = field(default_factory=Limits)
     #: Bytes per client folder; None: unlimited.  The users file may override it.
     quota: int | None = None
+    #: Files per client folder; None: unlimited.  The users file may override it.
+    quota_files: int | None = None
+    #: Bytes a folder's listing (the ``files`` of a ``list`` reply) may grow to.
+    max_listing: int = 16 * 1024**2
     #: /healthz answers 503 when less than this is free.
     min_free: int = 64 * 1024**2
     #: False when --metrics-listen serves /metrics elsewhere.

@@ -8,12 +8,13 @@ connections.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from wsfiles import errors
 from wsfiles.errors import ProtocolError
-from wsfiles.storage import IFolder
+from wsfiles.storage import FileInfo, IFolder
 from wsfiles.users import NO_QUOTA
 
 
@@ -80,3 +81,76 @@ class QuotaLedger:
                 errors.QUOTA_EXCEEDED,
                 f"this save needs {needed} bytes of a {quota}-byte quota",
             )
+
+
+#: Bytes a listing entry adds besides its name (JSON keys, size, mtime).
+_ENTRY_OVERHEAD = len(json.dumps(FileInfo("", 2**40, 1.7e9 + 0.123456).as_json()).encode()) + 2
+
+
+def listing_bytes(names: Iterable[str]) -> int:
+    """An upper bound on the bytes a ``list`` reply's entries take for these names."""
+    return sum(len(json.dumps(name).encode()) + _ENTRY_OVERHEAD for name in names)
+
+
+class EntryLimits:
+    """How many files a folder may hold and how long its listing may grow.
+
+    Byte quotas let 400 empty files with 200-character names in under 10 MiB,
+    and every ``list`` then carried 104 KiB.  A save of a *new* name is refused
+    with ``quota_exceeded`` when the folder would pass either cap (replacing a
+    file changes neither); never is a listing cut short.  Saves of new names
+    in flight on this instance count, so concurrent uploads cannot each fit.
+    """
+
+    def __init__(
+        self, max_files: int | None, max_listing: int, override: Callable[[str], int | None]
+    ) -> None:
+        self.max_files = max_files
+        self.max_listing = max_listing
+        self._override = override
+        self._creating: dict[str, Counter[str]] = {}
+
+    def max_files_of(self, client: str) -> int | None:
+        override = self._override(client)
+        if override is None:
+            return self.max_files
+        return None if override == NO_QUOTA else override
+
+    async def check(self, client: str, folder: IFolder, name: str) -> None:
+        """Raise quota_exceeded if a new file ``name`` would not fit."""
+        existing = {info.name for info in await folder.list()}
+        if name in existing:
+            return
+        names = existing | {n for n, count in self._creating.get(client, {}).items() if count}
+        names.add(name)
+        max_files = self.max_files_of(client)
+        if max_files is not None and len(names) > max_files:
+            raise ProtocolError(
+                errors.QUOTA_EXCEEDED,
+                f"a new file would make {len(names)} files; this folder may hold {max_files}",
+            )
+        if listing_bytes(names) > self.max_listing:
+            raise ProtocolError(
+                errors.QUOTA_EXCEEDED,
+                f"a new file would make this folder's listing longer than {self.max_listing}"
+                " bytes; remove files or use shorter names",
+            )
+
+    async def hold(self, client: str, folder: IFolder, name: str) -> Callable[[], None]:
+        """Count ``name`` as being created until the returned release is called."""
+        creating = self._creating.setdefault(client, Counter())
+        creating[name] += 1
+
+        def release() -> None:
+            creating[name] -= 1
+            if creating[name] <= 0:
+                del creating[name]
+            if not creating:
+                self._creating.pop(client, None)
+
+        try:
+            await self.check(client, folder, name)  # held first: two saves cannot both fit
+        except BaseException:
+            release()
+            raise
+        return release

@@ -33,7 +33,7 @@ from wsfiles.errors import ProtocolError
 from wsfiles.metrics import Metrics
 from wsfiles.names import check_file_name
 from wsfiles.pairing import PairingRegistry
-from wsfiles.quota import QuotaLedger
+from wsfiles.quota import EntryLimits, QuotaLedger
 from wsfiles.storage import (
     ChecksumMismatch,
     Exists,
@@ -181,6 +181,7 @@ class CommandSession:
         clock: IReactorTime,
         close_connection: Callable[[int, str], None],
         quota: QuotaLedger | None = None,
+        entry_limits: EntryLimits | None = None,
         changes: ChangeHub | None = None,
         folder_key: str | None = None,
         metrics: Metrics | None = None,
@@ -192,6 +193,7 @@ class CommandSession:
         self.registry = registry
         self.max_size = settings.max_size
         self.quota = quota
+        self.entry_limits = entry_limits
         self._send_json = send
         self._send_raw = send_raw or (lambda payload: send(json.loads(payload)))
         self._close_connection = close_connection
@@ -440,6 +442,8 @@ class CommandSession:
             )
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
+        if self.entry_limits is not None:
+            await self.entry_limits.check(self.client, self.folder, name)
         self._enqueue(
             "save",
             name,
@@ -701,9 +705,12 @@ class CommandSession:
     ) -> None:
         channel = await self._file_channel_ready(request_id)
         reservation = None
-        if self.quota is not None:
-            reservation = await self.quota.reserve(self.client, self.folder, name, size)
+        release_entry = None
+        if self.entry_limits is not None:
+            release_entry = await self.entry_limits.hold(self.client, self.folder, name)
         try:
+            if self.quota is not None:
+                reservation = await self.quota.reserve(self.client, self.folder, name, size)
             upload = await self.folder.begin_upload(name, size, sha256, resume)
             if channel is not self._file_channel:  # it closed while we prepared
                 upload.interrupt()
@@ -728,6 +735,8 @@ class CommandSession:
         finally:
             if reservation is not None:
                 reservation.release()
+            if release_entry is not None:
+                release_entry()
         record.sha256 = digest
         self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
         self._announce_change()

@@ -171,6 +171,8 @@ class Options(usage.Options):
         ["root", "r", "./wsfiles-data", "Folder holding the clients' files (created if missing)."],
         ["users", None, None, "Users file ('wsfiles user add'); without it all are anonymous."],
         ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override."],
+        ["quota-files", None, None, "Files per client folder; the users file may override."],
+        ["max-listing", None, "16M", "Bytes a folder's listing may grow to (new files refused)."],
         ["metrics-listen", None, None, "Serve /metrics and /healthz here, not on --listen."],
         [
             "instance-id",
@@ -229,6 +231,9 @@ class Options(usage.Options):
             self[name] = _positive_count(name, self[name])
         if self["quota"] is not None:
             self["quota"] = _size("quota", self["quota"])
+        if self["quota-files"] is not None:
+            self["quota-files"] = _positive_count("quota-files", self["quota-files"])
+        self["max-listing"] = _size("max-listing", self["max-listing"])
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
         if self["redis"] is not None:
@@ -278,6 +283,8 @@ class Options(usage.Options):
                 per_ip=self["max-connections-per-ip"],
             ),
             quota=self["quota"],
+            quota_files=self["quota-files"],
+            max_listing=self["max-listing"],
             min_free=self["min-free"],
             metrics_on_main_listener=self["metrics-listen"] is None,
             instance_id=self["instance-id"],

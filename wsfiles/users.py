@@ -2,10 +2,11 @@
 
 One line per client::
 
-    NAME TOKEN_ID scrypt$N$r$p$SALT_HEX$HASH_HEX [quota=SIZE]
+    NAME TOKEN_ID scrypt$N$r$p$SALT_HEX$HASH_HEX [KEY=VALUE ...]
 
-The optional ``quota=SIZE`` (``10G``, powers of 1024) overrides ``--quota``
-for that client; ``quota=none`` lifts it.
+Optional settings override the service's options for that client:
+``quota=SIZE`` (``10G``, powers of 1024) overrides ``--quota`` and
+``quota_files=N`` overrides ``--quota-files``; ``none`` lifts either.
 A token is ``TOKEN_ID.SECRET`` (both hex).  The id finds the line without
 trying every hash; only the scrypt hash of the secret is stored, with a salt
 of its own.  Lines starting with ``#`` and blank lines are ignored.
@@ -61,16 +62,35 @@ class UserEntry:
     hashed: str
     #: Bytes; None: the service's default.  NO_QUOTA: unlimited.
     quota: int | None = None
+    #: Files; None: the service's default.  NO_QUOTA: unlimited.
+    quota_files: int | None = None
 
 
 NO_QUOTA = -1
 
 
-def _parse_quota(field: str) -> int:
-    key, _, value = field.partition("=")
-    if key != "quota" or not value:
-        raise ValueError(f"expected quota=SIZE, not {field!r}")
-    return NO_QUOTA if value.lower() == "none" else parse_size(value)
+def _parse_count(text: str) -> int:
+    if not text.isdigit():
+        raise ValueError(f"expected a whole number, not {text!r}")
+    return int(text)
+
+
+#: The optional KEY=VALUE settings of a line, and how each value is read.
+_SETTINGS: dict[str, Callable[[str], int]] = {"quota": parse_size, "quota_files": _parse_count}
+
+
+def _parse_settings(fields: list[str]) -> dict[str, int]:
+    settings: dict[str, int] = {}
+    for field in fields:
+        key, _, value = field.partition("=")
+        parse = _SETTINGS.get(key)
+        if parse is None or not value:
+            known = ", ".join(f"{k}=" for k in _SETTINGS)
+            raise ValueError(f"expected one of {known} not {field!r}")
+        if key in settings:
+            raise ValueError(f"{key}= given twice")
+        settings[key] = NO_QUOTA if value.lower() == "none" else parse(value)
+    return settings
 
 
 def _hash_secret(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
@@ -100,13 +120,13 @@ def parse_users(text: str, path: str = "users file") -> dict[str, UserEntry]:
         if not line or line.startswith("#"):
             continue
         fields = line.split()
-        if len(fields) not in (3, 4) or not is_valid_client_name(fields[0]):
-            raise UsersFileError(f"{path}:{number}: expected 'NAME TOKEN_ID HASH [quota=SIZE]'")
+        if len(fields) < 3 or not is_valid_client_name(fields[0]):
+            raise UsersFileError(f"{path}:{number}: expected 'NAME TOKEN_ID HASH [KEY=VALUE ...]'")
         try:
-            quota = _parse_quota(fields[3]) if len(fields) == 4 else None
+            settings = _parse_settings(fields[3:])
         except ValueError as e:
             raise UsersFileError(f"{path}:{number}: {e}") from None
-        entry = UserEntry(fields[0], fields[1], fields[2], quota)
+        entry = UserEntry(fields[0], fields[1], fields[2], **settings)
         if entry.name in names or entry.token_id in entries:
             raise UsersFileError(f"{path}:{number}: duplicate user {entry.name!r}")
         names.add(entry.name)
@@ -272,16 +292,25 @@ class UserDirectory:
                 return (entry.token_id, entry.hashed)
         return None
 
+    def _entry_named(self, name: str) -> UserEntry | None:
+        self._refresh()
+        for entry in self._entries.values():
+            if entry.name == name:
+                return entry
+        return None
+
     def quota_of(self, name: str) -> int | None:
         """This client's own quota in bytes; None when the default applies.
 
         (The ledger maps NO_QUOTA to "unlimited".)
         """
-        self._refresh()
-        for entry in self._entries.values():
-            if entry.name == name:
-                return entry.quota
-        return None
+        entry = self._entry_named(name)
+        return entry.quota if entry is not None else None
+
+    def quota_files_of(self, name: str) -> int | None:
+        """This client's own cap on files; None when the default applies."""
+        entry = self._entry_named(name)
+        return entry.quota_files if entry is not None else None
 
     def authenticate(
         self, token: str, wanted: Callable[[], bool] | None = None, address: str | None = None
