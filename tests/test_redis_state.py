@@ -526,3 +526,26 @@ async def test_an_instance_starts_without_redis_and_connects_when_it_comes(
     b.slots.release("kim", IP)
     held.release()
     a.slots.release("kim", IP)
+
+
+# -- which instances are alive (for an object store's sweep) ----------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_object_store_is_told_the_instance_id_and_who_is_alive(
+    instances, storage, redis_server
+):
+    told: dict[str, Any] = {}
+    storage.share_instance = lambda instance_id, alive: told.update(id=instance_id, alive=alive)
+    a = await instances(name="a")
+    assert told["id"] == a.link.instance_id  # its uploads are tagged with this
+    b = await instances(name="b")
+    assert told["id"] == b.link.instance_id
+    alive = told["alive"]  # b asking
+    assert await _within(alive(a.link.instance_id)) is True
+    assert await _within(alive("a-0123456789abcdef")) is False  # never was, or expired
+    await _within(a.stop())  # a stop deletes the key at once (a crash: after the ttl)
+    assert await _within(alive(a.link.instance_id)) is False
+    redis_server.stop()
+    await _within(b.link.when_down())
+    assert await _within(alive(a.link.instance_id)) is None  # nobody can tell

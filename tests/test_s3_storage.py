@@ -290,3 +290,107 @@ async def test_a_client_connecting_while_the_store_is_down_is_told_and_closed(
     await server.door.forward()
     again = await server.connect()
     assert again.hello["files"] == []
+
+
+# -- multipart uploads abandoned by a crashed instance --------------------------
+
+
+async def part_stored(storage: S3Storage, name: str, resume: bool = False) -> object:
+    """An upload of ``name`` (two parts) whose first part is in the store."""
+    upload = await storage.folder(None).begin_upload(name, 2 * PART_SIZE, resume=resume)
+    await upload.write(os.urandom(PART_SIZE))
+    return upload
+
+
+@pytest_twisted.async_yield_fixture
+async def instances(ceph_rgw):
+    """Three S3Storage objects on one bucket, as three instances would have."""
+    bucket = "wsfiles-" + secrets.token_hex(6)
+    ceph_rgw.create_bucket(bucket)
+    made = []
+
+    def instance(name: str, alive: dict[str, bool | None] | None = None) -> S3Storage:
+        client = S3Client(
+            reactor, ceph_rgw.endpoint, bucket, ceph_rgw.access_key, ceph_rgw.secret_key
+        )
+        storage = S3Storage(client)
+        if alive is not None:  # what Redis would say about each instance
+            storage.share_instance(name, lambda other: defer.succeed(alive.get(other)))
+        else:
+            client.instance_id = name
+        made.append(storage)
+        return storage
+
+    instance.bucket = bucket
+    yield instance
+    for storage in made:
+        await storage.close()
+
+
+def uploads_in(rgw, bucket: str) -> set[str]:
+    """The keys of the bucket's unfinished multipart uploads."""
+    response = rgw.request("GET", bucket, query={"uploads": ""})
+    root = ElementTree.fromstring(response.body)
+    return {e.text for e in root.iter() if e.tag.endswith("}Key")}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_crashed_instances_plain_uploads_are_swept_and_live_ones_kept(instances, ceph_rgw):
+    alive = {"a": False, "b": True}  # a crashed (its liveness key is gone), b runs
+    crashed, running, sweeper = instances("a"), instances("b"), instances("c", alive)
+    await part_stored(crashed, "cut.bin")  # never finished: the instance died
+    live = await part_stored(running, "live.bin")
+    kept = await part_stored(sweeper, "resumable.bin", resume=True)
+    await kept.interrupt()  # kept for --partial-ttl
+    before = uploads_in(ceph_rgw, instances.bucket)
+    assert {"@anonymous/cut.bin", "@anonymous/live.bin"} <= before and len(before) == 3
+
+    assert await sweeper.sweep_partials(3600) == 0  # no resumable upload expired
+    after = uploads_in(ceph_rgw, instances.bucket)
+    assert after == before - {"@anonymous/cut.bin"}
+    # The other instance's upload was not touched: it completes.
+    await live.write(os.urandom(PART_SIZE))
+    await live.commit()
+    await running.client.idle()
+    assert [f.name for f in await sweeper.folder(None).list()] == ["live.bin"]
+    # Only the resumable partial is left: no upload and no marker of the others.
+    assert len(uploads_in(ceph_rgw, instances.bucket)) == 1
+    listing = ceph_rgw.request("GET", instances.bucket, query={"list-type": "2"}).body
+    assert b"@uploads/" not in listing
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_redis_abandoned_uploads_are_swept_by_age(instances, ceph_rgw):
+    import time
+
+    other, sweeper = instances("other"), instances("sweeper")  # nobody says who is alive
+    await part_stored(other, "cut.bin")
+    # An upload that was never tagged (its instance died right after creating it).
+    raw = ceph_rgw.request(
+        "POST", instances.bucket, "@anonymous/untagged.bin", query={"uploads": ""}
+    )
+    assert raw.status == 200
+    await sweeper.sweep_partials(3600)
+    assert uploads_in(ceph_rgw, instances.bucket) == {
+        "@anonymous/cut.bin",
+        "@anonymous/untagged.bin",
+    }
+    await sweeper.sweep_partials(3600, now=time.time() + 3601)
+    assert uploads_in(ceph_rgw, instances.bucket) == set()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sweep_while_the_store_is_down_is_one_warning(store_behind_a_door):
+    from twisted.logger import globalLogPublisher
+
+    storage = store_behind_a_door.storage
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        await store_behind_a_door.door.refuse()
+        assert await storage.sweep_partials(3600) == 0
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    warnings = [e for e in events if e["log_level"].name in ("warn", "error", "critical")]
+    assert len(warnings) == 1 and "could not sweep" in warnings[0]["log_format"]
+    assert "refused" in str(warnings[0]["e"])

@@ -985,6 +985,22 @@ class RedisState:
         self.changes = RedisChangeBus(storage, reactor, self.link)
         self.quota = RedisQuotaLedger(quota, quota_override, self.link)
         self.slots = RedisConnectionCounter(ConnectionSlots(limits), self.link)
+        # An object store tags its uploads with this instance, so that a
+        # sweep on any instance can tell a crashed instance's from live ones.
+        share_instance = getattr(storage, "share_instance", None)
+        if share_instance is not None:
+            share_instance(self.link.instance_id, self.instance_alive)
+
+    def instance_alive(self, instance_id: str) -> Deferred:
+        """True while ``instance_id``'s liveness key exists, False once it is
+        gone (a stop, or ``ttl`` after a crash), None while Redis is down."""
+
+        def unknown(failure: Failure) -> None:
+            _log_failure("could not ask Redis whether an instance is alive")(failure)
+            return None
+
+        key = self.link.instance_key_prefix + instance_id
+        return self.link.command("EXISTS", key).addCallbacks(lambda n: bool(int(n)), unknown)
 
     def start(self) -> None:
         self.link.start()

@@ -25,7 +25,9 @@ import hashlib
 import io
 import json
 import time
+import uuid
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Callable
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -66,6 +68,10 @@ _log = Logger()
 PART_SIZE = 8 * 1024 * 1024  # S3 needs >= 5 MiB for every part but the last
 ANONYMOUS_PREFIX = "@anonymous/"
 PARTIAL = ".wsfiles-partial"  # '@' is not allowed in client names
+#: A plain save's multipart upload is tagged with a marker object
+#: ``@uploads/INSTANCE/UPLOAD_ID`` (body: its key) while it runs, so the
+#: sweeper can tell an upload abandoned by a crashed instance from a live one.
+UPLOADS = "@uploads/"
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 #: Seconds the object store has to answer a request before it is abandoned
 #: (StorageFailure): a store that accepts connections and never answers
@@ -106,6 +112,10 @@ class S3Client:
         self.pool.maxPersistentPerHost = 16
         self._background: set[Deferred] = set()
         self._agent = Agent(reactor, pool=self.pool)
+        #: Who this process is in upload markers (the Redis instance id with --redis).
+        self.instance_id = uuid.uuid4().hex
+        #: Multipart uploads this process is writing now: upload id -> key.
+        self.live_uploads: dict[str, str] = {}
 
     def url(self, key: str = "", params: dict[str, str] | None = None) -> str:
         url = f"{self.endpoint}/{self.bucket}/{quote(key, safe='/~')}"
@@ -222,12 +232,29 @@ def _header(response: Any, name: str) -> str | None:
     return values[0] if values else None
 
 
+def _timestamp(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+#: Answers whether another instance is alive: True, False, or None when
+#: nobody can tell (no Redis, or Redis is down).
+InstanceAlive = Callable[[str], Deferred]
+
+
 @implementer(IStorage)
 class S3Storage:
     def __init__(self, client: S3Client) -> None:
         self.client = client
         #: Interrupted uploads still saving their record: a resume waits for them.
         self.settling: dict[str, Deferred] = {}
+        self.instance_alive: InstanceAlive | None = None
+
+    def share_instance(self, instance_id: str, alive: InstanceAlive) -> None:
+        """Tag uploads with ``instance_id`` (this instance's Redis liveness key),
+        and ask ``alive`` whether another instance is before taking its uploads
+        for abandoned (RedisState calls this)."""
+        self.client.instance_id = instance_id
+        self.instance_alive = alive
 
     def folder(self, client: str | None) -> S3Folder:
         prefix = f"{client}/" if client else ANONYMOUS_PREFIX
@@ -247,10 +274,28 @@ class S3Storage:
         return Deferred.fromCoroutine(self.client.close())
 
     def sweep_partials(self, max_age: float, now: float | None = None) -> Deferred:
-        """Abort interrupted resumable uploads idle for more than ``max_age`` s."""
-        return Deferred.fromCoroutine(self._sweep(max_age, time.time() if now is None else now))
+        """Abort interrupted resumable uploads idle for more than ``max_age`` s,
+        and plain saves' multipart uploads abandoned by a crash (see
+        ``_sweep_abandoned``).  Fires with the number of resumable ones removed;
+        never fails: a sweep the store does not let finish is one warning, and
+        the next sweep tries again."""
 
-    async def _sweep(self, max_age: float, now: float) -> int:
+        async def sweep() -> int:
+            when = time.time() if now is None else now
+            try:
+                markers: list[tuple[str, float]] = []
+                removed = await self._sweep(max_age, when, markers)
+                abandoned = await self._sweep_abandoned(max_age, when, markers)
+            except Exception as e:
+                _log.warn("could not sweep unfinished uploads from the object store: {e}", e=e)
+                return 0
+            if abandoned:
+                _log.info("aborted {count} abandoned multipart uploads", count=abandoned)
+            return removed
+
+        return Deferred.fromCoroutine(sweep())
+
+    async def _sweep(self, max_age: float, now: float, markers: list[tuple[str, float]]) -> int:
         removed = 0
         params = {"list-type": "2"}
         while True:
@@ -258,11 +303,12 @@ class S3Storage:
             root = ElementTree.fromstring(body)
             for item in root.iter(f"{_NS}Contents"):
                 key = item.findtext(f"{_NS}Key", "")
+                stamp = _timestamp(item.findtext(f"{_NS}LastModified", ""))
+                if key.startswith(UPLOADS):
+                    markers.append((key, stamp))
+                    continue
                 if f"/{PARTIAL}/" not in f"/{key}" or not key.endswith(".json"):
                     continue
-                stamp = datetime.fromisoformat(
-                    item.findtext(f"{_NS}LastModified", "").replace("Z", "+00:00")
-                ).timestamp()
                 staging = key[: -len(".json")]
                 if now - stamp <= max_age or staging in self.settling:
                     continue
@@ -276,6 +322,77 @@ class S3Storage:
             if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
                 return removed
             params = {**params, "continuation-token": token}
+
+    async def _sweep_abandoned(
+        self, max_age: float, now: float, markers: list[tuple[str, float]]
+    ) -> int:
+        """Abort the multipart uploads of plain saves that nobody will finish.
+
+        A tagged upload (see UPLOADS) is abandoned when its instance is not
+        alive: this one no longer writes it, or Redis says the other's liveness
+        key is gone; when nobody can tell (no Redis), when it is older than
+        ``max_age``.  An untagged one (its instance died before tagging it)
+        goes once older than ``max_age``.  Resumable uploads (staging keys) are
+        left to their records and ``--partial-ttl``.
+        """
+        client = self.client
+        removed = 0
+        tagged: set[str] = set()
+        alive: dict[str, bool | None] = {}
+        for marker, stamp in markers:
+            instance, _, upload_id = marker[len(UPLOADS) :].partition("/")
+            tagged.add(upload_id)
+            if upload_id in client.live_uploads:
+                continue
+            if instance != client.instance_id:
+                if instance not in alive:
+                    alive[instance] = await self._alive(instance)
+                if alive[instance] or (alive[instance] is None and now - stamp <= max_age):
+                    continue
+            try:
+                _, body = await client.send("GET", marker)
+            except NotFound:
+                continue  # finished meanwhile
+            key = json.loads(body or b"{}").get("key")
+            if key:
+                await client.send(
+                    "DELETE", key, params={"uploadId": upload_id}, expect=(200, 204, 404)
+                )
+                removed += 1
+            await client.send("DELETE", marker, expect=(200, 204, 404))
+        async for key, upload_id, initiated in self._multipart_uploads():
+            if upload_id in tagged or upload_id in client.live_uploads:
+                continue
+            if f"/{PARTIAL}/" in f"/{key}" or now - initiated <= max_age:
+                continue
+            await client.send("DELETE", key, params={"uploadId": upload_id}, expect=(200, 204, 404))
+            removed += 1
+        return removed
+
+    async def _alive(self, instance: str) -> bool | None:
+        if self.instance_alive is None:
+            return None
+        return await self.instance_alive(instance)
+
+    async def _multipart_uploads(self) -> Any:
+        """Every unfinished multipart upload in the bucket: (key, upload id, started)."""
+        params = {"uploads": ""}
+        while True:
+            _, body = await self.client.send("GET", params=params)
+            root = ElementTree.fromstring(body)
+            for item in root.iter(f"{_NS}Upload"):
+                yield (
+                    item.findtext(f"{_NS}Key", ""),
+                    item.findtext(f"{_NS}UploadId", ""),
+                    _timestamp(item.findtext(f"{_NS}Initiated", "")),
+                )
+            if root.findtext(f"{_NS}IsTruncated") != "true":
+                return
+            params = {
+                "uploads": "",
+                "key-marker": root.findtext(f"{_NS}NextKeyMarker", ""),
+                "upload-id-marker": root.findtext(f"{_NS}NextUploadIdMarker", ""),
+            }
 
 
 @implementer(IFolder)
@@ -510,11 +627,15 @@ class S3Upload:
             if self._upload_id is None:
                 _, body = await self._client.send("POST", self._key, params={"uploads": ""})
                 self._upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
+                self._client.live_uploads[str(self._upload_id)] = self._key
                 if self._aborted:  # aborted while the upload was being created
                     self._aborted = False
                     self.abort()
                     raise StorageFailure("the upload was aborted")
-                await self._write_record()
+                if self._record_key is None:
+                    await self._write_marker()
+                else:
+                    await self._write_record()
             number = len(self._parts) + 1
             response, _ = await self._client.send(
                 "PUT",
@@ -529,6 +650,19 @@ class S3Upload:
 
     def commit(self) -> Deferred:
         return Deferred.fromCoroutine(self._commit())
+
+    @property
+    def _marker(self) -> str:
+        return f"{UPLOADS}{self._client.instance_id}/{self._upload_id}"
+
+    async def _write_marker(self) -> None:
+        """Tag a plain save's multipart upload with this instance (see UPLOADS)."""
+        body = json.dumps({"key": self._key}).encode()
+        await self._client.send("PUT", self._marker, body=body)
+
+    def _done_with_upload(self) -> None:
+        """No longer writing the multipart upload: it is not live here any more."""
+        self._client.live_uploads.pop(str(self._upload_id), None)
 
     async def _write_record(self) -> None:
         if self._record_key is None:
@@ -557,6 +691,13 @@ class S3Upload:
                 await self._client.send("PUT", self._key, body=self._take_buffer())
             else:
                 await self._complete()
+                self._done_with_upload()
+                if self._record_key is None:
+                    marker = self._marker
+                    self._client.in_background(
+                        self._client.send("DELETE", marker, expect=(204, 200, 404)),
+                        "drop an upload marker",
+                    )
             self._completed = True
             if self._key != self._target:  # a resumable upload's staging object
                 if not self._hash_complete:
@@ -609,6 +750,7 @@ class S3Upload:
             if self._in_flight is not None:
                 with contextlib.suppress(Exception):
                     await self._in_flight
+            self._done_with_upload()
             self._buffer, self._buffered = [], 0
             if self._upload_id is not None:
                 await self._write_record()
@@ -635,10 +777,17 @@ class S3Upload:
                 client.send("DELETE", self._key, expect=(204, 200, 404)), "drop a staged object"
             )
         elif self._upload_id is not None:
-            aborting = client.send(
-                "DELETE", self._key, params={"uploadId": self._upload_id}, expect=(204, 200)
-            )
-            client.in_background(aborting, "abort an upload")
+            self._done_with_upload()
+            upload_id, marker = self._upload_id, self._marker
+
+            async def abort_upload() -> None:
+                await client.send(
+                    "DELETE", self._key, params={"uploadId": upload_id}, expect=(204, 200)
+                )
+                if self._record_key is None:  # only once the upload is gone
+                    await client.send("DELETE", marker, expect=(204, 200, 404))
+
+            client.in_background(abort_upload(), "abort an upload")
         if self._record_key is not None:
             client.in_background(
                 client.send("DELETE", self._record_key, expect=(204, 200, 404)),
