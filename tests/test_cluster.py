@@ -6,11 +6,13 @@ contrib/haproxy/wsfiles.cfg with the instances' addresses in its environment.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import secrets
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,13 @@ async def cluster(ceph_rgw, redis_server, twistd_factory, tmp_path):
             "--quota", "70M",
             root=tmp_path / f"root-{name}",
         )  # fmt: skip
+    async with haproxy(instances) as url:
+        yield {"url": url, "instances": instances, "redis": redis_server}
+
+
+@contextlib.asynccontextmanager
+async def haproxy(instances: dict[str, Any]) -> AsyncIterator[str]:
+    """The shipped contrib/haproxy/wsfiles.cfg in front of instances a, b, c; its ws:// URL."""
     port = free_port()
     env = {
         "WSFILES_BIND": f"127.0.0.1:{port}",
@@ -72,20 +81,44 @@ async def cluster(ceph_rgw, redis_server, twistd_factory, tmp_path):
     }
     process, proto = spawn_process([HAPROXY, "-db", "-f", str(CONTRIB / "wsfiles.cfg")], env=env)
     url = f"http://127.0.0.1:{port}"
-    # HAProxy is another process: poll until it answers through a healthy
-    # instance, bounded.
+    try:
+        # HAProxy is another process: poll until it answers through a healthy
+        # instance, bounded.
+        for _ in range(500):
+            try:
+                if (await http_get(url + "/healthz"))[0] == 200:
+                    break
+            except Exception:
+                pass
+            await task.deferLater(reactor, 0.02, lambda: None)
+        else:
+            raise AssertionError(f"HAProxy never became ready: {proto.err.decode()}")
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        process.signalProcess("TERM")
+        await proto.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
+
+
+async def logged(server: Any, text: str) -> None:
+    """Wait (bounded) until the twistd process has written ``text``."""
     for _ in range(500):
-        try:
-            if (await http_get(url + "/healthz"))[0] == 200:
-                break
-        except Exception:
-            pass
+        if text in server.output:
+            return
         await task.deferLater(reactor, 0.02, lambda: None)
-    else:
-        raise AssertionError(f"HAProxy never became ready: {proto.err.decode()}")
-    yield {"url": f"ws://127.0.0.1:{port}", "instances": instances, "redis": redis_server}
-    process.signalProcess("TERM")
-    await proto.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
+    raise AssertionError(f"never logged {text!r}:\n{server.output}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_health_checks_stay_out_of_the_access_log(twistd_factory):
+    """HAProxy asks /healthz every second: that must not be a log line each."""
+    srv = await twistd_factory()
+    async with haproxy({"a": srv, "b": srv, "c": srv}) as url:
+        base = url.replace("ws://", "http://")
+        for _ in range(3):
+            assert (await http_get(base + "/healthz"))[0] == 200
+        assert (await http_get(base + "/"))[0] == 200  # a page: logged
+        await logged(srv, '"GET / HTTP/1.0" 200')
+    assert "/healthz" not in srv.output
 
 
 @pytest_twisted.ensureDeferred

@@ -105,6 +105,20 @@ def redacting_log_formatter(timestamp: str, request: server.Request) -> str:
     return http.combinedLogFormatter(timestamp, _RedactedRequest(request))
 
 
+def is_health_check(request: server.Request) -> bool:
+    """``GET /healthz`` is kept out of the access log: a balancer asks every
+    second (HAProxy's ``inter 1s``), and a failing check logs its own warning."""
+    return request.path == b"/healthz"
+
+
+class _OperationsSite(server.Site):
+    """``--metrics-listen``'s Site: health checks stay out of its access log too."""
+
+    def log(self, request: server.Request) -> None:
+        if not is_health_check(request):
+            super().log(request)
+
+
 class HandshakeDeadlines:
     """Aborts connections that have not completed a handshake in time.
 
@@ -240,7 +254,7 @@ class WsfilesSite(server.Site):
         root.putChild(
             b"healthz", HealthPage(self.storage, self.settings.min_free, self.shared_health)
         )
-        return server.Site(root)
+        return _OperationsSite(root)
 
     def recheck_users(self) -> None:
         """Close the command channels of users removed or re-tokened since the last look.
@@ -258,6 +272,10 @@ class WsfilesSite(server.Site):
         for channel in list(self.book.open):
             if channel.channel_name == "command":
                 channel.end_if_revoked(users)
+
+    def log(self, request: server.Request) -> None:
+        if not is_health_check(request):
+            super().log(request)
 
     async def drain(self, grace: float) -> None:
         """A graceful stop: transfers in flight get ``grace`` seconds to finish.
