@@ -1,15 +1,20 @@
 """``wsfiles``: the command line (the server itself is ``twistd wsfiles``).
 
-    wsfiles ls URL [--json]
+    wsfiles ls URL [--json] [-b]
     wsfiles get URL NAME [-o PATH] [--resume]
     wsfiles put URL PATH... [--name N] [--resume]
     wsfiles rm URL NAME
     wsfiles mv URL NAME NEW [--overwrite]
     wsfiles user add --users FILE NAME
 
-URL is the server's base, e.g. ``ws://localhost:8080`` or ``wss://...``.  The
-token comes from ``--token`` or ``WSFILES_TOKEN``.  Exit status 0 on success;
-otherwise one line on stderr naming the error code.
+URL is the server's base, e.g. ``ws://localhost:8080``, ``wss://...``, or the
+``http(s)://`` address of its web page.  The token comes from ``--token`` or
+``WSFILES_TOKEN``.  Exit status 0 on success; 130 after Ctrl-C; otherwise 1.
+Whatever goes wrong is one line on stderr, never a traceback.
+
+Only the standard library is imported at module level: Ctrl-C while Twisted
+and Autobahn load (most of the start-up time) lands in :func:`main`'s
+``except KeyboardInterrupt``, and once the reactor runs, SIGINT is ours.
 """
 
 from __future__ import annotations
@@ -18,23 +23,32 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
-
-from wsfiles.tuning import tune_malloc
-from wsfiles.users import UsersFileError, add_user
 
 #: Suffix of a download in progress; ``get --resume`` continues it.
 PARTIAL_SUFFIX = ".wsfiles-part"
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: How long an interrupted command may take to drop its connections.
+ABORT_TIMEOUT = 5.0
+
+BINARY_UNITS = "sizes in binary units: 1 KiB = 1024 bytes, 1 MiB = 1024 KiB"
 
 
 class CommandFailed(Exception):
     """Ends the command with a one-line message and exit status 1."""
 
 
+class Interrupted(Exception):
+    """The user pressed Ctrl-C; the message says what was kept, if anything."""
+
+
 def _user_add(args: argparse.Namespace) -> int:
+    from wsfiles.users import UsersFileError, add_user
+
     try:
         token = add_user(args.users, args.name)
     except UsersFileError as e:
@@ -44,73 +58,123 @@ def _user_add(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _progress_bar(label: str, quiet: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on stderr when it is a terminal; nothing otherwise."""
-    if quiet or not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(desc=label, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
-
-    def update(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh() if done == total else bar.update(0)
-
-    try:
-        yield update
-    finally:
-        bar.close()
-
-
-async def _connected(args: argparse.Namespace) -> Any:
-    from wsfiles.client import connect
-
-    token = args.token or os.environ.get("WSFILES_TOKEN") or None
-    return await connect(args.url, token)
+# -- the commands ---------------------------------------------------------------
 
 
 async def _ls(client: Any, args: argparse.Namespace) -> None:
+    from wsfiles.cli_format import listing_lines
+
     files = await client.list()
     if args.json:
         sys.stdout.write(json.dumps(files) + "\n")
         return
-    for info in files:
-        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["mtime"]))
-        sys.stdout.write(f"{info['size']:>14}  {stamp}  {info['name']}\n")
+    for line in listing_lines(files, exact=args.bytes):
+        sys.stdout.write(line + "\n")
+
+
+def _get_target(args: argparse.Namespace) -> str:
+    """Where ``get`` writes, checked before anything is connected or touched.
+
+    NAME is checked with the server's own rule (wsfiles.names), so a name
+    such as ``../etc/passwd`` is refused as ``invalid_name`` here, before it
+    can name a local file.
+    """
+    from wsfiles.errors import ProtocolError
+    from wsfiles.names import check_file_name
+
+    try:
+        check_file_name(args.name)
+    except ProtocolError as e:
+        raise CommandFailed(f"{e.code}: {e.message}") from None
+    target = args.output or args.name
+    if target == "-":
+        return target
+    if os.path.isdir(target):
+        target = os.path.join(target, args.name)
+    folder = os.path.dirname(target) or "."
+    if not os.path.isdir(folder):
+        raise CommandFailed(f"cannot write {target}: there is no folder {folder}")
+    return target
 
 
 async def _get(client: Any, args: argparse.Namespace) -> None:
-    """Download to ``PATH.wsfiles-part``; rename only once the SHA-256 checks out."""
-    target = args.output or args.name
+    """Download to ``PATH.wsfiles-part``; rename only once the SHA-256 checks out.
+
+    The part file is kept when the download is interrupted (Ctrl-C) or cut
+    off with bytes in it, so ``get --resume`` continues it; it is removed when
+    it is empty or its bytes are of no use (not_found, checksum_mismatch).
+    """
+    from twisted.internet.defer import CancelledError
+
+    from wsfiles.cli_format import human_size, progress_bar
+    from wsfiles.client import CHECKSUM_MISMATCH, WsfilesError
+
+    target = args.target
     if target == "-":
         await client.download(args.name, sys.stdout.buffer)
         return
-    if os.path.isdir(target):
-        target = os.path.join(target, args.name)
     partial = target + PARTIAL_SUFFIX
     mode = "a+b" if args.resume and os.path.exists(partial) else "w+b"
-    with open(partial, mode) as sink, _progress_bar(args.name, args.quiet) as progress:
+    try:
+        sink = open(partial, mode)  # noqa: SIM115 (closed below, before any rename)
+    except OSError as e:
+        raise CommandFailed(f"cannot write {target}: {e.strerror}") from None
+    try:
         sink.seek(0, os.SEEK_END)
-        try:
+        with progress_bar(args.name, args.quiet) as progress:
             await client.download(args.name, sink, resume=args.resume, progress=progress)
-        except BaseException:
-            sink.close()
-            if not args.resume:
-                os.unlink(partial)
+    except BaseException as e:
+        sink.close()
+        held = os.path.getsize(partial) if os.path.exists(partial) else 0
+        useless = isinstance(e, WsfilesError) and e.code in (CHECKSUM_MISMATCH, "not_found")
+        if held == 0 or useless:
+            _remove(partial)
+            if isinstance(e, CancelledError) or args.interrupted:
+                raise Interrupted("nothing was downloaded") from None
             raise
-    os.replace(partial, target)
+        kept = f"kept {partial} ({human_size(held)}); 'wsfiles get --resume' continues it"
+        if isinstance(e, CancelledError) or args.interrupted:
+            raise Interrupted(kept) from None
+        if isinstance(e, WsfilesError):
+            raise CommandFailed(f"{e.code}: {e.message}; {kept}") from None
+        raise
+    sink.close()
+    try:
+        os.replace(partial, target)
+    except OSError as e:
+        raise CommandFailed(f"cannot write {target}: {e.strerror}") from None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def _put(client: Any, args: argparse.Namespace) -> None:
+    from twisted.internet.defer import CancelledError
+
+    from wsfiles.cli_format import progress_bar
+
     if args.name and len(args.paths) > 1:
         raise CommandFailed("--name needs exactly one PATH")
     for path in args.paths:
         name = args.name or os.path.basename(path)
-        with open(path, "rb") as source, _progress_bar(name, args.quiet) as progress:
-            await client.upload(name, source, resume=args.resume, progress=progress)
+        try:
+            source = open(path, "rb")  # noqa: SIM115
+        except OSError as e:
+            raise CommandFailed(f"cannot read {path}: {e.strerror}") from None
+        try:
+            with source, progress_bar(name, args.quiet) as progress:
+                await client.upload(name, source, resume=args.resume, progress=progress)
+        except Exception as e:
+            if not (isinstance(e, CancelledError) or args.interrupted):
+                raise
+            if args.resume:
+                raise Interrupted(
+                    f"the server keeps what it received of {name!r}; "
+                    "'wsfiles put --resume' continues it"
+                ) from None
+            raise Interrupted(f"{name!r} was not stored") from None
 
 
 async def _rm(client: Any, args: argparse.Namespace) -> None:
@@ -118,66 +182,212 @@ async def _rm(client: Any, args: argparse.Namespace) -> None:
 
 
 async def _mv(client: Any, args: argparse.Namespace) -> None:
-    await client.rename(args.name, args.new, overwrite=args.overwrite)
+    from wsfiles.client import WsfilesError
+
+    try:
+        await client.rename(args.name, args.new, overwrite=args.overwrite)
+    except WsfilesError as e:
+        if e.code == "exists":
+            raise CommandFailed(
+                f"exists: {args.new!r} exists; add --overwrite to replace it"
+            ) from None
+        raise
 
 
-def _run_remote(action: Callable[[Any, argparse.Namespace], Any]) -> Callable[..., int]:
-    """Run ``action`` on a connected client under the reactor; map errors to exit 1."""
+# -- running a remote command ----------------------------------------------------
+
+
+def _connection_line(error: Any, token: str | None) -> str:
+    """The one line for a refused or failed connection."""
+    if error.http_status == 401:
+        if token is None:
+            return "this server needs a token (HTTP 401): give one with --token or WSFILES_TOKEN"
+        return "the server refused the token (HTTP 401): check --token or WSFILES_TOKEN"
+    return f"{error.code}: {error.message}"
+
+
+def _run_remote(
+    action: Callable[[Any, argparse.Namespace], Awaitable[None]],
+    prepare: Callable[[argparse.Namespace], None] | None = None,
+) -> Callable[[argparse.Namespace], int]:
+    """Run ``action`` on a connected client under the reactor.
+
+    Failures become one line and exit status 1.  SIGINT (Ctrl-C) cancels the
+    action, which keeps what a later ``--resume`` can use; the connections
+    are dropped and the command exits with status 130 and one line.
+    """
 
     def run(args: argparse.Namespace) -> int:
-        from twisted.internet import defer, task
+        from twisted.internet import defer, reactor
+        from twisted.python.failure import Failure
 
-        from wsfiles.client import WsfilesError
+        from wsfiles.client import WsfilesError, connect, websocket_base_url
 
-        outcome: list[str] = []
+        token = args.token or os.environ.get("WSFILES_TOKEN") or None
+        try:
+            url = websocket_base_url(args.url)
+            if prepare is not None:
+                prepare(args)
+        except WsfilesError as e:
+            return _fail(args, f"{e.code}: {e.message}")
+        except CommandFailed as e:
+            return _fail(args, str(e))
+        _quiet_twisted_log()
 
-        async def main(reactor: Any) -> None:
+        args.interrupted = False  # set on Ctrl-C: the action says what it kept
+        running = True
+        lines: list[str] = []
+        clients: list[Any] = []
+
+        async def work() -> None:
             try:
-                client = await _connected(args)
+                client = await connect(url, token)
             except WsfilesError as e:
-                outcome.append(f"{e.code}: {e.message}")
-                return
+                if e.code == "connection_failed":
+                    raise CommandFailed(_connection_line(e, token)) from None
+                raise
+            clients.append(client)
             try:
                 await action(client, args)
-            except WsfilesError as e:
-                outcome.append(f"{e.code}: {e.message}")
-            except (CommandFailed, OSError) as e:
-                outcome.append(str(e))
             finally:
-                with contextlib.suppress(Exception):
-                    await client.close()
+                if args.interrupted:
+                    await client.abort()
+                else:
+                    with contextlib.suppress(Exception):  # the action's outcome counts
+                        await client.close()
 
+        def finish(result: object) -> None:
+            if isinstance(result, Failure):
+                lines.append(_failure_line(result, args.interrupted))
+            if reactor.running:
+                reactor.stop()
+            else:
+                reactor.callWhenRunning(reactor.stop)
+
+        def interrupt() -> None:
+            if finished.called:
+                return
+            if args.interrupted:  # a second Ctrl-C: stop without waiting
+                reactor.stop()
+                return
+            args.interrupted = True
+            finished.cancel()
+            # Bounded: a command stuck past its cancellation still ends.
+            reactor.callLater(ABORT_TIMEOUT, lambda: finished.called or reactor.stop())
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            if running:  # (never touch a stopped reactor)
+                reactor.callFromThread(interrupt)
+
+        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # (a background job)
+        if not ignored:
+            signal.signal(signal.SIGINT, on_sigint)
+        finished = defer.ensureDeferred(work())
+        finished.addBoth(finish)
         try:
-            task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
-        except SystemExit as e:
-            if e.code not in (0, None):
-                outcome.append(f"internal error (exit {e.code})")
-        if outcome:
-            sys.stderr.write(f"wsfiles {args.command}: {outcome[0]}\n")
-            return 1
+            reactor.run(installSignalHandlers=False)
+        finally:
+            running = False
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one line, whatever comes now
+        if args.interrupted and (lines or not finished.called):
+            detail = lines[0] if lines else ""
+            return _fail(args, "interrupted" + (f"; {detail}" if detail else ""), EXIT_INTERRUPTED)
+        if lines:
+            return _fail(args, lines[0])
         return 0
 
     return run
+
+
+def _failure_line(failure: Any, interrupted: bool) -> str:
+    """One line for how the action failed (empty: plainly interrupted).
+
+    Once interrupted, whatever the cancellation caused (a connection attempt
+    given up, say) is no news: only what the action kept is said.
+    """
+    from wsfiles.client import WsfilesError
+
+    error = failure.value
+    if isinstance(error, Interrupted):
+        return str(error)
+    if interrupted:
+        return ""
+    if isinstance(error, WsfilesError):
+        return f"{error.code}: {error.message}"
+    if isinstance(error, CommandFailed):
+        return str(error)
+    if isinstance(error, OSError):
+        where = f" {error.filename}" if error.filename else ""
+        return f"cannot use{where}: {error.strerror or error}"
+    return f"internal error: {type(error).__name__}: {error}"
+
+
+def _fail(args: argparse.Namespace, line: str, status: int = 1) -> int:
+    sys.stderr.write(f"wsfiles {args.command}: {line}\n")
+    return status
+
+
+def _quiet_twisted_log() -> None:
+    """Nothing from Twisted's log on stderr (the command's contract is one line).
+
+    Until logging is started Twisted prints errors to stderr; a connection
+    dropped on Ctrl-C could do so.  ``WSFILES_DEBUG=1`` shows the log instead.
+    """
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    observer = textFileLogObserver(sys.stderr) if os.environ.get("WSFILES_DEBUG") else None
+    globalLogBeginner.beginLoggingTo(
+        [observer or (lambda event: None)], discardBuffer=True, redirectStandardIO=False
+    )
+
+
+def _prepare_get(args: argparse.Namespace) -> None:
+    args.target = _get_target(args)
+
+
+# -- the parser ------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="wsfiles",
         description="wsfiles client and tools. Run the server with 'twistd wsfiles'.",
+        epilog="Exit status: 0 done, 1 failed (one line on stderr), 130 interrupted (Ctrl-C).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def remote(name: str, help_text: str, action: Callable[..., Any]) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("url", metavar="URL", help="server base URL, e.g. ws://localhost:8080")
+    def remote(
+        name: str,
+        help_text: str,
+        action: Callable[..., Any],
+        prepare: Callable[[argparse.Namespace], None] | None = None,
+        description: str | None = None,
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=description or help_text)
+        sub.add_argument(
+            "url",
+            metavar="URL",
+            help="the server: ws://HOST:PORT or wss://...; its http(s):// page address works too",
+        )
         sub.add_argument("--token", help="client token (default: $WSFILES_TOKEN)")
         sub.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-        sub.set_defaults(run=_run_remote(action))
+        sub.set_defaults(run=_run_remote(action, prepare))
         return sub
 
-    ls = remote("ls", "list your files", _ls)
-    ls.add_argument("--json", action="store_true", help="print the list as JSON")
-    get = remote("get", "download a file", _get)
+    ls = remote("ls", "list your files", _ls, description=f"List your files ({BINARY_UNITS}).")
+    ls.add_argument("--json", action="store_true", help="print the list as JSON (exact bytes)")
+    ls.add_argument(
+        "-b", "--bytes", action="store_true", help="exact sizes in bytes instead of KiB/MiB/GiB"
+    )
+    get = remote(
+        "get",
+        "download a file",
+        _get,
+        _prepare_get,
+        description="Download a file into NAME.wsfiles-part, renamed to NAME once its SHA-256 "
+        "checks out. Interrupted (Ctrl-C, a lost connection), the part file is kept: "
+        f"--resume continues it. Progress in {BINARY_UNITS}.",
+    )
     get.add_argument("name", metavar="NAME")
     get.add_argument("-o", "--output", metavar="PATH", help="where to write ('-': stdout)")
     get.add_argument("--resume", action="store_true", help="continue an interrupted download")
@@ -206,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tune_malloc()  # big buffers reused: cheaper uploads (wsfiles.tuning)
-    return args.run(args)
+    """Run the command; Ctrl-C before the reactor runs is one line and status 130."""
+    try:
+        args = build_parser().parse_args(argv)
+        from wsfiles.tuning import tune_malloc
+
+        tune_malloc()  # big buffers reused: cheaper uploads (wsfiles.tuning)
+        return args.run(args)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        sys.stderr.write("wsfiles: interrupted\n")
+        return EXIT_INTERRUPTED

@@ -45,6 +45,7 @@ from wsfiles.tuning import malloc_tuned
 CONNECTION_FAILED = "connection_failed"
 CHANNEL_CLOSED = "channel_closed"
 CHECKSUM_MISMATCH = "checksum_mismatch"
+BAD_URL = "bad_url"
 #: Failures a resumable transfer retries after.
 RETRYABLE = frozenset({CONNECTION_FAILED, CHANNEL_CLOSED, "stalled", "superseded"})
 
@@ -52,18 +53,75 @@ RETRYABLE = frozenset({CONNECTION_FAILED, CHANNEL_CLOSED, "stalled", "superseded
 class WsfilesError(Exception):
     """The server refused a command, or the transfer failed; ``code`` says why."""
 
-    def __init__(self, code: str, message: str, reply: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        reply: dict[str, Any] | None = None,
+        *,
+        http_status: int | None = None,
+    ) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.reply = reply
+        #: The HTTP status that refused the opening handshake (401: the token), if any.
+        self.http_status = http_status
+
+
+#: The schemes a base URL may have; a browser's http(s) URL names the same server.
+_SCHEMES = {"ws": "ws", "wss": "wss", "http": "ws", "https": "wss"}
+
+
+def websocket_base_url(url: str) -> str:
+    """``url`` as the ``ws://`` or ``wss://`` base the channels' paths go under.
+
+    ``http://`` and ``https://`` (what a person copies from the browser's
+    address bar) mean the same server as ``ws://`` and ``wss://``: the web page
+    and both channels share one listener.  A query or fragment is dropped.
+    Anything else raises WsfilesError ``bad_url``, saying what would work.
+    """
+    text = url.strip()
+    parts = urlsplit(text)
+    scheme = parts.scheme.lower()
+    if "://" not in text or not scheme:
+        raise WsfilesError(
+            BAD_URL, f"{url!r} has no scheme: use ws://{text.lstrip('/')} (or wss://, http(s)://)"
+        )
+    if scheme not in _SCHEMES:
+        raise WsfilesError(
+            BAD_URL, f"{url!r}: the scheme must be ws://, wss://, http:// or https://"
+        )
+    try:
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise WsfilesError(BAD_URL, f"{url!r}: the port must be a number 0-65535") from None
+    if not parts.hostname:
+        raise WsfilesError(BAD_URL, f"{url!r} names no host")
+    return f"{_SCHEMES[scheme]}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _refused(protocol: WebSocketClientProtocol, reason: str | None) -> WsfilesError:
+    """Why a channel never opened; a refused handshake keeps its HTTP status."""
+    status_line = getattr(protocol, "http_status_line", None) or ""
+    fields = status_line.split(None, 2)
+    if len(fields) >= 2 and fields[1].isdigit() and fields[1] != "101":
+        status = int(fields[1])
+        said = fields[2] if len(fields) > 2 else ""
+        return WsfilesError(
+            CONNECTION_FAILED,
+            f"the server refused the connection (HTTP {status} {said})".replace(" )", ")"),
+            http_status=status,
+        )
+    return WsfilesError(CONNECTION_FAILED, str(reason))
 
 
 class _CommandProtocol(WebSocketClientProtocol):
     client: WsfilesClient
 
     def onOpen(self) -> None:
-        self.factory.opened.callback(self)
+        if not self.factory.opened.called:  # (not given up meanwhile)
+            self.factory.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if not isBinary:
@@ -71,7 +129,7 @@ class _CommandProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
-            self.factory.opened.errback(WsfilesError(CONNECTION_FAILED, str(reason)))
+            self.factory.opened.errback(_refused(self, reason))
         self.factory.client._command_closed(code, reason)
         self.factory.closed.callback(code)
 
@@ -81,7 +139,8 @@ class _FileProtocol(WebSocketClientProtocol):
 
     def onOpen(self) -> None:
         self.transport.bufferSize = TUNED_RECEIVE_BUFFER if malloc_tuned() else SEND_BUFFER
-        self.factory.opened.callback(self)
+        if not self.factory.opened.called:  # (not given up meanwhile)
+            self.factory.opened.callback(self)
 
     _masker: Masker | None = None
 
@@ -124,7 +183,7 @@ class _FileProtocol(WebSocketClientProtocol):
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         if not self.factory.opened.called:
-            self.factory.opened.errback(WsfilesError(CONNECTION_FAILED, str(reason)))
+            self.factory.opened.errback(_refused(self, reason))
         self.factory.client._file_closed(self, code)
         self.factory.closed.callback(code)
 
@@ -257,6 +316,20 @@ class WsfilesClient:
                 waits.append(factory.closed)
         if self._command is not None:
             self._command.sendClose(1000)
+        await defer.gatherResults(waits)
+
+    async def abort(self) -> None:
+        """Drop both channels at once, without the closing handshake (when
+        the user interrupts: a stalled peer must not keep us waiting); wait
+        until they are gone."""
+        waits = []
+        for protocol, factory in (
+            (self._command, self._command_factory),
+            (self._file, self._file_factory),
+        ):
+            if protocol is not None and factory is not None and not factory.closed.called:
+                waits.append(factory.closed)
+                protocol.dropConnection(abort=True)
         await defer.gatherResults(waits)
 
     def _command_closed(self, code: int | None, reason: str | None) -> None:
@@ -598,6 +671,9 @@ async def connect(
 ) -> WsfilesClient:
     """Open a command channel to ``base_url`` (``ws://host:port``) and wait for hello.
 
+    ``http://`` and ``https://`` name the same server as ``ws://`` and
+    ``wss://``; another scheme, or none, is WsfilesError ``bad_url``.
+
     ``headers`` are added to the command channel's handshake (an ``Origin``,
     say, to act like a page).
     """
@@ -605,6 +681,6 @@ async def connect(
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    client = WsfilesClient(base_url.rstrip("/"), reactor, tls_options)
+    client = WsfilesClient(websocket_base_url(base_url), reactor, tls_options)
     await client._connect(token, token_in_query, headers or {})
     return client
