@@ -50,10 +50,11 @@ class PageFile(static.File):
 
 
 def add_web_client(root: resource.Resource) -> None:
-    """``/`` serves the single-page client; its two assets sit beside it."""
+    """``/`` serves the single-page client; its assets sit beside it."""
     root.putChild(b"", PageFile(os.path.join(STATIC, "index.html"), "text/html; charset=utf-8"))
     root.putChild(b"app.js", PageFile(os.path.join(STATIC, "app.js"), "text/javascript"))
     root.putChild(b"app.css", PageFile(os.path.join(STATIC, "app.css"), "text/css"))
+    root.putChild(b"favicon.svg", PageFile(os.path.join(STATIC, "favicon.svg"), "image/svg+xml"))
 
 
 class GuardedWebSocketResource(WebSocketResource):
