@@ -291,3 +291,65 @@ def test_bad_users_file_settings_name_their_line(extra, message):
     with pytest.raises(UsersFileError, match=message) as refused:
         parse_users(f"# users\nalice 00ff scrypt$1$1$1$00$00 {extra}\n", "users")
     assert "users:2:" in str(refused.value)
+
+
+# -- the rate limit is per client, not per connection ----------------------------
+
+
+async def _codes_of_a_burst(clients: list[Any], each: int) -> list[str | None]:
+    ids = [(c, c.send({"op": "list"})) for c in clients for _ in range(each)]
+    return [(await within(c.reply(i))).get("code") for c, i in ids]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clients_connections_share_one_rate_limit(server_factory, tmp_path):
+    from wsfiles.users import UserDirectory, add_user
+
+    users_file = tmp_path / "users"
+    alice, bob = add_user(str(users_file), "alice"), add_user(str(users_file), "bob")
+    srv = await server_factory(users=UserDirectory(str(users_file)), rate_limit=5)
+    alices = [await within(connect(srv.url, token=alice)) for _ in range(4)]
+    bob_client = await within(connect(srv.url, token=bob))
+    try:
+        codes = await _codes_of_a_burst(alices, 5)  # 20 at once; one bucket of 5 between them
+        assert codes.count(None) <= 7  # the burst, and what refilled meanwhile
+        assert codes.count("rate_limited") >= 13
+        # Another client's bucket is its own.
+        assert await _codes_of_a_burst([bob_client], 5) == [None] * 5
+    finally:
+        for c in [*alices, bob_client]:
+            await c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_anonymous_clients_share_a_rate_limit_per_address(server_factory):
+    srv = await server_factory(rate_limit=5, trusted_proxies=("127.0.0.1",))
+
+    async def from_address(ip: str) -> Any:
+        return await within(connect(srv.url, headers={"X-Forwarded-For": ip}))
+
+    same = [await from_address("192.0.2.1") for _ in range(3)]
+    other = await from_address("192.0.2.2")
+    try:
+        codes = await _codes_of_a_burst(same, 5)
+        assert codes.count("rate_limited") >= 8
+        assert await _codes_of_a_burst([other], 5) == [None] * 5
+    finally:
+        for c in [*same, other]:
+            await c.close()
+
+
+def test_a_shared_bucket_lives_while_a_connection_holds_it():
+    from twisted.internet.task import Clock
+
+    from wsfiles.ratelimit import ClientBuckets
+
+    buckets = ClientBuckets(2, Clock())
+    first, second = buckets.take("alice"), buckets.take("alice")
+    assert first is second and buckets.take("bob") is not first
+    assert first.take() and first.take() and not second.take()  # one budget
+    buckets.release("alice")
+    assert buckets.take("alice") is first  # still held: the same, still empty
+    buckets.release("alice")
+    buckets.release("alice")
+    assert buckets.take("alice").take()  # all gone: a new connection starts afresh

@@ -333,15 +333,50 @@ def test_idle_command_channel_is_closed_but_pings_do_not_count(tmp_path):
 
 
 def test_no_idle_timeout_while_a_transfer_runs(tmp_path):
-    h = Harness(tmp_path, idle_timeout=300, stall_timeout=30)
-    h.command(op="save", name="a", size=10)
+    h = Harness(tmp_path, idle_timeout=300, stall_timeout=30, min_rate=0)
+    h.command(op="save", name="a", size=40)
     h.attach()
     h.session.file_message_begin(h.channel, True)
-    h.session.file_frame_begin(h.channel, 10)
+    h.session.file_frame_begin(h.channel, 40)
     for _ in range(40):  # 400 s of slow but steady progress
         h.clock.advance(10)
-        h.session.file_data(h.channel, b"")
+        h.session.file_data(h.channel, b"x")
     assert h.closed_with is None
+    assert h.ops[-1] == "ready"  # not stalled: --min-rate 0 takes any byte
+    h.session.close()
+
+
+def test_an_upload_that_trickles_below_min_rate_is_stalled_and_frees_its_quota(tmp_path):
+    ledger = QuotaLedger(1000, lambda _: None)
+    h = Harness(tmp_path, quota=ledger, stall_timeout=30, min_rate=10)  # 300 bytes per 30 s
+    h.command(op="save", name="a", size=900, id=4)
+    h.attach()
+    h.session.file_message_begin(h.channel, True)
+    h.session.file_frame_begin(h.channel, 900)
+    assert ledger.reserved("anonymous") == 900
+    for _ in range(14):  # one byte every two seconds: 14 bytes in 28 s
+        h.clock.advance(2)
+        h.session.file_data(h.channel, b"x")
+    assert h.ops[-1] == "ready"
+    h.clock.advance(2)
+    assert h.sent[-1]["code"] == "stalled" and h.sent[-1]["id"] == 4
+    assert "fewer than 300 bytes moved in 30 s" in h.sent[-1]["message"]
+    assert h.channel.closed_with == 1008
+    assert ledger.reserved("anonymous") == 0
+    h.session.close()
+
+
+def test_an_upload_at_the_min_rate_goes_on_window_after_window(tmp_path):
+    h = Harness(tmp_path, stall_timeout=30, min_rate=10)
+    h.command(op="save", name="a", size=900, id=5)
+    h.attach()
+    h.session.file_message_begin(h.channel, True)
+    h.session.file_frame_begin(h.channel, 900)
+    for _ in range(3):  # 300 bytes in each 30 s: just enough, three windows running
+        h.clock.advance(29)
+        h.session.file_data(h.channel, b"x" * 300)
+    h.session.file_message_end(h.channel)
+    assert not [m for m in h.sent if m.get("code") == "stalled"]
     h.session.close()
 
 

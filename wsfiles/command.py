@@ -27,6 +27,7 @@ from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import EntryLimits, QuotaLedger
+from wsfiles.ratelimit import ClientBuckets
 from wsfiles.redisstate import RedisState
 from wsfiles.session import CommandSession
 from wsfiles.storage import IStorage
@@ -145,6 +146,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     #: The users-file line (token id, hash) this channel was admitted with.
     _credential: tuple[str, str] | None = None
     _slot: tuple[str, str] | None = None
+    _bucket_key = ""
     send_queue: Any
 
     def onConnect(self, request: ConnectionRequest) -> Any:
@@ -222,6 +224,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
         self._compact()
         factory = self.factory
         client = self._client or ANONYMOUS
+        self._bucket_key = factory.buckets.key(
+            client, self._slot[1] if self._slot else self.peer, anonymous=self._client is None
+        )
         self.session = CommandSession(
             client=client,
             folder=factory.storage.folder(self._client),
@@ -236,6 +241,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             changes=factory.changes,
             folder_key=self._client,
             metrics=factory.book.metrics,
+            bucket=factory.buckets.take(self._bucket_key),
         )
         self.session.draining = factory.draining  # a stop began during the handshake
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
@@ -401,6 +407,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             _log.info("client {client} disconnected", client=self.session.client)
             self.session.close()
             self.session = None
+            self.factory.buckets.release(self._bucket_key)
 
 
 for _name, _value in {**_HANDSHAKE_ONLY, **_OPEN_STATE_DEFAULTS}.items():
@@ -449,6 +456,7 @@ class CommandChannelFactory(WebSocketServerFactory):
         #: Set when the service begins a graceful stop.
         self.draining = False
         quota_override = users.quota_of if users else lambda _: None
+        self.buckets = ClientBuckets(settings.rate_limit, clock)
         self.entry_limits = EntryLimits(
             settings.quota_files,
             settings.max_listing,

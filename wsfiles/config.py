@@ -24,6 +24,9 @@ class Settings:
     idle_timeout: float = 600.0
     #: A transfer that moves no byte for this long fails with ``stalled``.
     stall_timeout: float = 60.0
+    #: Bytes per second a transfer must average over each ``stall_timeout``
+    #: window, or it fails with ``stalled`` (0: any byte will do).
+    min_rate: int = 1024
     auto_ping_interval: float = 30.0
     auto_ping_timeout: float = 30.0
     #: Commands per second per command channel (token bucket, bursts of this size).

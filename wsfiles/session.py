@@ -45,7 +45,7 @@ from wsfiles.storage import (
     StorageFailure,
 )
 from wsfiles.streaming import CountingConsumer, StreamFailed
-from wsfiles.timers import Deadline
+from wsfiles.timers import Deadline, RateDeadline
 
 PROTOCOL_VERSION = 1
 #: What this server supports beyond protocol 1.0 (announced in ``hello``).
@@ -185,6 +185,7 @@ class CommandSession:
         changes: ChangeHub | None = None,
         folder_key: str | None = None,
         metrics: Metrics | None = None,
+        bucket: TokenBucket | None = None,
     ) -> None:
         self.client = client
         self.folder = folder
@@ -203,8 +204,10 @@ class CommandSession:
         self._quiet_waiters: list[Deferred] = []
         self._idle = Deadline(clock, settings.idle_timeout, self._idle_expired)
         self._stall_timeout = settings.stall_timeout
-        self._stall_deadline: Deadline | None = None  # made by the first transfer
-        self._bucket = TokenBucket(settings.rate_limit, clock)
+        self._min_rate = settings.min_rate
+        self._stall_deadline: RateDeadline | None = None  # made by the first transfer
+        #: Shared by the client's connections (ratelimit.ClientBuckets), or our own.
+        self._bucket = bucket or TokenBucket(settings.rate_limit, clock)
         self._stalled = False
         self._commands: Deferred = defer.succeed(None)
         #: Commands accepted and not yet finished (the one running included).
@@ -222,9 +225,14 @@ class CommandSession:
         self.closed = False
 
     @property
-    def _stall(self) -> Deadline:
+    def _stall(self) -> RateDeadline:
         if self._stall_deadline is None:
-            self._stall_deadline = Deadline(self._clock, self._stall_timeout, self._stall_expired)
+            self._stall_deadline = RateDeadline(
+                self._clock,
+                self._stall_timeout,
+                int(self._min_rate * self._stall_timeout),
+                self._stall_expired,
+            )
         return self._stall_deadline
 
     # -- sending ---------------------------------------------------------
@@ -660,11 +668,9 @@ class CommandSession:
             if length is not None:
                 sending["offset"], sending["length"] = offset, download.length
             self._send(sending, request_id)
-            consumer = CountingConsumer(
-                channel.begin_message(), progress=lambda _: self._stall.reset()
-            )
+            consumer = CountingConsumer(channel.begin_message(), progress=self._stall.progress)
             self._stalled = False
-            self._stall.reset()
+            self._stall.start()
             try:
                 await download.stream_to(consumer, prefix)
                 record.moved = consumer.written
@@ -725,7 +731,7 @@ class CommandSession:
                 if resume:
                     ready["offset"] = upload.offset
                 self._send(ready, request_id)
-                self._stall.reset()
+                self._stall.start()
                 digest = await receive.done
             finally:
                 record.moved = receive.received
@@ -749,7 +755,13 @@ class CommandSession:
 
     @property
     def _stall_message(self) -> str:
-        return f"no progress for {self._stall.seconds:g} s; the transfer was abandoned"
+        stall = self._stall
+        if stall.min_bytes <= 1:
+            return f"no progress for {stall.seconds:g} s; the transfer was abandoned"
+        return (
+            f"fewer than {stall.min_bytes} bytes moved in {stall.seconds:g} s"
+            " (--min-rate); the transfer was abandoned"
+        )
 
     def _stall_expired(self) -> None:
         self._stalled = True
@@ -894,7 +906,7 @@ class CommandSession:
         receive = self._receiving(channel)
         if receive is None:
             return
-        self._stall.reset()
+        self._stall.progress(receive.received + len(data))
         try:
             pending = receive.upload.write(data)
         except StorageFailure as e:

@@ -173,6 +173,12 @@ class Options(usage.Options):
         ["quota", None, None, "Bytes per client folder (K/M/G/T); the users file may override."],
         ["quota-files", None, None, "Files per client folder; the users file may override."],
         ["max-listing", None, "16M", "Bytes a folder's listing may grow to (new files refused)."],
+        [
+            "min-rate",
+            None,
+            "1K",
+            "Bytes/s a transfer must average over each --stall-timeout (0: any byte).",
+        ],
         ["metrics-listen", None, None, "Serve /metrics and /healthz here, not on --listen."],
         [
             "instance-id",
@@ -234,6 +240,7 @@ class Options(usage.Options):
         if self["quota-files"] is not None:
             self["quota-files"] = _positive_count("quota-files", self["quota-files"])
         self["max-listing"] = _size("max-listing", self["max-listing"])
+        self["min-rate"] = _size("min-rate", self["min-rate"])
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
         if self["redis"] is not None:
@@ -273,6 +280,7 @@ class Options(usage.Options):
             handshake_timeout=self["handshake-timeout"],
             idle_timeout=self["idle-timeout"],
             stall_timeout=self["stall-timeout"],
+            min_rate=self["min-rate"],
             auto_ping_interval=self["ping-interval"],
             auto_ping_timeout=self["ping-timeout"],
             rate_limit=self["rate-limit"],
