@@ -394,3 +394,33 @@ async def test_a_sweep_while_the_store_is_down_is_one_warning(store_behind_a_doo
     warnings = [e for e in events if e["log_level"].name in ("warn", "error", "critical")]
     assert len(warnings) == 1 and "could not sweep" in warnings[0]["log_format"]
     assert "refused" in str(warnings[0]["e"])
+
+
+# -- wsfiles s3 mkbucket --------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_wsfiles_s3_mkbucket_creates_the_bucket_once(ceph_rgw, tmp_path):
+    from conftest import BIN, run_process
+
+    bucket = "wsfiles-" + secrets.token_hex(6)
+    keys = tmp_path / "s3-keys"
+    keys.write_text(f"{ceph_rgw.access_key} {ceph_rgw.secret_key}\n")
+    argv = [str(BIN / "wsfiles"), "s3", "mkbucket", "--s3-endpoint", ceph_rgw.endpoint]
+    argv += ["--s3-bucket", bucket, "--s3-credentials", str(keys)]
+    assert ceph_rgw.request("HEAD", bucket).status == 404
+    code, out, err = await run_process(argv)
+    assert (code, out, err) == (0, f"created bucket {bucket} at {ceph_rgw.endpoint}\n", "")
+    assert ceph_rgw.request("HEAD", bucket).status == 200
+    code, out, err = await run_process(argv)  # again: nothing to do
+    assert (code, err) == (0, "") and "already exists" in out
+    keys.write_text(f"{ceph_rgw.access_key} wrong-secret\n")
+    code, out, err = await run_process(argv)  # the same file, now with a wrong secret
+    assert code == 1 and out == "" and err.startswith("wsfiles: the store refused to show bucket")
+    assert "403" in err and len(err.splitlines()) == 1
+    code, out, err = await run_process(
+        [*argv[:4], "http://127.0.0.1:1", *argv[5:]]  # nothing listens there
+    )
+    assert (
+        code == 1 and err.startswith("wsfiles: cannot reach the store") and "Traceback" not in err
+    )

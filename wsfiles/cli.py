@@ -412,6 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add.add_argument("name", help="client name: 1-64 of A-Z a-z 0-9 _ . -, no leading dot")
     add.set_defaults(run=_user_add)
+
+    # wsfiles s3 ...: object store tools, in their own module (wsfiles/s3admin.py).
+    from wsfiles.s3admin import add_s3_commands
+
+    add_s3_commands(commands)
     return parser
 
 
