@@ -379,6 +379,35 @@ async def test_ctrl_c_during_get_keeps_the_part_file_and_resume_fetches_only_the
     assert completed() == [str(kept[1])]  # the server sent only the rest
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_plain_get_cut_off_keeps_its_part_file_for_resume(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    data = os.urandom(12 * MiB)
+    (srv.root / "big.bin").write_bytes(data)
+    proxy = StallingProxy(srv.url, budget=4 * MiB)
+    stalling_url = await proxy.start()
+    target = tmp_path / "copy.bin"
+    partial = Path(f"{target}.wsfiles-part")
+    try:
+        _, cli = spawn("get", stalling_url, "big.bin", "-o", str(target))
+        await _wait_until(
+            lambda: (partial.exists() and partial.stat().st_size >= 2 * MiB) or cli.ended.called,
+            "a part file of 2 MiB",
+        )
+    finally:
+        await proxy.stop()  # the connection is lost
+    code = await cli.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
+    line = one_line(cli.err.decode())
+    assert code == 1 and line.startswith("wsfiles get: channel_closed: "), line
+    assert f"kept {partial}" in line and "--resume" in line
+    kept = partial.stat().st_size
+    assert kept >= 2 * MiB and not target.exists()
+
+    code, _, err = await run("get", srv.url, "big.bin", "-o", str(target), "--resume")
+    assert code == 0, err
+    assert target.read_bytes() == data and not partial.exists()
+
+
 _INTERRUPT_WHILE_TWISTED_LOADS = """
 import os, signal, sys
 
