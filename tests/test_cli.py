@@ -283,18 +283,25 @@ class _Back(protocol.Protocol):
 
 class _Front(protocol.Protocol):
     back: _Back | None = None
+    budget: int | None = None
 
     def connectionMade(self) -> None:
         self.lost: Deferred = Deferred()
         self.transport.pauseProducing()  # until the server's side is connected
         proxy: StallingProxy = self.factory.proxy
         proxy.fronts.append(self)
+        self.budget = proxy.upload_budget
         endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", proxy.server_port)
         connecting = endpoints.connectProtocol(endpoint, _Back(self, proxy.budget))
         connecting.addCallbacks(proxy.backs.append, lambda _: self.transport.abortConnection())
 
     def dataReceived(self, data: bytes) -> None:
         assert self.back is not None
+        if self.budget is not None:  # the same, from the client to the server
+            data = data[: self.budget]
+            self.budget -= len(data)
+            if self.budget <= 0:
+                self.transport.pauseProducing()
         self.back.transport.write(data)
 
     def connectionLost(self, reason: Any) -> None:
@@ -305,12 +312,14 @@ class _Front(protocol.Protocol):
 
 class StallingProxy:
     """A TCP proxy to a server that passes each connection's first ``budget``
-    bytes from the server and then stops: a download that halts part-way,
-    however fast the machine, with no timing involved."""
+    bytes from the server (and ``upload_budget`` bytes to it) and then stops:
+    a transfer that halts part-way, however fast the machine, with no timing
+    involved."""
 
-    def __init__(self, server_url: str, budget: int) -> None:
+    def __init__(self, server_url: str, budget: int, upload_budget: int | None = None) -> None:
         self.server_port = int(server_url.rsplit(":", 1)[1])
         self.budget = budget
+        self.upload_budget = upload_budget
         self.fronts: list[_Front] = []
         self.backs: list[_Back] = []
         self.port: Any = None
@@ -406,6 +415,44 @@ async def test_a_plain_get_cut_off_keeps_its_part_file_for_resume(twistd_factory
     code, _, err = await run("get", srv.url, "big.bin", "-o", str(target), "--resume")
     assert code == 0, err
     assert target.read_bytes() == data and not partial.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_during_put_resume_says_so_and_resume_sends_only_the_rest(
+    twistd_factory, tmp_path
+):
+    srv = await twistd_factory()
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(16 * MiB))
+    partials = srv.root / ".wsfiles-partial" / "@anonymous"
+
+    def received() -> int:
+        return sum(p.stat().st_size for p in partials.glob("*.part")) if partials.exists() else 0
+
+    proxy = StallingProxy(srv.url, budget=1 * MiB, upload_budget=4 * MiB)
+    stalling_url = await proxy.start()
+    try:
+        process, cli = spawn("put", stalling_url, str(big), "--resume")
+        await _wait_until(lambda: received() >= 2 * MiB or cli.ended.called, "a partial of 2 MiB")
+        process.signalProcess("INT")
+        code = await cli.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
+    finally:
+        await proxy.stop()
+    line = one_line(cli.err.decode())
+    assert code == 130 and line.startswith("wsfiles put: interrupted; "), line
+    assert "--resume" in line and not (srv.root / "big.bin").exists()
+
+    code, _, err = await run("put", srv.url, str(big), "--resume")
+    assert code == 0, err
+    assert sha(srv.root / "big.bin") == sha(big)
+
+    def saved() -> list[str]:
+        return re.findall(
+            r"save 'big\.bin' by anonymous: ok, \d+ bytes \(from offset (\d+)\)", srv.output
+        )
+
+    await _wait_until(lambda: saved(), "the server's record of the upload")
+    assert len(saved()) == 1 and int(saved()[0]) >= 2 * MiB, srv.output  # only the rest
 
 
 _INTERRUPT_WHILE_TWISTED_LOADS = """
