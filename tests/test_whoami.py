@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest_twisted
 from conftest import _WholeResponse, handshake_status
-from twisted.internet import endpoints, reactor
+from twisted.internet import defer, endpoints, reactor
 
 from wsfiles.admission import Limits
-from wsfiles.users import UserDirectory, add_user
+from wsfiles.users import CHECKS_PER_TOKEN_ID, SCRYPT_AT_ONCE, UserDirectory, add_user
 
 
 async def whoami(srv: Any, token: str | None = None, path: str = "/whoami", **headers: str):
@@ -120,6 +120,25 @@ async def test_asking_takes_no_connection_slot(server_factory):
     status, body, _ = await whoami(srv)
     assert (status, body["error"]) == (503, "unavailable")
     assert await handshake_status(srv.url, "/command") == 503
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_many_sign_ins_at_once_is_403_as_in_the_handshake(server_factory, tmp_path):
+    users, tokens, _ = users_with(tmp_path, "alice")
+    srv = await server_factory(users=users)
+    # Hold the scrypt workers, so that the checks below stay pending.
+    for _ in range(SCRYPT_AT_ONCE):
+        await users._scrypt_slots.acquire()
+    wrongs = [tokens["alice"] + str(i) for i in range(CHECKS_PER_TOKEN_ID)]
+    held = [users.authenticate(wrong) for wrong in wrongs]
+    status, body, _ = await whoami(srv, tokens["alice"])
+    assert (status, body["error"]) == (403, "too_many_sign_ins")
+    header = {"Authorization": [f"Bearer {tokens['alice']}"]}
+    assert await handshake_status(srv.url, "/command", header) == 403
+    for _ in range(SCRYPT_AT_ONCE):
+        users._scrypt_slots.release()
+    assert await defer.gatherResults(held) == [None] * CHECKS_PER_TOKEN_ID
+    assert (await whoami(srv, tokens["alice"]))[:2] == (200, {"client": "alice"})
 
 
 @pytest_twisted.ensureDeferred

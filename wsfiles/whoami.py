@@ -12,6 +12,8 @@ connection slots) and without opening a channel or taking a slot:
   the server needs one (asking is not an error: the page asks on every load,
   and a 401 would log an error in the browser's console);
 - 401: the token is wrong, or no longer valid (removed user, rotated token);
+- 403: too many sign-ins are being checked at once for this token id or
+  address (the handshake's answer too): wait a second and retry;
 - 429: this client or address has too many connections open;
 - 503: the server is stopping (``--grace``), or at its total connection limit.
 
@@ -30,6 +32,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from wsfiles.command import ANONYMOUS, CommandChannelFactory
+from wsfiles.users import TooManyChecks
 
 _log = Logger()
 
@@ -73,6 +76,7 @@ class WhoAmIPage(resource.Resource):
         if factory.draining:
             return 503, {"error": "unavailable", "message": "the server is stopping"}
         users = factory.users
+        ip = _client_ip(request, factory.settings.trusted_proxies)
         if users is None:
             client = ANONYMOUS
         else:
@@ -82,14 +86,16 @@ class WhoAmIPage(resource.Resource):
             scheme, _, token = header.strip().partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 return 401, {"error": "unauthorized", "message": "send Authorization: Bearer TOKEN"}
-            name = await users.authenticate(token.strip(), wanted=wanted)
+            try:
+                name = await users.authenticate(token.strip(), wanted=wanted, address=ip)
+            except TooManyChecks as e:
+                return 403, {"error": "too_many_sign_ins", "message": str(e)}
             if name is None:
                 _log.info(
                     "GET /whoami from {peer}: wrong token", peer=str(request.getClientAddress())
                 )
                 return 401, {"error": "unauthorized", "message": "wrong or revoked token"}
             client = name
-        ip = _client_ip(request, factory.settings.trusted_proxies)
         refusal = factory.slots.refusal(client, ip)
         if inspect.isawaitable(refusal):
             refusal = await refusal

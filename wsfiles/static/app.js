@@ -310,6 +310,7 @@ async function connectLoop() {
       }
       if (check.status !== 200) {
         await backoff(check.status === 503 ? "The server is stopping or busy." :
+                      check.status === 403 ? "The server is checking too many sign-ins at once." :
                       "The server answered HTTP " + check.status + ".");
         continue;
       }
