@@ -219,6 +219,7 @@ def _run_remote(
 
     def run(args: argparse.Namespace) -> int:
         from twisted.internet import defer, reactor
+        from twisted.internet.error import ReactorNotRunning
         from twisted.python.failure import Failure
 
         from wsfiles.client import WsfilesError, connect, websocket_base_url
@@ -237,7 +238,6 @@ def _run_remote(
         args.interrupted = False  # set on Ctrl-C: the action says what it kept
         running = True
         lines: list[str] = []
-        clients: list[Any] = []
 
         async def work() -> None:
             try:
@@ -246,7 +246,6 @@ def _run_remote(
                 if e.code == "connection_failed":
                     raise CommandFailed(_connection_line(e, token)) from None
                 raise
-            clients.append(client)
             try:
                 await action(client, args)
             finally:
@@ -256,24 +255,28 @@ def _run_remote(
                     with contextlib.suppress(Exception):  # the action's outcome counts
                         await client.close()
 
+        def stop() -> None:
+            with contextlib.suppress(ReactorNotRunning):  # (already stopping)
+                reactor.stop()
+
         def finish(result: object) -> None:
             if isinstance(result, Failure):
                 lines.append(_failure_line(result, args.interrupted))
             if reactor.running:
-                reactor.stop()
+                stop()
             else:
-                reactor.callWhenRunning(reactor.stop)
+                reactor.callWhenRunning(stop)
 
         def interrupt() -> None:
             if finished.called:
                 return
             if args.interrupted:  # a second Ctrl-C: stop without waiting
-                reactor.stop()
+                stop()
                 return
             args.interrupted = True
             finished.cancel()
             # Bounded: a command stuck past its cancellation still ends.
-            reactor.callLater(ABORT_TIMEOUT, lambda: finished.called or reactor.stop())
+            reactor.callLater(ABORT_TIMEOUT, lambda: finished.called or stop())
 
         def on_sigint(signum: int, frame: Any) -> None:
             if running:  # (never touch a stopped reactor)
@@ -386,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         _prepare_get,
         description="Download a file into NAME.wsfiles-part, renamed to NAME once its SHA-256 "
         "checks out. Interrupted (Ctrl-C, a lost connection), the part file is kept: "
-        f"--resume continues it. Progress in {BINARY_UNITS}.",
+        "--resume continues it. The progress bar counts in binary units (1 MiB = 1024 KiB).",
     )
     get.add_argument("name", metavar="NAME")
     get.add_argument("-o", "--output", metavar="PATH", help="where to write ('-': stdout)")
