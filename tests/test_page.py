@@ -475,6 +475,26 @@ def test_login_explains_tokens_refuses_a_wrong_one_then_logs_in_and_out(web, pag
     expect(login).to_be_visible()
 
 
+def test_a_revoked_token_asks_for_a_new_one_instead_of_reconnecting(web, page, tmp_path):
+    """The server ends the channel with 4401 when the user is removed: the page
+    asks for a token, and its status says so (it is not "reconnecting")."""
+    users = tmp_path / "users"
+    token = add_user_with_cli(users, "alice")
+    add_user_with_cli(users, "bob")
+    srv = web("--users", str(users))
+    log_in(page, token)
+    page.goto(srv.url)
+    connected(page)
+    kept = [line for line in users.read_text().splitlines(True) if not line.startswith("alice ")]
+    (tmp_path / "users.new").write_text("".join(kept))
+    os.replace(tmp_path / "users.new", users)  # as `wsfiles user remove` would
+    expect(page.locator("#login")).to_be_visible()
+    expect(page.locator("#messages .banner")).to_contain_text("Your token is no longer valid")
+    expect(page.locator("#status")).to_have_text("login needed")
+    expect(page.locator("#token")).to_be_focused()
+    assert page.evaluate("() => sessionStorage.getItem('wsfiles-token')") is None
+
+
 def test_too_many_connections_is_not_a_login_and_the_page_keeps_trying(web, context, tmp_path):
     users = tmp_path / "users"
     token = add_user_with_cli(users, "alice")
