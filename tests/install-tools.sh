@@ -12,7 +12,14 @@ need() {  # need TOOL PACKAGE
 }
 need chromium chromium
 need node nodejs
-need npm npm
+if ! command -v npm >/dev/null 2>&1; then
+    # NodeSource's nodejs bundles npm and conflicts with Debian's npm package.
+    if dpkg-query -W -f='${Version}' nodejs 2>/dev/null | grep -q nodesource; then
+        echo "NodeSource's nodejs is installed but npm is missing: reinstall nodejs (it bundles npm)" >&2
+        exit 1
+    fi
+    missing="$missing npm"
+fi
 need nginx nginx
 need radosgw radosgw
 need ceph-mon ceph-mon

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -31,6 +32,13 @@ def test_console_script_and_module_show_usage(tmp_path):
 
 
 def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
+    # Built from a copy: setuptools leaves build/ beside the sources it builds.
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO,
+        source,
+        ignore=shutil.ignore_patterns(".git", "node_modules", "build", "*.egg-info", "__pycache__"),
+    )
     built = subprocess.run(
         [
             sys.executable,
@@ -42,7 +50,7 @@ def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
             "-q",
             "-w",
             str(tmp_path),
-            str(REPO),
+            str(source),
         ],
         timeout=120,
         capture_output=True,
