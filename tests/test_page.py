@@ -148,8 +148,11 @@ def console(page) -> list[str]:
 
 
 def expect(locator: Any) -> Any:
+    """Playwright's expect, patient enough for a loaded machine and for one
+    backoff step of the page (at most 4 s) plus a reconnection."""
     from playwright.sync_api import expect as playwright_expect
 
+    playwright_expect.set_options(timeout=15_000)
     return playwright_expect(locator)
 
 
