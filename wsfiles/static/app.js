@@ -434,12 +434,12 @@ class TransferItem {
     const item = document.createElement("li");
     item.dataset.name = name;
     item.dataset.kind = kind;
-    item.innerHTML = '<div class="line"><span class="label"><span aria-hidden="true"></span>' +
-      '<span class="visually-hidden"></span><span class="filename"></span></span>' +
+    item.innerHTML = '<div class="line"><span class="kind" aria-hidden="true"></span>' +
+      '<span class="label"><span class="visually-hidden"></span></span>' +
       '<span class="stats"></span></div><progress max="1"></progress><div class="buttons"></div>';
-    item.querySelector("[aria-hidden]").textContent = kind === "upload" ? "↑ " : "↓ ";
+    item.querySelector(".kind").textContent = kind === "upload" ? "↑" : "↓";
     item.querySelector(".visually-hidden").textContent = kind === "upload" ? "Upload: " : "Download: ";
-    item.querySelector(".filename").textContent = name;
+    item.querySelector(".label").append(name);  // a text node: the label clamps it to two lines
     item.querySelector("progress").setAttribute("aria-label", kind + " of " + name);
     this.element = item;
     this.stats = item.querySelector(".stats");
@@ -519,12 +519,13 @@ class TransferItem {
 // -- transfers ----------------------------------------------------------------------
 
 let transfers = Promise.resolve();  // one transfer at a time, in order
+const HOPELESS = ["invalid_name", "too_large"];  // the same request fails again: no Retry
 
 function queue(item, work, retry) {
   item.queued();
   transfers = transfers.then(async () => {
     try { await work(); }
-    catch (error) { item.fail(describe(error), retry); }
+    catch (error) { item.fail(describe(error), HOPELESS.includes(error.code) ? null : retry); }
   });
 }
 
