@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import pytest_twisted
 from conftest import run_process
+from test_cli_folders import older_server as older_server  # a fixture, reused
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 NODE = shutil.which("node")
@@ -50,3 +51,44 @@ async def test_node_client_lists_uploads_and_downloads(twistd_factory, tmp_path)
 
     code, _, err = await node(srv.url, "get", "missing", str(tmp_path / "x"))
     assert code == 1 and err.startswith("error not_found")
+
+
+def test_node_client_says_how_to_use_it():
+    import subprocess
+
+    result = subprocess.run(
+        [NODE, str(EXAMPLE / "wsfiles-client.js"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    assert result.stdout.startswith("usage: wsfiles-client.js URL [--token T] COMMAND")
+    for command in ("ls [FOLDER]", "mkdir [-p] FOLDER", "put PATH [NAME]", "get NAME OUTPUT"):
+        assert command in result.stdout
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_client_on_a_server_without_folders(older_server, tmp_path):
+    srv, url = older_server  # the same twistd, seen as a 1.1 server
+    (srv.root / "a.txt").write_bytes(b"alpha")
+    source = tmp_path / "x.bin"
+    source.write_bytes(b"x")
+
+    code, out, err = await node(url, "ls")
+    assert (code, out, err) == (0, "5\ta.txt\n", "")
+    code, out, err = await node(url, "put", str(source), "plain.bin")  # plain names: as before
+    assert code == 0 and (srv.root / "plain.bin").read_bytes() == b"x", err
+    for args in (
+        ["ls", "docs"],
+        ["mkdir", "-p", "docs/2026"],
+        ["put", str(source), "docs/x.bin"],
+        ["get", "docs/x.bin", str(tmp_path / "back")],
+    ):
+        code, out, err = await node(url, *args)
+        assert (code, out, err) == (
+            1,
+            "",
+            "error not_supported: this server does not support folders (protocol 1.2)\n",
+        ), args
+    assert not (srv.root / "docs").exists() and not (tmp_path / "back").exists()

@@ -1,11 +1,18 @@
 """``wsfiles``: the command line (the server itself is ``twistd wsfiles``).
 
-    wsfiles ls URL [--json] [-b]
+    wsfiles ls URL [PATH] [-R] [--json] [-b]
     wsfiles get URL NAME [-o PATH] [--resume]
+    wsfiles get -r URL PATH [-o DIR] [--resume]
     wsfiles put URL PATH... [--name N] [--resume]
+    wsfiles put -r URL DIR [DEST] [--resume]
     wsfiles rm URL NAME
     wsfiles mv URL NAME NEW [--overwrite]
+    wsfiles mkdir [-p] URL PATH
+    wsfiles rmdir [-r] URL PATH
     wsfiles user add --users FILE NAME
+
+Names may be paths (``docs/2026/report.pdf``) on a server with folders
+(protocol 1.2); the folder commands live in :mod:`wsfiles.cli_tree`.
 
 URL is the server's base, e.g. ``ws://localhost:8080``, ``wss://...``, or the
 ``http(s)://`` address of its web page.  The token comes from ``--token`` or
@@ -63,8 +70,9 @@ def _user_add(args: argparse.Namespace) -> int:
 
 async def _ls(client: Any, args: argparse.Namespace) -> None:
     from wsfiles.cli_format import listing_lines
+    from wsfiles.cli_tree import folder_argument
 
-    files = await client.list()
+    files = await client.list(folder_argument(args.path), recursive=args.recursive)
     if args.json:
         sys.stdout.write(json.dumps(files) + "\n")
         return
@@ -75,22 +83,23 @@ async def _ls(client: Any, args: argparse.Namespace) -> None:
 def _get_target(args: argparse.Namespace) -> str:
     """Where ``get`` writes, checked before anything is connected or touched.
 
-    NAME is checked with the server's own rule (wsfiles.names), so a name
-    such as ``../etc/passwd`` is refused as ``invalid_name`` here, before it
-    can name a local file.
+    NAME is checked with the protocol's rule for paths (wsfiles.client_tree),
+    so a name such as ``../etc/passwd`` is refused as ``invalid_name`` here,
+    before it can name a local file.  A path (``docs/a.txt``) is written
+    under its last name (``a.txt``).
     """
-    from wsfiles.errors import ProtocolError
-    from wsfiles.names import check_file_name
+    from wsfiles.client_tree import PathError, check_path
 
     try:
-        check_file_name(args.name)
-    except ProtocolError as e:
-        raise CommandFailed(f"{e.code}: {e.message}") from None
-    target = args.output or args.name
+        check_path(args.name)
+    except PathError as e:
+        raise CommandFailed(f"invalid_name: {e}") from None
+    base = args.name.rsplit("/", 1)[-1]
+    target = args.output or base
     if target == "-":
         return target
     if os.path.isdir(target):
-        target = os.path.join(target, args.name)
+        target = os.path.join(target, base)
     folder = os.path.dirname(target) or "."
     if not os.path.isdir(folder):
         raise CommandFailed(f"cannot write {target}: there is no folder {folder}")
@@ -98,7 +107,31 @@ def _get_target(args: argparse.Namespace) -> str:
 
 
 async def _get(client: Any, args: argparse.Namespace) -> None:
-    """Download to ``PATH.wsfiles-part``; rename only once the SHA-256 checks out.
+    """Download a file (or with ``-r`` a folder's tree, wsfiles.cli_tree)."""
+    from wsfiles.cli_format import progress_bar
+
+    if args.recursive:
+        from wsfiles.cli_tree import get_tree
+
+        await get_tree(client, args)
+        return
+    target = args.target
+    if target == "-":
+        await client.download(args.name, sys.stdout.buffer)
+        return
+    with progress_bar(args.name, args.quiet) as progress:
+        await download_file(client, args.name, target, args, progress)
+
+
+async def download_file(
+    client: Any,
+    name: str,
+    target: str,
+    args: argparse.Namespace,
+    progress: Callable[[int, int], None] | None,
+    resume_hint: str = "'wsfiles get --resume' continues it",
+) -> None:
+    """Download to ``TARGET.wsfiles-part``; rename only once the SHA-256 checks out.
 
     The part file is kept when the download is interrupted (Ctrl-C) or cut
     off with bytes in it, so ``get --resume`` continues it; it is removed when
@@ -106,13 +139,9 @@ async def _get(client: Any, args: argparse.Namespace) -> None:
     """
     from twisted.internet.defer import CancelledError
 
-    from wsfiles.cli_format import human_size, progress_bar
+    from wsfiles.cli_format import human_size
     from wsfiles.client import CHECKSUM_MISMATCH, WsfilesError
 
-    target = args.target
-    if target == "-":
-        await client.download(args.name, sys.stdout.buffer)
-        return
     partial = target + PARTIAL_SUFFIX
     mode = "a+b" if args.resume and os.path.exists(partial) else "w+b"
     try:
@@ -121,8 +150,7 @@ async def _get(client: Any, args: argparse.Namespace) -> None:
         raise CommandFailed(f"cannot write {target}: {e.strerror}") from None
     try:
         sink.seek(0, os.SEEK_END)
-        with progress_bar(args.name, args.quiet) as progress:
-            await client.download(args.name, sink, resume=args.resume, progress=progress)
+        await client.download(name, sink, resume=args.resume, progress=progress)
     except BaseException as e:
         sink.close()
         held = os.path.getsize(partial) if os.path.exists(partial) else 0
@@ -132,7 +160,7 @@ async def _get(client: Any, args: argparse.Namespace) -> None:
             if isinstance(e, CancelledError) or args.interrupted:
                 raise Interrupted("nothing was downloaded") from None
             raise
-        kept = f"kept {partial} ({human_size(held)}); 'wsfiles get --resume' continues it"
+        kept = f"kept {partial} ({human_size(held)}); {resume_hint}"
         if isinstance(e, CancelledError) or args.interrupted:
             raise Interrupted(kept) from None
         if isinstance(e, WsfilesError):
@@ -155,8 +183,11 @@ async def _put(client: Any, args: argparse.Namespace) -> None:
 
     from wsfiles.cli_format import progress_bar
 
-    if args.name and len(args.paths) > 1:
-        raise CommandFailed("--name needs exactly one PATH")
+    if args.recursive:
+        from wsfiles.cli_tree import put_tree
+
+        await put_tree(client, args)
+        return
     for path in args.paths:
         name = args.name or os.path.basename(path)
         try:
@@ -178,7 +209,16 @@ async def _put(client: Any, args: argparse.Namespace) -> None:
 
 
 async def _rm(client: Any, args: argparse.Namespace) -> None:
-    await client.delete(args.name)
+    from wsfiles.client import WsfilesError
+
+    try:
+        await client.delete(args.name)
+    except WsfilesError as e:
+        if e.code == "is_a_folder":
+            raise CommandFailed(
+                f"is_a_folder: {args.name!r} is a folder; use 'wsfiles rmdir'"
+            ) from None
+        raise
 
 
 async def _mv(client: Any, args: argparse.Namespace) -> None:
@@ -187,9 +227,10 @@ async def _mv(client: Any, args: argparse.Namespace) -> None:
     try:
         await client.rename(args.name, args.new, overwrite=args.overwrite)
     except WsfilesError as e:
-        if e.code == "exists":
+        if e.code == "exists" and not args.overwrite:
             raise CommandFailed(
-                f"exists: {args.new!r} exists; add --overwrite to replace it"
+                f"exists: {args.new!r} exists; add --overwrite to replace it "
+                "(a folder is never replaced)"
             ) from None
         raise
 
@@ -222,7 +263,12 @@ def _run_remote(
         from twisted.internet.error import ReactorNotRunning
         from twisted.python.failure import Failure
 
-        from wsfiles.client import WsfilesError, connect, websocket_base_url
+        from wsfiles.client import (
+            COMMAND_SUBPROTOCOLS,
+            WsfilesError,
+            connect,
+            websocket_base_url,
+        )
 
         token = args.token or os.environ.get("WSFILES_TOKEN") or None
         try:
@@ -241,7 +287,7 @@ def _run_remote(
 
         async def work() -> None:
             try:
-                client = await connect(url, token)
+                client = await connect(url, token, subprotocols=COMMAND_SUBPROTOCOLS)
             except WsfilesError as e:
                 if e.code == "connection_failed":
                     raise CommandFailed(_connection_line(e, token)) from None
@@ -316,6 +362,10 @@ def _failure_line(failure: Any, interrupted: bool) -> str:
     if interrupted:
         return ""
     if isinstance(error, WsfilesError):
+        from wsfiles.client_tree import NOT_SUPPORTED
+
+        if error.code == NOT_SUPPORTED:  # the one line, as the folder commands promise
+            return error.message
         return f"{error.code}: {error.message}"
     if isinstance(error, CommandFailed):
         return str(error)
@@ -345,7 +395,21 @@ def _quiet_twisted_log() -> None:
 
 
 def _prepare_get(args: argparse.Namespace) -> None:
+    if args.recursive:
+        from wsfiles.cli_tree import prepare_get_tree
+
+        prepare_get_tree(args)
+        return
     args.target = _get_target(args)
+
+
+def _prepare_put(args: argparse.Namespace) -> None:
+    if args.recursive:
+        from wsfiles.cli_tree import prepare_put_tree
+
+        prepare_put_tree(args)
+    elif args.name and len(args.paths) > 1:
+        raise CommandFailed("--name needs exactly one PATH")
 
 
 # -- the parser ------------------------------------------------------------------
@@ -377,33 +441,59 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=_run_remote(action, prepare))
         return sub
 
-    ls = remote("ls", "list your files", _ls, description=f"List your files ({BINARY_UNITS}).")
+    ls = remote(
+        "ls",
+        "list your files",
+        _ls,
+        description=f"List your files ({BINARY_UNITS}). Folders end in '/'.",
+    )
+    ls.add_argument("path", metavar="PATH", nargs="?", default="", help="a folder (default: top)")
+    ls.add_argument(
+        "-R", "--recursive", action="store_true", help="the whole tree, by path (folders first)"
+    )
     ls.add_argument("--json", action="store_true", help="print the list as JSON (exact bytes)")
     ls.add_argument(
         "-b", "--bytes", action="store_true", help="exact sizes in bytes instead of KiB/MiB/GiB"
     )
     get = remote(
         "get",
-        "download a file",
+        "download a file (-r: a folder)",
         _get,
         _prepare_get,
         description="Download a file into NAME.wsfiles-part, renamed to NAME once its SHA-256 "
         "checks out. Interrupted (Ctrl-C, a lost connection), the part file is kept: "
-        "--resume continues it. The progress bar counts in binary units (1 MiB = 1024 KiB).",
+        "--resume continues it. With -r, NAME is a folder: its whole tree is downloaded "
+        "into DIR (-o; default: the folder's last name here), each file that way. "
+        "The progress bar counts in binary units (1 MiB = 1024 KiB).",
     )
-    get.add_argument("name", metavar="NAME")
-    get.add_argument("-o", "--output", metavar="PATH", help="where to write ('-': stdout)")
+    get.add_argument("name", metavar="NAME", help="a file, or a folder with -r (a path)")
+    get.add_argument(
+        "-o", "--output", metavar="PATH", help="where to write ('-': stdout; with -r: a folder)"
+    )
+    get.add_argument("-r", "--recursive", action="store_true", help="download a folder's tree")
     get.add_argument("--resume", action="store_true", help="continue an interrupted download")
-    put = remote("put", "upload files", _put)
-    put.add_argument("paths", metavar="PATH", nargs="+")
-    put.add_argument("--name", help="store under this name (one PATH only)")
+    put = remote(
+        "put",
+        "upload files (-r: a folder)",
+        _put,
+        _prepare_put,
+        description="Upload files. With -r: put -r URL DIR [DEST] uploads the local folder "
+        "DIR's whole tree into the server's folder DEST (default: DIR's name at the top), "
+        "creating folders, empty ones too; symlinks and special files are skipped (and said).",
+    )
+    put.add_argument("paths", metavar="PATH", nargs="+", help="files; with -r: DIR [DEST]")
+    put.add_argument("--name", help="store under this name or path (one PATH only)")
+    put.add_argument("-r", "--recursive", action="store_true", help="upload a folder's tree")
     put.add_argument("--resume", action="store_true", help="resume an interrupted upload")
     rm = remote("rm", "delete a file", _rm)
     rm.add_argument("name", metavar="NAME")
-    mv = remote("mv", "rename a file", _mv)
+    mv = remote("mv", "rename or move a file or folder (paths: across folders)", _mv)
     mv.add_argument("name", metavar="NAME")
     mv.add_argument("new", metavar="NEW")
-    mv.add_argument("--overwrite", action="store_true", help="replace NEW if it exists")
+    mv.add_argument("--overwrite", action="store_true", help="replace NEW if it is a file")
+    from wsfiles.cli_tree import add_folder_commands
+
+    add_folder_commands(remote)
 
     user = commands.add_parser("user", help="manage the users file")
     user_commands = user.add_subparsers(dest="user_command", required=True)

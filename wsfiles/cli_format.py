@@ -29,13 +29,21 @@ def human_size(size: float) -> str:
 
 
 def listing_lines(files: list[dict[str, Any]], *, exact: bool = False) -> list[str]:
-    """``ls`` output: size (human, or exact bytes), local modification time, name."""
+    """``ls`` output: size (human, or exact bytes), local modification time, name.
+
+    A folder (protocol 1.2) has ``-`` for its size and a ``/`` after its name,
+    as ``ls -F`` marks it; entries without a ``type`` (protocol 1.1) are files.
+    """
     width = 14 if exact else 10
     lines = []
     for info in files:
-        size = str(info["size"]) if exact else human_size(info["size"])
+        name = info["name"]
+        if info.get("type") == "folder":
+            size, name = "-", name + "/"
+        else:
+            size = str(info["size"]) if exact else human_size(info["size"])
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(info["mtime"]))
-        lines.append(f"{size:>{width}}  {stamp}  {info['name']}")
+        lines.append(f"{size:>{width}}  {stamp}  {name}")
     return lines
 
 

@@ -3,6 +3,9 @@
     client = await connect("ws://127.0.0.1:8080", token=None)
     files = await client.list()
     await client.upload("notes.txt", b"hello")          # or an open binary file
+    # Folders (protocol 1.2) need connect(..., subprotocols=COMMAND_SUBPROTOCOLS):
+    await client.mkdir("docs/2026", parents=True)
+    entries = await client.list("docs", recursive=True)  # every page, followed
     with open("copy.txt", "wb") as sink:
         await client.download("notes.txt", sink)
     await client.close()
@@ -18,7 +21,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
@@ -28,6 +31,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTCP
 
+from wsfiles.client_tree import FolderCommands
 from wsfiles.config import SUBPROTOCOL
 from wsfiles.masking import Masker
 from wsfiles.streaming import (
@@ -40,6 +44,14 @@ from wsfiles.streaming import (
     StreamFailed,
 )
 from wsfiles.tuning import malloc_tuned
+
+#: What a command channel offers to speak protocol 1.2 (folders) where the
+#: server does: 1.2 first, then 1.1.  Opt-in (``connect(subprotocols=...)``;
+#: the wsfiles command does): a library's default must not change the shape of
+#: the replies its callers already parse (1.2 listings carry folders).
+COMMAND_SUBPROTOCOLS: tuple[str, ...] = ("wsfiles.v1.2", SUBPROTOCOL)
+#: The default: protocol 1.1.
+PROTOCOL_11: tuple[str, ...] = (SUBPROTOCOL,)
 
 #: Client-side error codes (the server's are in docs/protocol.md).
 CONNECTION_FAILED = "connection_failed"
@@ -226,7 +238,7 @@ def _source_size(source: BinaryIO) -> int:
         return end - position
 
 
-class WsfilesClient:
+class WsfilesClient(FolderCommands):
     """One command channel, and the file channel the server pairs with it."""
 
     def __init__(self, base_url: str, reactor: IReactorTCP, tls_options: Any = None) -> None:
@@ -247,6 +259,11 @@ class WsfilesClient:
         self.notices: DeferredQueue = DeferredQueue()
         #: File lists from ``changed`` events, in order.
         self.changes: DeferredQueue = DeferredQueue()
+        #: Whole ``changed`` events of a 1.2 channel (any folder), in order.
+        self.folder_changes: DeferredQueue = DeferredQueue()
+        #: The subprotocols the command channel offers, and the one selected.
+        self.subprotocols: Sequence[str] = PROTOCOL_11
+        self.subprotocol: str | None = None
         self.close_code: int | None = None
         self.file_close_codes: list[int | None] = []
 
@@ -265,9 +282,13 @@ class WsfilesClient:
         return endpoint
 
     async def _open(
-        self, url: str, protocol: type, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        protocol: type,
+        headers: dict[str, str] | None = None,
+        subprotocols: Sequence[str] = (SUBPROTOCOL,),
     ) -> tuple[Any, WebSocketClientFactory]:
-        factory = WebSocketClientFactory(url, protocols=[SUBPROTOCOL], headers=headers or {})
+        factory = WebSocketClientFactory(url, protocols=list(subprotocols), headers=headers or {})
         factory.protocol = protocol
         factory.client = self
         factory.opened = Deferred()
@@ -293,10 +314,13 @@ class WsfilesClient:
         elif token is not None:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            self._command, self._command_factory = await self._open(url, _CommandProtocol, headers)
+            self._command, self._command_factory = await self._open(
+                url, _CommandProtocol, headers, self.subprotocols
+            )
         except BaseException:
             self._hello.addErrback(lambda _: None)  # _open's error says it already
             raise
+        self.subprotocol = self._command.websocket_protocol_in_use
         self.hello = await self._hello
 
     async def _open_file_channel(self, path: str) -> None:
@@ -386,7 +410,10 @@ class WsfilesClient:
             self._hello.callback(message)
             return
         if message.get("op") == "changed":
-            self.changes.put(message["files"])
+            if "path" in message:  # a 1.2 channel: any folder, maybe "more" without files
+                self.folder_changes.put(message)
+            if not message.get("path") and "files" in message:
+                self.changes.put(message["files"])
             return
         queue = self._replies.get(message.get("id"))  # type: ignore[arg-type]
         if queue is None:
@@ -412,13 +439,13 @@ class WsfilesClient:
 
     # -- commands --------------------------------------------------------
 
-    async def list(self) -> list[dict[str, Any]]:
-        return (await self.request({"op": "list"}))["files"]
-
     async def delete(self, name: str) -> dict[str, Any]:
+        self._paths_allowed(name)
         return await self.request({"op": "delete", "name": name})
 
     async def rename(self, name: str, to: str, *, overwrite: bool = False) -> dict[str, Any]:
+        """Rename or move ``name`` to ``to`` (paths on a 1.2 channel: across folders)."""
+        self._paths_allowed(name, to)
         message = {"op": "rename", "name": name, "to": to}
         if overwrite:
             message["overwrite"] = True
@@ -446,6 +473,7 @@ class WsfilesClient:
         declare, by default the true size; declaring another is a protocol
         error the server must refuse.
         """
+        self._paths_allowed(name)
         if isinstance(source, bytes | bytearray | memoryview):
             source = io.BytesIO(source)
         start = source.tell()
@@ -477,6 +505,7 @@ class WsfilesClient:
         already holds bytes (opened for reading and appending, positioned at
         its end) is taken as the start of the file: only the rest is fetched.
         """
+        self._paths_allowed(name)
         download = _Download(sink, progress)
         if resume and sink.tell() > 0:
             held = sink.tell()
@@ -668,6 +697,7 @@ async def connect(
     token_in_query: bool = False,
     tls_options: Any = None,
     headers: dict[str, str] | None = None,
+    subprotocols: Sequence[str] = PROTOCOL_11,
 ) -> WsfilesClient:
     """Open a command channel to ``base_url`` (``ws://host:port``) and wait for hello.
 
@@ -675,12 +705,15 @@ async def connect(
     ``wss://``; another scheme, or none, is WsfilesError ``bad_url``.
 
     ``headers`` are added to the command channel's handshake (an ``Origin``,
-    say, to act like a page).
+    say, to act like a page).  ``subprotocols`` are offered in that order: by
+    default ``("wsfiles.v1",)``, a 1.1 client; ``COMMAND_SUBPROTOCOLS``
+    (``wsfiles.v1.2`` then ``wsfiles.v1``) speaks 1.2 (folders) where the server does.
     """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     client = WsfilesClient(websocket_base_url(base_url), reactor, tls_options)
+    client.subprotocols = tuple(subprotocols)
     await client._connect(token, token_in_query, headers or {})
     return client
