@@ -7,7 +7,10 @@ on the command channel).
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections import Counter
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -54,6 +57,187 @@ def origin_allowed(
     origin_hp = _host_port(parts.netloc, _DEFAULT_PORTS[scheme])
     host_hp = _host_port(host or "", 443 if secure else 80)
     return origin_hp is not None and origin_hp == host_hp
+
+
+#: ``--allow-host`` values: a DNS name, ``*.`` before one (any name under it),
+#: or ``*`` (any name: the check is off).
+_HOST_NAME = re.compile(
+    r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*"
+)
+
+
+def normalise_host_name(text: str) -> str:
+    """An ``--allow-host`` value as it is compared: lower case, no final dot.
+
+    Raises ValueError for anything that is not a name (a port, a scheme, a path).
+    """
+    name = text.strip().lower()
+    if name == "*":
+        return name
+    if name.endswith(".") and not name.endswith(".."):
+        name = name[:-1]
+    if not _HOST_NAME.fullmatch(name):
+        raise ValueError(f"{text!r} is not a host name (give it without scheme, port or path)")
+    return name
+
+
+def host_allowed(host: str | None, names: tuple[str, ...]) -> bool:
+    """DNS-rebinding check: does ``Host`` name this service?
+
+    A page on an attacker's name that is re-pointed to this server's address
+    sends matching ``Host`` and ``Origin``, so the origin check cannot see it;
+    the name in ``Host`` gives it away.  Always allowed: ``localhost`` and
+    IP literals (no name an attacker controls), and requests without
+    ``Host`` (HTTP/1.0: not a browser).  Otherwise the name must be one of
+    ``names`` (``--allow-host``), compared without port and final dot.
+    """
+    if host is None:
+        return True
+    hp = _host_port(host.strip(), 0)
+    if hp is None:
+        return False
+    name = hp[0]
+    if name.endswith("."):
+        name = name[:-1]
+    if name == "localhost" or "*" in names or name in names:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return any(n.startswith("*.") and name.endswith(n[1:]) for n in names)
+    return True
+
+
+def forwarded_client(peer: str, forwarded_for: str | None, trusted: tuple[str, ...]) -> str:
+    """The client's address: the peer's, or behind a trusted proxy the last
+    ``X-Forwarded-For`` entry (the one our proxy appended)."""
+    if peer in trusted and forwarded_for and forwarded_for.strip():
+        return forwarded_for.split(",")[-1].strip()
+    return peer
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    """What connections that are not (yet) WebSockets may hold and where they may go."""
+
+    #: Host names served besides localhost and IP literals (``--allow-host``).
+    allow_hosts: tuple[str, ...] = ()
+    #: Such connections open at once, in total and per client address.
+    max_connections: int = 1024
+    max_per_ip: int = 256
+    #: Seconds a kept-alive connection may wait for its next request.
+    keepalive_timeout: float = 15.0
+
+
+class HttpPool:
+    """Counts the connections that are not (yet) WebSockets, in total and per
+    address, apart from the command channels' limits, and says whom to drop
+    when a new one would break a limit.
+
+    A connection is a hashable token; ``address`` None counts it in the total
+    only (a trusted proxy's connection before its request names the client).
+    When a limit is reached, the connection that has waited longest for a
+    request (idle between requests, or still sending headers) makes room,
+    provided it has waited ``evict_after`` seconds (a burst of real clients
+    whose requests the server has not read yet is not cut); otherwise the
+    newcomer is refused.  So a flood of idle or slow connections can hold at
+    most the pool, and never keeps a new client out for long.
+    """
+
+    evict_after = 1.0
+
+    def __init__(
+        self,
+        total: int,
+        per_ip: int,
+        clock: IReactorTime,
+        evict: Callable[[Hashable, str], None],
+    ) -> None:
+        self.total_limit = total
+        self.per_ip_limit = per_ip
+        self._clock = clock
+        self._evict = evict
+        self._address: dict[Hashable, str | None] = {}
+        self._per_ip: Counter[str] = Counter()
+        #: Connections waiting for a request, oldest first, with when they began.
+        self._waiting: dict[Hashable, float] = {}
+
+    @property
+    def total(self) -> int:
+        return len(self._address)
+
+    def count(self, address: str) -> int:
+        return self._per_ip[address]
+
+    def admit(self, conn: Hashable, address: str | None) -> tuple[int, str] | None:
+        """Count a new connection (waiting for its first request), or say why not."""
+        if self.total >= self.total_limit and not self._make_room(None):
+            return 503, "the server is at its limit of HTTP connections"
+        if (
+            address is not None
+            and self._per_ip[address] >= self.per_ip_limit
+            and not self._make_room(address)
+        ):
+            return 429, "too many HTTP connections from this address"
+        self._address[conn] = address
+        if address is not None:
+            self._per_ip[address] += 1
+        self._waiting[conn] = self._clock.seconds()
+        return None
+
+    def readdress(self, conn: Hashable, address: str) -> tuple[int, str] | None:
+        """Count ``conn`` under ``address`` from now on (a proxy's request named
+        its client), or say why not (it then stays counted as it was)."""
+        old = self._address.get(conn, address)
+        if conn not in self._address or old == address:
+            return None
+        if self._per_ip[address] >= self.per_ip_limit and not self._make_room(address):
+            return 429, "too many HTTP connections from this address"
+        self._uncount(conn)
+        self._address[conn] = address
+        self._per_ip[address] += 1
+        return None
+
+    def waiting(self, conn: Hashable) -> None:
+        """``conn`` waits for a request (it may be dropped to make room)."""
+        if conn in self._address:
+            self._waiting.pop(conn, None)
+            self._waiting[conn] = self._clock.seconds()
+
+    def busy(self, conn: Hashable) -> None:
+        """``conn``'s request has been read: it is answered, or becoming a WebSocket."""
+        self._waiting.pop(conn, None)
+
+    def release(self, conn: Hashable) -> None:
+        """``conn`` closed or became a WebSocket (idempotent)."""
+        if conn in self._address:
+            self._uncount(conn)
+            del self._address[conn]
+        self._waiting.pop(conn, None)
+
+    def _uncount(self, conn: Hashable) -> None:
+        address = self._address[conn]
+        if address is not None:
+            self._per_ip[address] -= 1
+            if self._per_ip[address] <= 0:
+                del self._per_ip[address]
+
+    def _make_room(self, address: str | None) -> bool:
+        """Drop the longest-waiting connection (of ``address``, if given)."""
+        oldest = self._clock.seconds() - self.evict_after
+        for conn, since in self._waiting.items():
+            if since > oldest:
+                return False  # the rest waited less
+            if address is None or self._address.get(conn) == address:
+                reason = (
+                    "HTTP connections at their limit"
+                    if address is None
+                    else ("HTTP connections from its address at their limit")
+                )
+                self.release(conn)
+                self._evict(conn, reason)
+                return True
+        return False
 
 
 @dataclass(frozen=True)

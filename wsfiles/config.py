@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from wsfiles.admission import Limits
+from wsfiles.admission import HttpPolicy, Limits
 
 SUBPROTOCOL = "wsfiles.v1"
 COMMAND_MESSAGE_LIMIT = 64 * 1024
@@ -34,6 +34,8 @@ class Settings:
     #: Origins allowed besides the service's own (``*``: any).
     allow_origins: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    #: Connections that are not (yet) WebSockets: their pool, Host names, keep-alive.
+    http: HttpPolicy = field(default_factory=HttpPolicy)
     #: Bytes per client folder; None: unlimited.  The users file may override it.
     quota: int | None = None
     #: Files per client folder; None: unlimited.  The users file may override it.

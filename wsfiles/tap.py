@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web import server
 
-from wsfiles.admission import Limits
+from wsfiles.admission import HttpPolicy, Limits, normalise_host_name
 from wsfiles.config import Settings
 from wsfiles.redisstate import RedisAddress
 from wsfiles.sizes import parse_size
@@ -40,7 +40,17 @@ SIZE_OPTIONS = [
 ]
 SECONDS_OPTIONS = [
     ("channel-timeout", "30", "Seconds a client has to open an offered file channel."),
-    ("handshake-timeout", "10", "Seconds from TCP accept to a completed WebSocket handshake."),
+    (
+        "handshake-timeout",
+        "10",
+        "Seconds to send a request's headers (from TCP accept, or from"
+        " its first byte on a kept-alive connection) and complete a WebSocket handshake.",
+    ),
+    (
+        "keepalive-timeout",
+        "15",
+        "Seconds a kept-alive HTTP connection may wait for its next request.",
+    ),
     ("idle-timeout", "600", "Seconds a command channel may stay silent while nothing transfers."),
     ("stall-timeout", "60", "Seconds a transfer may go without moving a byte."),
     ("ping-interval", "30", "Seconds between WebSocket pings on quiet connections."),
@@ -53,6 +63,7 @@ COUNT_OPTIONS = [
     ("max-connections", "4096", "Command channels open at once, in total."),
     ("max-connections-per-client", "256", "Command channels open at once per client name."),
     ("max-connections-per-ip", "256", "Command channels open at once per remote address."),
+    ("max-http-connections-per-ip", "256", "Connections not (yet) WebSockets, per address."),
 ]
 
 
@@ -84,6 +95,17 @@ def _check_endpoint(option: str, description: str) -> None:
         raise usage.UsageError(
             f"{option} {description!r}: no folder {os.path.dirname(address)!r} for the socket"
         )
+
+
+def _default_http_connections() -> int:
+    """1024, or a quarter of the open-file limit if lower: a flood of HTTP
+    connections must leave descriptors for command channels and files."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1024
+    return max(1, min(1024, soft // 4))
 
 
 def _size(option: str, text: str) -> int:
@@ -181,6 +203,13 @@ class Options(usage.Options):
         ],
         ["metrics-listen", None, None, "Serve /metrics and /healthz here, not on --listen."],
         [
+            "max-http-connections",
+            None,
+            None,
+            "Connections not (yet) WebSockets, in total (default: 1024, or a quarter"
+            " of the open-file limit if lower).",
+        ],
+        [
             "instance-id",
             None,
             None,
@@ -212,6 +241,7 @@ class Options(usage.Options):
         self["listen"] = []
         self["allow-origin"] = []
         self["trusted-proxy"] = []
+        self["allow-host"] = []
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:8080:interface=127.0.0.1 (repeatable)."""
@@ -221,6 +251,14 @@ class Options(usage.Options):
     def opt_trusted_proxy(self, address: str) -> None:
         """A proxy's IP whose X-Forwarded-For is believed for per-IP limits (repeatable)."""
         self["trusted-proxy"].append(address.strip())
+
+    def opt_allow_host(self, name: str) -> None:
+        """A host name the service answers to besides localhost and IP literals
+        (repeatable; '*.example.org': any name under it; '*': any)."""
+        try:
+            self["allow-host"].append(normalise_host_name(name))
+        except ValueError as e:
+            raise usage.UsageError(f"--allow-host: {e}") from None
 
     def opt_allow_origin(self, origin: str) -> None:
         """A web origin allowed besides the service's own (repeatable; '*': any)."""
@@ -235,6 +273,12 @@ class Options(usage.Options):
             self[name] = _positive_seconds(name, self[name])
         for name, _, _ in COUNT_OPTIONS:
             self[name] = _positive_count(name, self[name])
+        if self["max-http-connections"] is None:
+            self["max-http-connections"] = _default_http_connections()
+        else:
+            self["max-http-connections"] = _positive_count(
+                "max-http-connections", self["max-http-connections"]
+            )
         if self["quota"] is not None:
             self["quota"] = _size("quota", self["quota"])
         if self["quota-files"] is not None:
@@ -285,6 +329,12 @@ class Options(usage.Options):
             auto_ping_timeout=self["ping-timeout"],
             rate_limit=self["rate-limit"],
             allow_origins=tuple(self["allow-origin"]),
+            http=HttpPolicy(
+                allow_hosts=tuple(self["allow-host"]),
+                max_connections=self["max-http-connections"],
+                max_per_ip=self["max-http-connections-per-ip"],
+                keepalive_timeout=self["keepalive-timeout"],
+            ),
             limits=Limits(
                 total=self["max-connections"],
                 per_client=self["max-connections-per-client"],

@@ -14,18 +14,19 @@ from typing import Any
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server, static
 
-from wsfiles.admission import origin_allowed
+from wsfiles.admission import HttpPool, forwarded_client, host_allowed, origin_allowed
 from wsfiles.channels import ChannelBook
 from wsfiles.command import CommandChannelFactory
 from wsfiles.config import Settings
 from wsfiles.metrics import Metrics, MetricsPage
 from wsfiles.pairing import PairingRegistry
 from wsfiles.storage import IStorage
+from wsfiles.timers import Deadline
 from wsfiles.transfer import FileChannelFactory
 from wsfiles.users import UserDirectory
 from wsfiles.whoami import WhoAmIPage
@@ -120,58 +121,204 @@ class _OperationsSite(server.Site):
             super().log(request)
 
 
-class HandshakeDeadlines:
-    """Aborts connections that have not completed a handshake in time.
+class HttpConnections:
+    """The connections that are not (yet) WebSockets: their pool and deadlines.
 
-    The deadline runs from TCP accept until the WebSocket handshake's 101 is
-    sent (or a plain HTTP request has been answered), and incoming bytes do
-    not re-arm it: a slowloris client that trickles a header byte by byte is
-    dropped all the same.
+    Each is counted in the pool (``HttpPool``: in total and per client
+    address) from TCP accept until it closes or its WebSocket opens; its
+    ``_DeadlineHTTPChannel`` keeps the deadlines.  ``met`` is the way out of
+    both, whichever protocol owns the transport by then.
     """
 
-    def __init__(self, clock: IReactorTime, seconds: float) -> None:
-        self._clock = clock
-        self.seconds = seconds
-        self._calls: dict[object, IDelayedCall] = {}
+    def __init__(self, clock: IReactorTime, settings: Settings, metrics: Metrics) -> None:
+        self.clock = clock
+        self.settings = settings
+        self.seconds = settings.handshake_timeout
+        self.metrics = metrics
+        policy = settings.http
+        self.pool = HttpPool(policy.max_connections, policy.max_per_ip, clock, self._evict)
+        self._channels: dict[object, _DeadlineHTTPChannel] = {}
 
-    def start(self, transport: object) -> None:
-        self._calls[transport] = self._clock.callLater(self.seconds, self._expire, transport)
+    def admit(self, channel: _DeadlineHTTPChannel) -> tuple[int, str] | None:
+        """Count a new connection in the pool, or say why it is refused."""
+        peer = getattr(channel.transport.getPeer(), "host", "")
+        # Behind a trusted proxy the client is known once a request is read.
+        address = None if peer in self.settings.trusted_proxies else peer
+        refusal = self.pool.admit(channel.transport, address)
+        if refusal is None:
+            self._channels[channel.transport] = channel
+        return refusal
 
     def met(self, transport: object) -> None:
-        call = self._calls.pop(transport, None)
-        if call is not None and call.active():
-            call.cancel()
+        """``transport`` left the pool: its WebSocket opened, or it closed."""
+        channel = self._channels.pop(transport, None)
+        self.pool.release(transport)
+        if channel is not None:
+            channel.left_pool()
 
-    def _expire(self, transport: Any) -> None:
-        del self._calls[transport]
+    def _evict(self, transport: Any, reason: str) -> None:
+        channel = self._channels.pop(transport, None)
         _log.info(
-            "dropped {peer}: no handshake within {seconds:g} s",
+            "dropped {peer}, idle or slow the longest, to make room: {reason}",
             peer=str(transport.getPeer()),
-            seconds=self.seconds,
+            reason=reason,
         )
+        self.metrics.refusals.labels("http_evicted").inc()
+        if channel is not None:
+            channel.left_pool()
         transport.abortConnection()
 
     def __len__(self) -> int:
-        return len(self._calls)
+        return len(self._channels)
+
+
+def _is_upgrade(request: server.Request) -> bool:
+    upgrade = request.getHeader(b"upgrade") or b""
+    return b"websocket" in upgrade.lower()
 
 
 class _DeadlineHTTPChannel(http.HTTPChannel):
-    """An HTTPChannel whose connection must finish its first exchange in time."""
+    """An HTTPChannel in the HTTP pool, under a deadline for every request.
+
+    - Reading a request: its headers (and body) must arrive within
+      ``--handshake-timeout``: from TCP accept for the first request, from its
+      first byte for each later one on a kept-alive connection; bytes do not
+      re-arm it, so trickling a header does not help.
+    - Between requests a kept-alive connection may wait ``--keepalive-timeout``.
+    - A WebSocket handshake stays under the same deadline until its 101 (the
+      token check and the connection limits take part of it).
+    - A plain response is not timed by the deadline: it is governed by the
+      stall rule (``--stall-timeout`` without the client taking a byte), until
+      its last byte has left (Twisted finishes a request once it is buffered),
+      so long responses can be sent to a client that keeps reading.
+    """
 
     site: WsfilesSite
+    _connections: HttpConnections | None = None
+    _deadline: Deadline | None = None
+    _why = ""
+    #: "request" (reading one), "upgrade" (a WebSocket handshake), "response".
+    _phase = "request"
+    _request_begun = False
+    _refused = False
+    #: The request is done but its answer is still being sent.
+    _flushing = False
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.site.deadlines.start(self.transport)
+        connections = self.site.connections
+        refusal = connections.admit(self)
+        if refusal is not None:
+            self._refuse(*refusal)
+            return
+        self._connections = connections
+        self._deadline = Deadline(connections.clock, connections.seconds, self._expired)
+        self._await_request(first=True)
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Full pool: answer before the request comes, and hang up."""
+        self._refused = True
+        peer = str(self.transport.getPeer())
+        _log.warn("refused an HTTP connection from {peer}: {reason}", peer=peer, reason=reason)
+        self.site.metrics.refusals.labels(f"http_{status}").inc()
+        body = (reason + "\n").encode()
+        phrase = http.RESPONSES.get(status, b"Refused")
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\nConnection: close\r\nContent-Type: text/plain; charset=utf-8"
+            b"\r\nContent-Length: %d\r\n\r\n%s" % (status, phrase, len(body), body)
+        )
+        self.loseConnection()
+
+    def _arm(self, seconds: float, why: str) -> None:
+        assert self._deadline is not None
+        self._deadline.seconds = seconds
+        self._why = why
+        self._deadline.reset()
+
+    def _await_request(self, first: bool) -> None:
+        """Wait for the next request: under the handshake deadline (first) or
+        the keep-alive one, which becomes the handshake deadline at its first byte."""
+        assert self._connections is not None
+        self._phase = "request"
+        self._connections.pool.waiting(self.transport)
+        if first:
+            self._request_begun = True  # from accept: the wait is part of it
+            self._arm(self._connections.seconds, "no request within the handshake deadline")
+        else:
+            self._request_begun = False
+            self._arm(self._connections.settings.http.keepalive_timeout, "idle keep-alive")
+            if self._dataBuffer or getattr(self, "_buffer", b""):
+                self._begin_request()  # a pipelined request has begun already
+
+    def _begin_request(self) -> None:
+        self._request_begun = True
+        assert self._connections is not None
+        self._arm(self._connections.seconds, "no request within the handshake deadline")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._refused:
+            return
+        if self._phase == "request" and not self._request_begun and data:
+            self._begin_request()
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._flushing = False
+        if self._connections is not None:
+            self._connections.pool.busy(self.transport)
+            if _is_upgrade(self.requests[-1]):
+                self._phase = "upgrade"  # the deadline runs on, to the 101
+            else:
+                self._phase = "response"
+                assert self._deadline is not None
+                self._deadline.cancel()
+        super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
-        if self.transport is not None:
-            self.site.deadlines.met(self.transport)
+        if self._connections is not None and self.transport is not None and self.persistent:
+            if self._waitingForTransport:
+                self._flushing = True  # still sending: the stall rule goes on
+            else:
+                self._await_request(first=False)
         super().requestDone(request)
 
+    # The transport pauses us while what we send backs up: a response that
+    # stays paused for --stall-timeout is given up (the stall rule).
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._phase == "response" and self._connections is not None:
+            self._arm(self._connections.settings.stall_timeout, "response stalled")
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()
+        if self._phase == "response" and self._deadline is not None:
+            self._deadline.cancel()
+            if self._flushing and not self._handlingRequest:
+                self._flushing = False  # the answer has left: wait for the next request
+                self._await_request(first=False)
+
+    def _expired(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        _log.info(
+            "dropped {peer}: {why} ({seconds:g} s)",
+            peer=str(transport.getPeer()),
+            why=self._why,
+            seconds=self._deadline.seconds if self._deadline is not None else 0,
+        )
+        transport.abortConnection()
+
+    def left_pool(self) -> None:
+        """The connection closed or became a WebSocket: no deadline of ours applies."""
+        self._connections = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+
     def connectionLost(self, reason: Any) -> None:
-        if self.transport is not None:
-            self.site.deadlines.met(self.transport)
+        if self._connections is not None and self.transport is not None:
+            self._connections.met(self.transport)
         super().connectionLost(reason)
 
 
@@ -212,6 +359,30 @@ class HealthPage(resource.Resource):
         return server.NOT_DONE_YET
 
 
+class RefusalPage(resource.Resource):
+    """A plain-text refusal with its status (421 for a foreign Host, 429 or 503
+    for a full pool)."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, phrase: bytes, text: str) -> None:
+        super().__init__()
+        self._status = status
+        self._phrase = phrase
+        self._text = text
+
+    def render(self, request: server.Request) -> bytes:
+        request.setResponseCode(self._status, self._phrase)
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        return (self._text + "\n").encode()
+
+
+#: Paths that answer whatever the Host: they read and change no file, and
+#: load balancers and monitors probe them by address or without a Host.
+HOST_EXEMPT = frozenset({b"healthz", b"metrics"})
+
+
 class WsfilesSite(server.Site):
     """The Site, with the objects its protocols share reachable for tests and tools."""
 
@@ -226,9 +397,9 @@ class WsfilesSite(server.Site):
         self.storage = storage
         self.clock = clock
         self.registry = PairingRegistry(clock, settings.channel_timeout, settings.instance_id)
-        self.deadlines = HandshakeDeadlines(clock, settings.handshake_timeout)
         self.metrics = Metrics(lambda: self.registry.pending_tickets, storage.free_bytes)
-        self.book = ChannelBook(self.deadlines, self.metrics, clock)
+        self.connections = HttpConnections(clock, settings, self.metrics)
+        self.book = ChannelBook(self.connections, self.metrics, clock)
         self.command_factory = CommandChannelFactory(
             settings, storage, self.registry, users, clock=clock, book=self.book
         )
@@ -247,6 +418,48 @@ class WsfilesSite(server.Site):
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
         self._users_generation = users.generation if users is not None else 0
         self.protocol = _DeadlineHTTPChannel
+
+    def getResourceFor(self, request: server.Request) -> Any:
+        """Every request's way in: who it is from, and whether its Host is ours."""
+        refusal = self._readdress(request)
+        if refusal is not None:
+            return refusal
+        if request.postpath[:1] and request.postpath[0] in HOST_EXEMPT:
+            return super().getResourceFor(request)
+        hosts = request.requestHeaders.getRawHeaders(b"host") or []
+        host = hosts[0].decode("latin-1") if len(hosts) == 1 else None
+        if len(hosts) > 1 or not host_allowed(host, self.settings.http.allow_hosts):
+            _log.info(
+                "refused a request for host {host!r} from {peer}: not a name this service"
+                " answers to (add it with --allow-host)",
+                host=host if len(hosts) <= 1 else hosts,
+                peer=str(request.getClientAddress()),
+            )
+            self.metrics.refusals.labels("http_421").inc()
+            return RefusalPage(
+                421, b"Misdirected Request", "this service does not answer to that host name"
+            )
+        return super().getResourceFor(request)
+
+    def _readdress(self, request: server.Request) -> RefusalPage | None:
+        """Behind a trusted proxy, count the connection under the client its
+        request names (X-Forwarded-For); refuse it if that client is over its limit."""
+        transport = request.channel.transport if request.channel is not None else None
+        if transport is None:
+            return None
+        peer = getattr(transport.getPeer(), "host", "")
+        trusted = self.settings.trusted_proxies
+        if peer not in trusted:
+            return None
+        forwarded = (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1")
+        client = forwarded_client(peer, forwarded, trusted)
+        refusal = self.connections.pool.readdress(transport, client)
+        if refusal is None:
+            return None
+        status, reason = refusal
+        _log.warn("refused a request for {client}: {reason}", client=client, reason=reason)
+        self.metrics.refusals.labels(f"http_{status}").inc()
+        return RefusalPage(status, http.RESPONSES.get(status, b"Refused"), reason)
 
     def operations_site(self) -> server.Site:
         """A separate Site for ``--metrics-listen``: /metrics and /healthz only."""
