@@ -28,6 +28,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -49,17 +50,22 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from wsfiles.names import is_valid_file_name
+from wsfiles.names import MAX_PATH_DEPTH, is_valid_file_name, parent_of
 from wsfiles.storage import (
     ChecksumMismatch,
+    Entry,
     Exists,
     FileInfo,
+    FolderInfo,
     IDownload,
     IFolder,
+    IsAFolder,
     IStorage,
     IUpload,
+    NotAFolder,
     NotFound,
     StorageFailure,
+    path_key,
 )
 from wsfiles.streaming import StreamEnd, StreamFailed
 
@@ -108,6 +114,8 @@ class S3Client:
         self._reactor = reactor
         #: See REQUEST_TIMEOUT (tests shorten it).
         self.request_timeout = REQUEST_TIMEOUT
+        #: Keys per ListObjectsV2 answer (None: the store's 1000; tests shorten it).
+        self.list_page: int | None = None
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 16
         self._background: set[Deferred] = set()
@@ -234,6 +242,20 @@ def _header(response: Any, name: str) -> str | None:
 
 def _timestamp(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+async def _constant(value: Any) -> Any:
+    return value
+
+
+async def _all(*coroutines: Any) -> list[Any]:
+    """Run requests side by side; their results in order, or the first failure."""
+    try:
+        return await defer.gatherResults(
+            [Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True
+        )
+    except defer.FirstError as e:
+        raise e.subFailure.value from None
 
 
 #: Answers whether another instance is alive: True, False, or None when
@@ -395,8 +417,81 @@ class S3Storage:
             }
 
 
+#: Characters a name may hold that sort before '/': a folder ``n`` (keys
+#: ``n/...``) comes after ``n.txt`` or ``n-2`` in the store's key order, but
+#: before them in a listing's (``path_key``).
+_BEFORE_SLASH = frozenset(chr(c) for c in range(0x20, 0x2F))
+
+
+@dataclass(frozen=True)
+class _Object:
+    """One item of a ListObjectsV2 page: a key, or a common prefix (size -1)."""
+
+    key: str
+    size: int
+    mtime: float
+
+
+def _tree_entries(rel: str, size: int, mtime: float, max_depth: int) -> list[Entry]:
+    """The entries a key below the listed folder stands for: the folders on its
+    way (a folder exists while a key is below it), then itself, up to its first
+    segment no command could address (reserved ``.wsfiles-`` keys, other tools')."""
+    segments = rel.split("/")
+    marker = segments[-1] == ""  # "a/b/": the marker of the (empty) folder a/b
+    if marker:
+        segments.pop()
+    found: list[Entry] = []
+    for i, segment in enumerate(segments[:max_depth]):
+        if not is_valid_file_name(segment):
+            break
+        path = "/".join(segments[: i + 1])
+        if i == len(segments) - 1 and not marker:
+            found.append(FileInfo(path, size, mtime))
+        else:
+            found.append(FolderInfo(path, 0.0))
+    return found
+
+
+def _page_entries(rel: str, item: _Object) -> list[Entry]:
+    """The entry one item of a folder's (delimited) page stands for."""
+    if item.size < 0:  # a common prefix "n/": folder n
+        name = rel[:-1]
+        return [FolderInfo(name, 0.0)] if is_valid_file_name(name) else []
+    if rel and is_valid_file_name(rel):  # "" is the folder's own marker
+        return [FileInfo(rel, item.size, item.mtime)]
+    return []
+
+
+def _is_final(key: tuple[str, ...], last: str, start: int) -> bool:
+    """Whether an entry of ``path_key`` ``key`` is in its final place once the
+    store has listed every key up to ``last`` (both relative to the listed
+    folder; keys of the scan share ``last[:start]``).
+
+    The store sorts keys as strings, a listing by path segments; they differ
+    only where '/' meets a character below it.  A key after ``last`` has a
+    larger path_key, except keys below a folder F whose name is a prefix of a
+    segment of ``last`` followed by such a character (``last`` "a b/c", F
+    "a"): those come later in the store but sort from F on.
+    """
+    for i in range(max(start, 1), len(last)):
+        if last[i] in _BEFORE_SLASH:
+            return key < path_key(last[:i])
+    return key <= path_key(last)
+
+
 @implementer(IFolder)
 class S3Folder:
+    """One client's folder: the keys under its prefix.
+
+    A path ``a/b/c`` is the key ``PREFIX a/b/c``.  A folder exists while any
+    key is below it (``PREFIX a/b/...``), or as an empty marker object
+    ``PREFIX a/b/`` (mkdir, and a folder emptied by a delete, a move or an
+    rmdir inside it, as a local folder stays); a save writes no markers.  Keys
+    whose path has a segment no command could address (the reserved
+    ``.wsfiles-`` ones: resumable partials, move journals) are never listed.
+    S3 keeps no time for a folder: its mtime is 0.
+    """
+
     def __init__(self, client: S3Client, prefix: str, settling: dict[str, Deferred]) -> None:
         self._client = client
         self._prefix = prefix
@@ -407,28 +502,179 @@ class S3Folder:
 
     async def _list(self) -> list[FileInfo]:
         files: list[FileInfo] = []
-        params = {"list-type": "2", "prefix": self._prefix}
-        while True:
-            _, body = await self._client.send("GET", params=params)
-            root = ElementTree.fromstring(body)
-            for item in root.iter(f"{_NS}Contents"):
-                name = item.findtext(f"{_NS}Key", "")[len(self._prefix) :]
-                if not is_valid_file_name(name):  # e.g. a key put there by other tools
-                    continue
-                stamp = datetime.fromisoformat(
-                    item.findtext(f"{_NS}LastModified", "").replace("Z", "+00:00")
-                )
-                size = int(item.findtext(f"{_NS}Size", "0"))
-                files.append(FileInfo(name, size, stamp.timestamp()))
-            token = root.findtext(f"{_NS}NextContinuationToken")
-            if root.findtext(f"{_NS}IsTruncated") != "true" or not token:
-                break
-            params = {**params, "continuation-token": token}
+        # The delimiter keeps folders' contents out: the top level's files only.
+        async for page in self._pages(self._prefix, delimiter=True):
+            for item in page:
+                name = item.key[len(self._prefix) :]
+                if item.size >= 0 and is_valid_file_name(name):  # e.g. not other tools' keys
+                    files.append(FileInfo(name, item.size, item.mtime))
         files.sort(key=lambda info: info.name)
         return files
 
+    async def _pages(
+        self,
+        prefix: str,
+        start_after: str | None = None,
+        *,
+        delimiter: bool = False,
+        max_keys: int | None = None,
+    ) -> Any:
+        """The keys (and with ``delimiter``, the common prefixes) under ``prefix``
+        after ``start_after``, a page (one ListObjectsV2 answer) at a time, in
+        the store's order."""
+        params = {"list-type": "2", "prefix": prefix}
+        if start_after is not None:
+            params["start-after"] = start_after
+        if delimiter:
+            params["delimiter"] = "/"
+        if max_keys is not None or self._client.list_page is not None:
+            params["max-keys"] = str(max_keys or self._client.list_page)
+        while True:
+            _, body = await self._client.send("GET", params=params)
+            root = ElementTree.fromstring(body)
+            page = [
+                _Object(
+                    item.findtext(f"{_NS}Key", ""),
+                    int(item.findtext(f"{_NS}Size", "0")),
+                    _timestamp(item.findtext(f"{_NS}LastModified", "")),
+                )
+                for item in root.iter(f"{_NS}Contents")
+            ]
+            page += [
+                _Object(item.findtext(f"{_NS}Prefix", ""), -1, 0.0)
+                for item in root.iter(f"{_NS}CommonPrefixes")
+            ]
+            page.sort(key=lambda item: item.key)
+            yield page
+            token = root.findtext(f"{_NS}NextContinuationToken")
+            if root.findtext(f"{_NS}IsTruncated") != "true" or not token or max_keys:
+                return
+            params = {**params, "continuation-token": token}
+
+    # -- paths (protocol 1.2) ----------------------------------------------
+
+    async def _exists(self, key: str) -> bool:
+        try:
+            await self._client.send("HEAD", key)
+        except NotFound:
+            return False
+        return True
+
+    async def _has_below(self, path: str) -> bool:
+        """Whether any key is below folder ``path`` (its marker included)."""
+        async for page in self._pages(f"{self._prefix}{path}/", max_keys=1):
+            return bool(page)
+        return False
+
+    async def _kind(self, path: str) -> str | None:
+        parent = parent_of(path)
+        is_file, is_folder, parent_is_folder = await _all(
+            self._exists(self._prefix + path),
+            self._has_below(path),
+            self._has_below(parent) if parent else _constant(True),
+        )
+        if is_folder:  # (a folder hides a file of the same name other tools made)
+            return "folder"
+        if is_file:
+            return "file"
+        if not parent_is_folder:
+            await self._no_file_above(path)
+        return None
+
+    async def _no_file_above(self, path: str) -> None:
+        """Fail with NotAFolder if a folder on the way to ``path`` is a file."""
+        segments = path.split("/")
+        above = ["/".join(segments[:i]) for i in range(1, len(segments))]
+        found = await _all(*(self._exists(self._prefix + folder) for folder in above))
+        for folder, is_file in zip(above, found, strict=True):
+            if is_file:
+                raise NotAFolder(folder)
+
+    def kind(self, path: str) -> Deferred:
+        return Deferred.fromCoroutine(self._kind(path))
+
+    def entries(self, path: str, recursive: bool, after: str | None, limit: int) -> Deferred:
+        return Deferred.fromCoroutine(self._entries(path, recursive, after, limit))
+
+    async def _entries(
+        self, path: str, recursive: bool, after: str | None, limit: int
+    ) -> list[Entry]:
+        base = f"{self._prefix}{path}/" if path else self._prefix
+        cursor = after.split("/") if after else []
+        if not recursive:
+            cursor = cursor[:1]
+        # Scan the folders on the cursor's way, deepest first: after ``a/b/c``
+        # come what follows c in a/b (and what is below c), then what follows
+        # b in a, then what follows a; each scan starts at its cursor's key.
+        scans = [
+            ("/".join(cursor[: j - 1]) + "/" if j > 1 else "", "/".join(cursor[:j]))
+            for j in range(len(cursor), 0, -1)
+        ] or [("", None)]
+        after_key = path_key(after) if after else None
+        depth = max(1, MAX_PATH_DEPTH - (path.count("/") + 1 if path else 0))
+        wanted = limit + 1
+        found: dict[str, Entry] = {}
+
+        def ordered() -> list[Entry]:
+            return sorted(found.values(), key=lambda entry: path_key(entry.name))
+
+        for within, start in scans:
+            start_after = None if start is None else base + start
+            async for page in self._pages(base + within, start_after, delimiter=not recursive):
+                for item in page:
+                    rel = item.key[len(base) :]
+                    if recursive:
+                        derived = _tree_entries(rel, item.size, item.mtime, depth)
+                    else:
+                        derived = _page_entries(rel, item)
+                    for entry in derived:
+                        if after_key is not None and path_key(entry.name) <= after_key:
+                            continue
+                        if not isinstance(found.get(entry.name), FolderInfo):
+                            found[entry.name] = entry  # a folder hides a same-named file
+                if not page:
+                    continue
+                last = page[-1].key[len(base) :]
+                kept = ordered()
+                if len(kept) >= wanted and _is_final(
+                    path_key(kept[wanted - 1].name), last, len(within)
+                ):
+                    return kept[:wanted]
+                if len(kept) > 4 * wanted:  # what sorts after the first `wanted` is not needed
+                    found = {entry.name: entry for entry in kept[:wanted]}
+            if len(found) >= wanted:  # this scan's entries all come before the next one's
+                return ordered()[:wanted]
+        if not found and path:  # an empty folder, or none
+            kind = await self._kind(path)
+            if kind == "file":
+                raise NotAFolder(path)
+            if kind is None:
+                raise NotFound(path)
+        return ordered()[:wanted]
+
+    def usage(self) -> Deferred:
+        async def usage_now() -> tuple[int, int]:
+            size = files = 0
+            folders: set[str] = set()
+            async for page in self._pages(self._prefix):
+                for item in page:
+                    rel = item.key[len(self._prefix) :]
+                    for entry in _tree_entries(rel, item.size, item.mtime, MAX_PATH_DEPTH):
+                        if isinstance(entry, FileInfo):
+                            size, files = size + entry.size, files + 1
+                        else:
+                            folders.add(entry.name)
+            return size, files + len(folders)
+
+        return Deferred.fromCoroutine(usage_now())
+
     async def _stat(self, name: str) -> FileInfo:
-        response, _ = await self._client.send("HEAD", self._prefix + name)
+        try:
+            response, _ = await self._client.send("HEAD", self._prefix + name)
+        except NotFound:
+            if await self._kind(name) == "folder":
+                raise IsAFolder(name) from None
+            raise
         modified = _header(response, "Last-Modified")
         mtime = parsedate_to_datetime(modified).timestamp() if modified else 0.0
         return FileInfo(name, int(_header(response, "Content-Length") or 0), mtime)
@@ -457,8 +703,21 @@ class S3Folder:
         self, name: str, size: int, sha256: str | None = None, resume: bool = False
     ) -> Deferred:
         if not resume:
-            return defer.succeed(S3Upload(self._client, self._prefix + name, size, sha256))
+            upload = S3Upload(self._client, self._prefix + name, size, sha256)
+            upload.check_target = lambda: self._free_for_a_file(name)
+            return defer.succeed(upload)
         return Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+
+    async def _free_for_a_file(self, name: str) -> None:
+        """Fail unless a file may appear at ``name``: not a folder (IsAFolder),
+        no file on its way (NotAFolder).  A save checks this just before its
+        object appears, so it never makes a file and a folder of one name."""
+        is_folder, _ = await _all(
+            self._has_below(name),
+            self._no_file_above(name) if "/" in name else _constant(None),
+        )
+        if is_folder:
+            raise IsAFolder(name)
 
     async def _begin_resumable(self, name: str, size: int, sha256: str | None) -> S3Upload:
         """Carry on an unfinished multipart upload of the same size and hash, if any.
@@ -473,6 +732,7 @@ class S3Folder:
             await waiter
         record = await self._read_record(record_key)
         upload = S3Upload(self._client, self._prefix + name, size, sha256)
+        upload.check_target = lambda: self._free_for_a_file(name)
         upload.resumable_at(staging, record_key, self._settling)
         if record is not None and record.get("size") == size and record.get("sha256") == sha256:
             upload_id = record["upload_id"]
@@ -538,8 +798,15 @@ class S3Folder:
         async def delete_it() -> None:
             await self._stat(name)
             await self._client.send("DELETE", self._prefix + name, expect=(200, 204))
+            await self._keep_folder(parent_of(name))
 
         return Deferred.fromCoroutine(delete_it())
+
+    async def _keep_folder(self, path: str) -> None:
+        """Folder ``path`` lost an entry: if nothing is left below it, write its
+        marker, so it stays (empty) as a local folder would."""
+        if path and not await self._has_below(path):
+            await self._client.send("PUT", f"{self._prefix}{path}/", body=b"")
 
     def rename(self, name: str, to: str, overwrite: bool) -> Deferred:
         async def rename_it() -> None:
@@ -594,6 +861,8 @@ class S3Upload:
         self._aborted = False
         self._completed = False
         self.on_superseded = None
+        #: Checked before the object appears (S3Folder: not onto a folder).
+        self.check_target: Callable[[], Any] | None = None
 
     def resumable_at(self, staging: str, record_key: str, settling: dict[str, Deferred]) -> None:
         self._key, self._record_key, self._settling = staging, record_key, settling
@@ -686,6 +955,12 @@ class S3Upload:
         digest = self._sha256.hexdigest()
         if self._hash_complete:
             self._check(digest)
+        if self.check_target is not None:
+            try:
+                await self.check_target()
+            except Exception:
+                self.abort()
+                raise
         try:
             if self._upload_id is None:
                 await self._client.send("PUT", self._key, body=self._take_buffer())
