@@ -203,9 +203,13 @@ class _DeadlineHTTPChannel(http.HTTPChannel):
     _refused = False
     #: The request is done but its answer is still being sent.
     _flushing = False
+    #: Our transport, kept: a WebSocket handshake takes ``self.transport`` away
+    #: while its deadline still runs.
+    _own_transport: Any = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self._own_transport = self.transport
         connections = self.site.connections
         refusal = connections.admit(self)
         if refusal is not None:
@@ -299,7 +303,7 @@ class _DeadlineHTTPChannel(http.HTTPChannel):
                 self._await_request(first=False)
 
     def _expired(self) -> None:
-        transport = self.transport
+        transport = self._own_transport
         if transport is None:
             return
         _log.info(
@@ -313,6 +317,7 @@ class _DeadlineHTTPChannel(http.HTTPChannel):
     def left_pool(self) -> None:
         """The connection closed or became a WebSocket: no deadline of ours applies."""
         self._connections = None
+        self._own_transport = None
         if self._deadline is not None:
             self._deadline.cancel()
 
