@@ -19,7 +19,8 @@ from twisted.internet.defer import Deferred
 
 from wsfiles.cli import CommandFailed
 from wsfiles.cli_tree import get_tree
-from wsfiles.client import COMMAND_SUBPROTOCOLS, connect
+from wsfiles.client import COMMAND_SUBPROTOCOLS, WsfilesError, connect
+from wsfiles.client_tree import list_folder
 
 MiB = 1024 * 1024
 NO_FOLDERS = "this server does not support folders (protocol 1.2)"
@@ -230,3 +231,63 @@ async def test_get_r_refuses_a_listing_that_names_files_outside_its_folder(tmp_p
     with pytest.raises(CommandFailed, match="bad_reply: the server listed an unusable name"):
         await get_tree(client, args)
     assert client.downloads == [] and not target.exists() and sorted(tmp_path.iterdir()) == []
+
+
+class _PagingClient:
+    """A 1.2 channel whose server answers ``list`` with the given pages, in turn."""
+
+    def __init__(self, pages: list[dict[str, Any]]) -> None:
+        self.pages = pages
+        self.hello = {"features": ["folders"]}
+        self.subprotocol = "wsfiles.v1.2"
+        self.asked: list[dict[str, Any]] = []
+
+    async def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.asked.append(message)
+        return self.pages[min(len(self.asked), len(self.pages)) - 1]
+
+
+def _entry(name: str) -> dict[str, Any]:
+    return {"name": name, "type": "file", "size": 0, "mtime": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_follows_cursors_to_the_last_page_and_stops_on_pages_that_never_end():
+    client = _PagingClient(
+        [
+            {"op": "list", "files": [_entry("a"), _entry("b")], "cursor": "c1"},
+            {"op": "list", "files": [_entry("c")], "cursor": "c2"},
+            {"op": "list", "files": [_entry("d")]},
+        ]
+    )
+    entries = await list_folder(client, "docs", recursive=True)  # type: ignore[arg-type]
+    assert [e["name"] for e in entries] == ["a", "b", "c", "d"]
+    assert client.asked == [
+        {"op": "list", "path": "docs", "recursive": True},
+        {"op": "list", "path": "docs", "recursive": True, "cursor": "c1"},
+        {"op": "list", "path": "docs", "recursive": True, "cursor": "c2"},
+    ]
+    for endless in (
+        [{"op": "list", "files": [_entry("a")], "cursor": "same"}],  # the same cursor again
+        [{"op": "list", "files": [], "cursor": "c"}],  # a page with nothing in it
+    ):
+        client = _PagingClient(endless)
+        with pytest.raises(WsfilesError) as failure:
+            await list_folder(client)  # type: ignore[arg-type]
+        assert failure.value.code == "bad_reply" and len(client.asked) <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_library_client_that_did_not_offer_12_is_told_how_to(server):
+    client = await server.connect()  # connect()'s default: a 1.1 client
+    assert client.subprotocol == "wsfiles.v1" and not client.folders
+    for attempt in (
+        lambda: client.mkdir("docs"),
+        lambda: client.list("docs"),
+        lambda: client.upload("docs/a.txt", b"a"),
+    ):
+        with pytest.raises(WsfilesError) as failure:
+            await attempt()
+        assert failure.value.code == "not_supported"
+        assert "subprotocols=COMMAND_SUBPROTOCOLS" in failure.value.message
+    assert [e["name"] for e in await client.list()] == []  # the top, as in 1.1

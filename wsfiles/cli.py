@@ -230,7 +230,12 @@ async def _mv(client: Any, args: argparse.Namespace) -> None:
         if e.code == "exists" and not args.overwrite:
             raise CommandFailed(
                 f"exists: {args.new!r} exists; add --overwrite to replace it "
-                "(a folder is never replaced)"
+                "(files only: a folder never replaces anything and is never replaced)"
+            ) from None
+        if e.code == "exists":  # even with overwrite: a folder on one side
+            raise CommandFailed(
+                f"exists: {args.new!r} exists and --overwrite does not replace it "
+                "(a folder never replaces anything and is never replaced)"
             ) from None
         raise
 
@@ -463,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download a file into NAME.wsfiles-part, renamed to NAME once its SHA-256 "
         "checks out. Interrupted (Ctrl-C, a lost connection), the part file is kept: "
         "--resume continues it. With -r, NAME is a folder: its whole tree is downloaded "
-        "into DIR (-o; default: the folder's last name here), each file that way. "
+        "into DIR (-o; default: the folder's last name here), each file that way; "
+        "files already in DIR are replaced, and -r --resume continues the part files "
+        "(finished files are fetched again). "
         "The progress bar counts in binary units (1 MiB = 1024 KiB).",
     )
     get.add_argument("name", metavar="NAME", help="a file, or a folder with -r (a path)")
@@ -479,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
         _prepare_put,
         description="Upload files. With -r: put -r URL DIR [DEST] uploads the local folder "
         "DIR's whole tree into the server's folder DEST (default: DIR's name at the top), "
-        "creating folders, empty ones too; symlinks and special files are skipped (and said).",
+        "creating folders, empty ones too; files already there are replaced; symlinks and "
+        "special files are skipped (and said). Every local name is checked first: "
+        "one the protocol cannot carry stops the command before anything is sent.",
     )
     put.add_argument("paths", metavar="PATH", nargs="+", help="files; with -r: DIR [DEST]")
     put.add_argument("--name", help="store under this name or path (one PATH only)")

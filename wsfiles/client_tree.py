@@ -88,12 +88,24 @@ def speaks_folders(client: WsfilesClient) -> bool:
     return client.subprotocol == SUBPROTOCOL_12 and FOLDERS in features
 
 
-def require_folders(client: WsfilesClient) -> None:
-    """Raise WsfilesError ``not_supported`` on a channel without folders."""
+def no_folders(client: WsfilesClient) -> Exception:
+    """WsfilesError ``not_supported``: the server has no folders, or (a library
+    caller's slip) this channel never offered ``wsfiles.v1.2``."""
     from wsfiles.client import WsfilesError
 
+    if SUBPROTOCOL_12 not in getattr(client, "subprotocols", (SUBPROTOCOL_12,)):
+        return WsfilesError(
+            NOT_SUPPORTED,
+            "this channel speaks protocol 1.1: connect with "
+            "subprotocols=COMMAND_SUBPROTOCOLS for folders (protocol 1.2)",
+        )
+    return WsfilesError(NOT_SUPPORTED, NOT_SUPPORTED_MESSAGE)
+
+
+def require_folders(client: WsfilesClient) -> None:
+    """Raise WsfilesError ``not_supported`` on a channel without folders."""
     if not speaks_folders(client):
-        raise WsfilesError(NOT_SUPPORTED, NOT_SUPPORTED_MESSAGE)
+        raise no_folders(client)
 
 
 def limits(client: WsfilesClient) -> dict[str, int]:
@@ -127,7 +139,7 @@ async def list_folder(
 
     if not speaks_folders(client):
         if path or recursive:
-            raise WsfilesError(NOT_SUPPORTED, NOT_SUPPORTED_MESSAGE)
+            raise no_folders(client)
         return (await client.request({"op": "list"}))["files"]
     message: dict[str, Any] = {"op": "list"}
     if path:
@@ -192,9 +204,7 @@ class FolderCommands:
     def _paths_allowed(self, *names: str) -> None:
         """A path below the top needs folders: say so rather than ``invalid_name``."""
         if any("/" in name for name in names) and not self.folders:
-            from wsfiles.client import WsfilesError
-
-            raise WsfilesError(NOT_SUPPORTED, NOT_SUPPORTED_MESSAGE)
+            raise no_folders(self)  # type: ignore[arg-type]
 
     async def list(self, path: str = "", recursive: bool = False) -> list[dict[str, Any]]:
         """The entries of folder ``path`` (the top by default; the whole subtree
