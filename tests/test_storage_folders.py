@@ -5,19 +5,22 @@ answer every folder operation the same way (docs/protocol.md, "Folders")."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import interfaces, reactor
+from twisted.internet import defer, interfaces, reactor
 from zope.interface import implementer
 
 from wsfiles.storage import (
+    Exists,
     IsAFolder,
     LocalStorage,
     NotAFolder,
+    NotEmpty,
     NotFound,
     StorageFailure,
     path_key,
@@ -51,21 +54,28 @@ def store(backend, tmp_path):
 
         yield Store(storage, "local", plant_local)
         return
+    store = _s3_store(backend)
+    yield store
+    pytest_twisted.blockon(store.storage.close())
+
+
+def _s3_store(rgw: Any, bucket: str | None = None) -> Store:
+    """CLIENT's folder in a bucket of the Ceph RGW (a fresh bucket unless given:
+    another S3Storage on the same bucket is another instance, or a restart)."""
     from wsfiles.s3storage import S3Client, S3Storage
 
-    bucket = "wsfiles-" + secrets.token_hex(6)
-    backend.create_bucket(bucket)
-    client = S3Client(reactor, backend.endpoint, bucket, backend.access_key, backend.secret_key)
-    storage = S3Storage(client)
+    if bucket is None:
+        bucket = "wsfiles-" + secrets.token_hex(6)
+        rgw.create_bucket(bucket)
+    client = S3Client(reactor, rgw.endpoint, bucket, rgw.access_key, rgw.secret_key)
 
     def plant_s3(path: str, data: bytes) -> None:
-        response = backend.request("PUT", bucket, f"{CLIENT}/{path}", body=data)
+        response = rgw.request("PUT", bucket, f"{CLIENT}/{path}", body=data)
         assert response.status == 200, response.body
 
-    store = Store(storage, "s3", plant_s3)
-    store.rgw, store.bucket = backend, bucket
-    yield store
-    pytest_twisted.blockon(storage.close())
+    store = Store(S3Storage(client), "s3", plant_s3)
+    store.rgw, store.bucket = rgw, bucket
+    return store
 
 
 async def put(folder: Any, name: str, data: bytes) -> None:
@@ -332,3 +342,223 @@ async def test_a_resumable_save_of_a_nested_path(store):
         ("r/s", "folder"),
         ("r/s/t.bin", 3000),
     ]
+
+
+@pytest_twisted.ensureDeferred
+async def test_mkdir_and_rmdir(store):
+    folder = store.folder
+    await folder.mkdir("empty", False)
+    assert await folder.kind("empty") == "folder"
+    assert shown(await everything(folder)) == [("empty", "folder")]
+    assert await everything(folder, "empty") == []
+    with pytest.raises(Exists):
+        await folder.mkdir("empty", False)
+    await folder.mkdir("empty", True)  # mkdir -p: an existing folder is fine
+    with pytest.raises(NotFound):
+        await folder.mkdir("p/q", False)
+    await folder.mkdir("p/q/r", True)
+    assert shown(await everything(folder)) == [
+        ("empty", "folder"),
+        ("p", "folder"),
+        ("p/q", "folder"),
+        ("p/q/r", "folder"),
+    ]
+    await put(folder, "f", b"file")
+    for parents in (False, True):
+        with pytest.raises(Exists):
+            await folder.mkdir("f", parents)
+        with pytest.raises(NotAFolder):
+            await folder.mkdir("f/g", parents)
+    assert await folder.usage() == (4, 5)
+
+    with pytest.raises(NotEmpty):
+        await folder.rmdir("p", False)
+    with pytest.raises(NotAFolder):
+        await folder.rmdir("f", False)
+    with pytest.raises(NotFound):
+        await folder.rmdir("nothing", True)
+    await folder.rmdir("p/q/r", False)
+    assert shown(await everything(folder, "p")) == [("q", "folder")]  # its parent stays
+    await put(folder, "p/q/deep/x", b"x")
+    await folder.rmdir("p", True)
+    await folder.rmdir("empty", False)
+    assert shown(await everything(folder)) == [("f", 4)]
+    assert await folder.kind("p") is None
+    await put(folder, "keep/gone/x", b"x")
+    await folder.rmdir("keep/gone", True)
+    assert shown(await everything(folder)) == [("f", 4), ("keep", "folder")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_rename_moves_files_and_folders(store):
+    folder = store.folder
+    await put_tree(folder)
+    await folder.rename("a.txt", "new/place/a.txt", False)  # parents of `to` are made
+    assert await get(folder, "new/place/a.txt") == b"1"
+    await folder.rename("a", "new/a2", False)
+    assert shown(await everything(folder, "new")) == [
+        ("a2", "folder"),
+        ("a2/b", "folder"),
+        ("a2/b/c", "folder"),
+        ("a2/b/c/d.txt", 2),
+        ("a2/b c", "folder"),
+        ("a2/b c/e", 1),
+        ("a2/b-2", "folder"),
+        ("a2/b-2/f", 1),
+        ("a2/b.txt", 4),
+        ("place", "folder"),
+        ("place/a.txt", 1),
+    ]
+    assert await folder.kind("a") is None
+    assert await get(folder, "new/a2/b/c/d.txt") == b"66"
+    # A folder moved out of a folder leaves it there, empty.
+    await folder.rename("docs/report", "report", False)
+    assert shown(await everything(folder, "docs")) == [("report.pdf", 1)]
+    await folder.rename("\u00fc/\u00df", "\u00df", False)
+    assert shown(await everything(folder, "\u00fc")) == []
+    await folder.mkdir("hollow", False)
+    await folder.rename("hollow", "x/hollow", False)
+    assert shown(await everything(folder, "x")) == [("hollow", "folder")]
+    files = sum(len(data) for data in TREE.values())
+    assert (await folder.usage())[0] == files
+
+
+@pytest_twisted.ensureDeferred
+async def test_rename_refusals(store):
+    folder = store.folder
+    await put(folder, "f", b"file")
+    await put(folder, "g", b"gg")
+    await put(folder, "d/inside", b"i")
+    await put(folder, "e/inside", b"j")
+    with pytest.raises(NotFound):
+        await folder.rename("nothing", "x", True)
+    with pytest.raises(Exists):
+        await folder.rename("f", "g", False)
+    for overwrite in (False, True):
+        with pytest.raises(Exists):  # a folder replaces nothing...
+            await folder.rename("d", "f", overwrite)
+        with pytest.raises(Exists):
+            await folder.rename("d", "e", overwrite)
+        with pytest.raises(Exists):  # ...and nothing replaces a folder
+            await folder.rename("f", "d", overwrite)
+        with pytest.raises(NotAFolder):
+            await folder.rename("g", "f/below", overwrite)
+    await folder.rename("f", "g", True)
+    assert await get(folder, "g") == b"file"
+    assert shown(await everything(folder)) == [
+        ("d", "folder"),
+        ("d/inside", 1),
+        ("e", "folder"),
+        ("e/inside", 1),
+        ("g", 4),
+    ]
+
+
+# -- S3: a folder rename is copy and delete per object, under a journal -------
+
+
+def _keys(store: Store, prefix: str) -> list[str]:
+    import xml.etree.ElementTree as ElementTree
+
+    response = store.rgw.request(
+        "GET", store.bucket, query={"list-type": "2", "prefix": f"{CLIENT}/{prefix}"}
+    )
+    assert response.status == 200, response.body
+    root = ElementTree.fromstring(response.body)
+    return [e.text[len(CLIENT) + 1 :] for e in root.iter() if e.tag.endswith("}Key") and e.text]
+
+
+MOVED = {f"src/{name}": data for name, data in TREE.items()}
+
+
+def _fail_the_fourth_copy(store: Store, monkeypatch: Any) -> None:
+    """The object store fails a server-side copy half-way through a move."""
+    from wsfiles.storage import StorageFailure as Failed
+
+    client = store.storage.client
+    real_send = client.send
+    copies = []
+
+    def send(method: str, key: str = "", *args: Any, headers: Any = None, **kw: Any) -> Any:
+        if headers and "x-amz-copy-source" in headers:
+            copies.append(key)
+            if len(copies) == 4:
+                from twisted.internet import defer
+
+                return defer.fail(Failed("the object store answered 503"))
+        return real_send(method, key, *args, headers=headers, **kw)
+
+    monkeypatch.setattr(client, "send", send)
+
+
+@pytest_twisted.async_yield_fixture
+async def s3_store(ceph_rgw):
+    store = _s3_store(ceph_rgw)
+    yield store
+    await store.storage.close()
+
+
+@pytest.mark.timeout(300)
+@pytest_twisted.ensureDeferred
+async def test_an_interrupted_folder_rename_is_finished_by_the_next_operation(
+    s3_store, monkeypatch
+):
+    store = s3_store
+    folder = store.folder
+    for name, data in MOVED.items():
+        await put(folder, name, data)
+    store.storage.client.list_page = 2  # several pages: the journal records progress
+    _fail_the_fourth_copy(store, monkeypatch)
+    with pytest.raises(StorageFailure):
+        await folder.rename("src", "dst/moved", False)
+    monkeypatch.undo()
+
+    # Half-way: the journal says what was under way; every file is under one
+    # name or the other, none lost.
+    [journal] = _keys(store, ".wsfiles-moves/")
+    response = store.rgw.request("GET", store.bucket, f"{CLIENT}/{journal}")
+    record = json.loads(response.body)
+    assert (record["from"], record["to"], record["moved"]) == ("src", "dst/moved", 2)
+    left = {key[len("src/") :] for key in _keys(store, "src/")}
+    arrived = {key[len("dst/moved/") :] for key in _keys(store, "dst/moved/")}
+    assert left and arrived and left | arrived == set(TREE)
+
+    # The next operation on the folder finishes the move first.
+    listed = shown(await everything(folder))
+    assert listed == [("dst", "folder"), ("dst/moved", "folder")] + [
+        (f"dst/moved/{name}", kind) for name, kind in TREE_LISTED
+    ]
+    for name, data in TREE.items():
+        assert await get(folder, f"dst/moved/{name}") == data
+    assert _keys(store, ".wsfiles-moves/") == []
+    assert _keys(store, "src/") == []
+
+
+@pytest.mark.timeout(300)
+@pytest_twisted.ensureDeferred
+async def test_a_move_left_by_a_dead_instance_is_finished_and_a_live_ones_left_alone(
+    s3_store, monkeypatch
+):
+    store = s3_store
+    for name, data in MOVED.items():
+        await put(store.folder, name, data)
+    _fail_the_fourth_copy(store, monkeypatch)
+    with pytest.raises(StorageFailure):
+        await store.folder.rename("src", "dst", False)
+    monkeypatch.undo()
+    first = store.storage.client.instance_id
+    before = sorted(_keys(store, ""))
+
+    other = _s3_store(store.rgw, store.bucket)  # another instance of the cluster
+    try:
+        alive = {first: True}
+        other.storage.share_instance("other", lambda i: defer.succeed(alive.get(i)))
+        await other.folder.kind("src")  # the mover is alive: its move is its own
+        assert sorted(_keys(store, "")) == before
+        alive[first] = False  # it died (its Redis liveness key expired)
+        assert await other.folder.kind("src") is None
+        assert _keys(store, ".wsfiles-moves/") == []
+        for name, data in TREE.items():
+            assert await get(other.folder, f"dst/{name}") == data
+    finally:
+        await other.storage.close()

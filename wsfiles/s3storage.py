@@ -20,6 +20,7 @@ them.  Each client folder is a key prefix (``NAME/``, ``@anonymous/``).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -63,6 +64,7 @@ from wsfiles.storage import (
     IStorage,
     IUpload,
     NotAFolder,
+    NotEmpty,
     NotFound,
     StorageFailure,
     path_key,
@@ -78,6 +80,10 @@ PARTIAL = ".wsfiles-partial"  # '@' is not allowed in client names
 #: ``@uploads/INSTANCE/UPLOAD_ID`` (body: its key) while it runs, so the
 #: sweeper can tell an upload abandoned by a crashed instance from a live one.
 UPLOADS = "@uploads/"
+#: A folder rename's journal: ``PREFIX.wsfiles-moves/ID.json`` (see S3Folder).
+MOVES = ".wsfiles-moves"
+#: Server-side copies a folder rename has under way at once.
+COPIES_AT_ONCE = 16
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 #: Seconds the object store has to answer a request before it is abandoned
 #: (StorageFailure): a store that accepts connections and never answers
@@ -240,6 +246,10 @@ def _header(response: Any, name: str) -> str | None:
     return values[0] if values else None
 
 
+def _xml_escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def _timestamp(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
@@ -249,18 +259,38 @@ async def _constant(value: Any) -> Any:
 
 
 async def _all(*coroutines: Any) -> list[Any]:
-    """Run requests side by side; their results in order, or the first failure."""
-    try:
-        return await defer.gatherResults(
-            [Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True
-        )
-    except defer.FirstError as e:
-        raise e.subFailure.value from None
+    """Run requests side by side; their results in order once all have ended,
+    or the first failure (after the others ended: nothing left under way)."""
+    results = await defer.DeferredList(
+        [Deferred.fromCoroutine(c) for c in coroutines], consumeErrors=True
+    )
+    for ok, value in results:
+        if not ok:
+            value.raiseException()
+    return [value for _, value in results]
 
 
 #: Answers whether another instance is alive: True, False, or None when
 #: nobody can tell (no Redis, or Redis is down).
 InstanceAlive = Callable[[str], Deferred]
+
+
+class _Moves:
+    """Folder renames of one storage: the journals this process is carrying
+    out, and the client prefixes whose journals were looked at since start."""
+
+    def __init__(self, client: S3Client) -> None:
+        self.client = client
+        self.moving: set[str] = set()
+        self.checked: set[str] = set()
+        self.instance_alive: InstanceAlive | None = None
+
+    async def abandoned(self, record: dict[str, Any]) -> bool:
+        """Whether no live process is carrying out the move of ``record``."""
+        instance = record.get("instance")
+        if instance == self.client.instance_id or self.instance_alive is None:
+            return True  # ours (failed, or an earlier run's), or a lone instance
+        return await self.instance_alive(str(instance)) is not True
 
 
 @implementer(IStorage)
@@ -270,6 +300,7 @@ class S3Storage:
         #: Interrupted uploads still saving their record: a resume waits for them.
         self.settling: dict[str, Deferred] = {}
         self.instance_alive: InstanceAlive | None = None
+        self.moves = _Moves(client)
 
     def share_instance(self, instance_id: str, alive: InstanceAlive) -> None:
         """Tag uploads with ``instance_id`` (this instance's Redis liveness key),
@@ -277,10 +308,11 @@ class S3Storage:
         for abandoned (RedisState calls this)."""
         self.client.instance_id = instance_id
         self.instance_alive = alive
+        self.moves.instance_alive = alive
 
     def folder(self, client: str | None) -> S3Folder:
         prefix = f"{client}/" if client else ANONYMOUS_PREFIX
-        return S3Folder(self.client, prefix, self.settling)
+        return S3Folder(self.client, prefix, self.settling, self.moves)
 
     def free_bytes(self) -> float:
         return float("nan")  # an object store does not say
@@ -328,6 +360,11 @@ class S3Storage:
                 stamp = _timestamp(item.findtext(f"{_NS}LastModified", ""))
                 if key.startswith(UPLOADS):
                     markers.append((key, stamp))
+                    continue
+                if f"/{MOVES}/" in f"/{key}" and key not in self.moves.moving:
+                    client_prefix = key[: key.index(MOVES)]
+                    mover = S3Folder(self.client, client_prefix, self.settling, self.moves)
+                    await mover._resume_move(key)  # a folder rename left unfinished
                     continue
                 if f"/{PARTIAL}/" not in f"/{key}" or not key.endswith(".json"):
                     continue
@@ -492,15 +529,23 @@ class S3Folder:
     S3 keeps no time for a folder: its mtime is 0.
     """
 
-    def __init__(self, client: S3Client, prefix: str, settling: dict[str, Deferred]) -> None:
+    def __init__(
+        self,
+        client: S3Client,
+        prefix: str,
+        settling: dict[str, Deferred],
+        moves: _Moves | None = None,
+    ) -> None:
         self._client = client
         self._prefix = prefix
         self._settling = settling
+        self._moves = moves if moves is not None else _Moves(client)
 
     def list(self) -> Deferred:
         return Deferred.fromCoroutine(self._list())
 
     async def _list(self) -> list[FileInfo]:
+        await self._settle_moves()
         files: list[FileInfo] = []
         # The delimiter keeps folders' contents out: the top level's files only.
         async for page in self._pages(self._prefix, delimiter=True):
@@ -591,7 +636,11 @@ class S3Folder:
                 raise NotAFolder(folder)
 
     def kind(self, path: str) -> Deferred:
-        return Deferred.fromCoroutine(self._kind(path))
+        async def kind_now() -> str | None:
+            await self._settle_moves()
+            return await self._kind(path)
+
+        return Deferred.fromCoroutine(kind_now())
 
     def entries(self, path: str, recursive: bool, after: str | None, limit: int) -> Deferred:
         return Deferred.fromCoroutine(self._entries(path, recursive, after, limit))
@@ -599,6 +648,7 @@ class S3Folder:
     async def _entries(
         self, path: str, recursive: bool, after: str | None, limit: int
     ) -> list[Entry]:
+        await self._settle_moves()
         base = f"{self._prefix}{path}/" if path else self._prefix
         cursor = after.split("/") if after else []
         if not recursive:
@@ -654,6 +704,7 @@ class S3Folder:
 
     def usage(self) -> Deferred:
         async def usage_now() -> tuple[int, int]:
+            await self._settle_moves()
             size = files = 0
             folders: set[str] = set()
             async for page in self._pages(self._prefix):
@@ -680,10 +731,66 @@ class S3Folder:
         return FileInfo(name, int(_header(response, "Content-Length") or 0), mtime)
 
     def stat(self, name: str) -> Deferred:
-        return Deferred.fromCoroutine(self._stat(name))
+        async def stat_now() -> FileInfo:
+            await self._settle_moves()
+            return await self._stat(name)
+
+        return Deferred.fromCoroutine(stat_now())
+
+    def mkdir(self, path: str, parents: bool) -> Deferred:
+        async def mkdir_now() -> None:
+            await self._settle_moves()
+            kind = await self._kind(path)  # NotAFolder: a file on the way
+            if kind == "folder" and parents:
+                return
+            if kind is not None:
+                raise Exists(path)
+            parent = parent_of(path)
+            if parent and not parents and await self._kind(parent) != "folder":
+                raise NotFound(parent)
+            await self._client.send("PUT", f"{self._prefix}{path}/", body=b"")
+
+        return Deferred.fromCoroutine(mkdir_now())
+
+    def rmdir(self, path: str, recursive: bool) -> Deferred:
+        async def rmdir_now() -> None:
+            await self._settle_moves()
+            kind = await self._kind(path)
+            if kind is None:
+                raise NotFound(path)
+            if kind == "file":
+                raise NotAFolder(path)
+            below = f"{self._prefix}{path}/"
+            if recursive:
+                async for page in self._pages(below):
+                    await self._delete_keys([item.key for item in page])
+            else:
+                async for page in self._pages(below, max_keys=2):
+                    if any(item.key != below for item in page):
+                        raise NotEmpty(path)
+                await self._client.send("DELETE", below, expect=(200, 204, 404))
+            await self._keep_folder(parent_of(path))
+
+        return Deferred.fromCoroutine(rmdir_now())
+
+    async def _delete_keys(self, keys: list[str]) -> None:
+        """Delete up to 1000 keys in one DeleteObjects request."""
+        if not keys:
+            return
+        objects = "".join(f"<Object><Key>{_xml_escape(key)}</Key></Object>" for key in keys)
+        body = f"<Delete><Quiet>true</Quiet>{objects}</Delete>".encode()
+        md5 = base64.b64encode(hashlib.md5(body).digest()).decode()
+        _, answer = await self._client.send(
+            "POST", params={"delete": ""}, body=body, headers={"Content-MD5": md5}
+        )
+        failed = ElementTree.fromstring(answer).findall(f"{_NS}Error") if answer else []
+        if failed:
+            why = failed[0].findtext(f"{_NS}Code", "")
+            raise StorageFailure(f"the object store kept {len(failed)} of the keys ({why})")
 
     def open_download(self, name: str, offset: int = 0, length: int | None = None) -> Deferred:
         async def open_it() -> S3Download:
+            await self._settle_moves()
             info = await self._stat(name)
             if offset > info.size:
                 raise ValueError(f"offset {offset} is beyond the size {info.size}")
@@ -796,6 +903,7 @@ class S3Folder:
 
     def delete(self, name: str) -> Deferred:
         async def delete_it() -> None:
+            await self._settle_moves()
             await self._stat(name)
             await self._client.send("DELETE", self._prefix + name, expect=(200, 204))
             await self._keep_folder(parent_of(name))
@@ -810,21 +918,115 @@ class S3Folder:
 
     def rename(self, name: str, to: str, overwrite: bool) -> Deferred:
         async def rename_it() -> None:
-            await self._stat(name)
+            await self._settle_moves()
+            kind = await self._kind(name)
+            if kind is None:
+                raise NotFound(name)
             if name == to:
                 return
-            if not overwrite:
-                try:
-                    await self._stat(to)
-                except NotFound:
-                    pass
-                else:
-                    raise Exists(to)
-            source = f"/{self._client.bucket}/{quote(self._prefix + name, safe='/~')}"
-            await self._client.send("PUT", self._prefix + to, headers={"x-amz-copy-source": source})
-            await self._client.send("DELETE", self._prefix + name, expect=(200, 204))
+            target = await self._kind(to)  # NotAFolder: a file on the way
+            if target is not None and (kind == "folder" or target == "folder" or not overwrite):
+                raise Exists(to)  # a folder replaces nothing; nothing replaces a folder
+            if kind == "file":
+                await self._copy(self._prefix + name, self._prefix + to)
+                await self._client.send("DELETE", self._prefix + name, expect=(200, 204))
+            else:
+                await self._move_folder(name, to)
+            await self._keep_folder(parent_of(name))
 
         return Deferred.fromCoroutine(rename_it())
+
+    async def _copy(self, source: str, target: str) -> None:
+        """A server-side copy; NotFound when ``source`` is gone."""
+        header = f"/{self._client.bucket}/{quote(source, safe='/~')}"
+        await self._client.send("PUT", target, headers={"x-amz-copy-source": header})
+
+    # -- folder moves: copy and delete per object, under a journal -----------
+
+    async def _move_folder(self, name: str, to: str) -> None:
+        """Move every key below ``name/`` to ``to/``.
+
+        The journal ``PREFIX.wsfiles-moves/ID.json`` (from, to, instance,
+        moved) is written before the first copy and removed after the last
+        delete; while it exists the move is unfinished, and the next operation
+        on this client's folder (or a sweep) carries it out to the end.
+        """
+        journal = f"{self._prefix}{MOVES}/{uuid.uuid4().hex}.json"
+        record = {"from": name, "to": to, "instance": self._client.instance_id, "moved": 0}
+        self._moves.moving.add(journal)  # before a sweep could see it
+        try:
+            await self._client.send("PUT", journal, body=json.dumps(record).encode())
+        except BaseException:
+            self._moves.moving.discard(journal)
+            raise
+        await self._carry_out(journal, record)
+
+    async def _carry_out(self, journal: str, record: dict[str, Any]) -> None:
+        self._moves.moving.add(journal)
+        try:
+            source = f"{self._prefix}{record['from']}/"
+            target = f"{self._prefix}{record['to']}/"
+            for _ in range(3):  # and again for keys saved below the source meanwhile
+                moved = 0
+                async for page in self._pages(source):
+                    for i in range(0, len(page), COPIES_AT_ONCE):
+                        await _all(
+                            *(
+                                self._copy_if_there(item.key, target + item.key[len(source) :])
+                                for item in page[i : i + COPIES_AT_ONCE]
+                            )
+                        )
+                    await self._delete_keys([item.key for item in page])
+                    moved += len(page)
+                    record["moved"] = int(record.get("moved", 0)) + len(page)
+                    await self._client.send("PUT", journal, body=json.dumps(record).encode())
+                if not moved:
+                    break
+            await self._client.send("DELETE", journal, expect=(200, 204, 404))
+        except BaseException:
+            # Left unfinished: the next operation on this folder looks again.
+            self._moves.checked.discard(self._prefix)
+            raise
+        finally:
+            self._moves.moving.discard(journal)
+
+    async def _copy_if_there(self, source: str, target: str) -> None:
+        with contextlib.suppress(NotFound):  # moved already (an earlier attempt)
+            await self._copy(source, target)
+
+    async def _settle_moves(self) -> None:
+        """Finish the folder renames left unfinished in this client's folder (a
+        crash, a store that failed half-way), once per process, and again after
+        a move of this process failed; each operation on the folder waits for it."""
+        if self._prefix in self._moves.checked:
+            return
+        self._moves.checked.add(self._prefix)
+        try:
+            async for page in self._pages(f"{self._prefix}{MOVES}/"):
+                for item in page:
+                    if item.key not in self._moves.moving:
+                        await self._resume_move(item.key)
+        except BaseException:
+            self._moves.checked.discard(self._prefix)
+            raise
+
+    async def _resume_move(self, journal: str) -> None:
+        """Carry out the move of ``journal`` unless a live instance is doing it."""
+        record = await self._read_record(journal)
+        if record is None or not {"from", "to"} <= record.keys():
+            await self._client.send("DELETE", journal, expect=(200, 204, 404))
+            return
+        if not await self._moves.abandoned(record):
+            self._moves.checked.discard(self._prefix)  # look again later
+            return
+        _log.info(
+            "finishing the move of {source!r} to {target!r} left unfinished",
+            source=record["from"],
+            target=record["to"],
+        )
+        record["instance"] = self._client.instance_id
+        await self._carry_out(journal, record)
+        await self._keep_folder(parent_of(str(record["from"])))
 
 
 @implementer(IUpload)
