@@ -562,3 +562,19 @@ async def test_a_move_left_by_a_dead_instance_is_finished_and_a_live_ones_left_a
             assert await get(other.folder, f"dst/{name}") == data
     finally:
         await other.storage.close()
+
+
+@pytest.mark.timeout(300)
+@pytest_twisted.ensureDeferred
+async def test_the_sweep_finishes_an_interrupted_folder_rename(s3_store, monkeypatch):
+    store = s3_store
+    for name, data in MOVED.items():
+        await put(store.folder, name, data)
+    _fail_the_fourth_copy(store, monkeypatch)
+    with pytest.raises(StorageFailure):
+        await store.folder.rename("src", "dst", False)
+    monkeypatch.undo()
+    await store.storage.sweep_partials(3600)
+    assert _keys(store, ".wsfiles-moves/") == []
+    assert _keys(store, "src/") == []
+    assert sorted(_keys(store, "dst/")) == sorted(f"dst/{name}" for name in TREE)

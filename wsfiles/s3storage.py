@@ -12,6 +12,9 @@ them.  Each client folder is a key prefix (``NAME/``, ``@anonymous/``).
   so a save is atomic; a failed upload is aborted in the store.
 - Downloads: one ranged GET, paced by the consumer: when it pauses us, we
   pause the HTTP response.
+- Folders (protocol 1.2): keys ``PREFIX a/b/c``, empty folders as marker
+  objects ``PREFIX a/b/``; a folder rename moves object by object under a
+  journal (see S3Folder and docs/scaling.md, "Folders on S3").
 - Rename is a server-side copy, then a delete: not atomic.  For a moment both
   names exist; a reader never sees a partial object under either name.
 - Resumable saves are unfinished multipart uploads at a staging key (see
@@ -361,8 +364,8 @@ class S3Storage:
                 if key.startswith(UPLOADS):
                     markers.append((key, stamp))
                     continue
-                if f"/{MOVES}/" in f"/{key}" and key not in self.moves.moving:
-                    client_prefix = key[: key.index(MOVES)]
+                if key.split("/")[1:2] == [MOVES] and key not in self.moves.moving:
+                    client_prefix = key[: key.index("/") + 1]
                     mover = S3Folder(self.client, client_prefix, self.settling, self.moves)
                     await mover._resume_move(key)  # a folder rename left unfinished
                     continue
