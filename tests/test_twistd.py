@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import pytest_twisted
-from conftest import add_user_with_cli, handshake_status, twistd_args
+from conftest import BIN, add_user_with_cli, handshake_status, twistd_args
 
 from wsfiles.client import WsfilesError, connect
 
@@ -95,6 +95,31 @@ def test_port_in_use_fails_at_start_up_with_a_clear_message(tmp_path):
     output = result.stdout + result.stderr
     assert output.count("Address already in use") == 1  # one line, not a log line and stderr
     assert "Traceback" not in output
+
+
+def test_port_in_use_ends_a_daemonized_twistd_too(tmp_path):
+    # In daemon mode twistd's parent waits for its child's word on a pipe, and
+    # hears it only for an Exception: a bare SystemExit left it waiting for ever.
+    log = tmp_path / "twistd.log"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argv = [
+            str(BIN / "twistd"),
+            f"--pidfile={tmp_path / 'twistd.pid'}",
+            f"--logfile={log}",
+            "wsfiles",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--root",
+            str(tmp_path / "root"),
+        ]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "wsfiles cannot start" in result.stderr
+    assert log.read_text().count("Address already in use") == 1
+    assert "Traceback" not in result.stderr + log.read_text()
 
 
 def test_a_listener_that_fails_to_bind_otherwise_is_one_line_too(tmp_path):

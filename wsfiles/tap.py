@@ -401,6 +401,15 @@ def _sweep_partials(storage: Any, ttl: float) -> Deferred:
     return defer.maybeDeferred(storage.sweep_partials, ttl).addCallback(report)
 
 
+class CannotStart(SystemExit, Exception):
+    """Start-up failed: one line, no traceback, and the process exits 1.
+
+    A SystemExit, so Python prints only its message; an Exception too, so
+    twistd's daemon mode (which catches Exception) reports it to the waiting
+    parent through its status pipe, which would otherwise wait for ever.
+    """
+
+
 class WsfilesService(service.MultiService):
     """The service tree's top: readiness, start-up errors, and a graceful stop.
 
@@ -429,9 +438,9 @@ class WsfilesService(service.MultiService):
         try:
             super().privilegedStartService()
         except CannotListenError as e:
-            raise SystemExit(f"wsfiles cannot start: {e}") from None
+            raise CannotStart(f"wsfiles cannot start: {e}") from None
         except (OSError, OverflowError, ValueError) as e:  # what binding raises besides
-            raise SystemExit(f"wsfiles cannot start listening: {e}") from None
+            raise CannotStart(f"wsfiles cannot start listening: {e}") from None
 
     def startService(self) -> None:
         super().startService()
