@@ -70,6 +70,12 @@ BENCHMARKS = (
         "10,000 idle authenticated connections (RSS, list on each); list round trips",
     ),
     Benchmark(
+        "folders",
+        ("folders.py",),
+        180,
+        "list of a 10,000-entry folder and a 10,000-file tree (1.2, paged) vs a flat list",
+    ),
+    Benchmark(
         "browser",
         ("browser.py",),
         240,

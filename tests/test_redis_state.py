@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred
 from wsfiles import errors
 from wsfiles.admission import Limits
 from wsfiles.errors import ProtocolError
-from wsfiles.storage import FileInfo
+from wsfiles.storage import FileInfo, NotFound
 
 txredisapi = pytest.importorskip("txredisapi")
 
@@ -65,6 +65,18 @@ class FakeFolder:
     def partial_bytes(self) -> Deferred:
         return defer.succeed(dict(self.partials))
 
+    def usage(self) -> Deferred:
+        """(bytes, entries) of the tree: a flat folder here."""
+        usage = (sum(self.files.values()), len(self.files))
+        if self.after_list is not None:
+            self.after_list()
+        return defer.succeed(usage)
+
+    def stat(self, name: str) -> Deferred:
+        if name not in self.files:
+            return defer.fail(NotFound(name))
+        return defer.succeed(FileInfo(name, self.files[name], 0.0))
+
 
 class FakeStorage:
     """The disk the instances share."""
@@ -105,9 +117,9 @@ def count_hub_calls(state: RedisState) -> list[str | None]:
     hub = state.changes.hub
     original = hub.changed
 
-    def changed(folder: str | None) -> None:
+    def changed(folder: str | None, path: str = "") -> None:
         calls.append(folder)
-        original(folder)
+        original(folder, path)
 
     hub.changed = changed  # type: ignore[method-assign]
     return calls

@@ -1,10 +1,12 @@
-"""Live updates: tell every connection of a client when its folder changed.
+"""Live updates: tell every connection of a client when one of its folders changed.
 
-Changes are coalesced per client: the first change starts a short window,
-and when it closes the folder is listed once and the list goes to every
-command channel of that client (the one that made the change included).
-Other clients hear nothing.  This object is the seam a shared bus (Redis
-pub/sub, say) would plug into for several instances.
+Changes are coalesced per client and folder: the first change starts a short
+window, and when it closes the folder is listed once and the result goes to
+every command channel of that client (the one that made the change included).
+Other clients hear nothing.  Protocol 1.1 channels hear of the top folder only,
+as the complete file list; 1.2 channels hear of every folder, each event
+carrying that folder's entries (never a whole tree).  This object is the seam
+a shared bus (Redis pub/sub) plugs into for several instances.
 """
 
 from __future__ import annotations
@@ -13,19 +15,26 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from wsfiles.storage import IStorage
+from wsfiles.storage import IStorage, NotAFolder, NotFound
 
 _log = Logger()
 
 #: How long changes are gathered before one ``changed`` event goes out.
 COALESCE_SECONDS = 0.25
+#: Entries a 1.2 event carries at most (``max_list``); a bigger folder's event
+#: says ``"more": true`` and the client lists it in pages.
+MAX_EVENT_ENTRIES = 1000
 
-#: Gets the encoded ``changed`` message.
+#: Gets the encoded 1.1 ``changed`` message (the top folder's files).
 Listener = Callable[[bytes], None]
+#: Gets the folder's path and the encoded 1.2 ``changed`` message.
+FolderListener = Callable[[str, bytes], None]
+
+_Key = tuple[str | None, str]  # (client folder, path inside it)
 
 
 class ChangeHub:
@@ -33,60 +42,94 @@ class ChangeHub:
         self._storage = storage
         self._clock = clock
         self._listeners: dict[str | None, list[Listener]] = {}
-        self._pending: dict[str | None, IDelayedCall] = {}
-        self._listing: set[str | None] = set()
-        self._again: set[str | None] = set()
+        self._folder_listeners: dict[str | None, list[FolderListener]] = {}
+        self._pending: dict[_Key, IDelayedCall] = {}
+        self._listing: set[_Key] = set()
+        self._again: set[_Key] = set()
 
-    def subscribe(self, folder: str | None, listener: Listener) -> None:
-        self._listeners.setdefault(folder, []).append(listener)
+    def subscribe(self, folder: str | None, listener: Any, *, folders: bool = False) -> None:
+        """Hear of ``folder``'s changes: as 1.1 events, or (``folders``) 1.2 ones."""
+        listeners = self._folder_listeners if folders else self._listeners
+        listeners.setdefault(folder, []).append(listener)
 
-    def unsubscribe(self, folder: str | None, listener: Listener) -> None:
-        listeners = self._listeners.get(folder, [])
-        if listener in listeners:
-            listeners.remove(listener)
-        if not listeners:
-            self._listeners.pop(folder, None)
-            call = self._pending.pop(folder, None)
-            if call is not None and call.active():
-                call.cancel()
+    def unsubscribe(self, folder: str | None, listener: Any, *, folders: bool = False) -> None:
+        listeners = self._folder_listeners if folders else self._listeners
+        registered = listeners.get(folder, [])
+        if listener in registered:
+            registered.remove(listener)
+        if not registered:
+            listeners.pop(folder, None)
+        if not self.has_listeners(folder):
+            for key in [key for key in self._pending if key[0] == folder]:
+                call = self._pending.pop(key)
+                if call.active():
+                    call.cancel()
 
-    def changed(self, folder: str | None) -> None:
-        """``folder`` changed; its listeners hear about it shortly, once."""
-        if folder not in self._listeners:
+    def has_listeners(self, folder: str | None) -> bool:
+        return folder in self._listeners or folder in self._folder_listeners
+
+    def changed(self, folder: str | None, path: str = "") -> None:
+        """Folder ``path`` of client folder ``folder`` changed; its listeners hear
+        about it shortly, once."""
+        if not self.has_listeners(folder):
             return
-        if folder in self._listing:
-            self._again.add(folder)  # list again once the current listing is out
-        elif folder not in self._pending:
-            self._pending[folder] = self._clock.callLater(COALESCE_SECONDS, self._publish, folder)
+        key = (folder, path)
+        if key in self._listing:
+            self._again.add(key)  # list again once the current listing is out
+        elif key not in self._pending:
+            self._pending[key] = self._clock.callLater(COALESCE_SECONDS, self._publish, key)
 
-    def _publish(self, folder: str | None) -> None:
-        del self._pending[folder]
-        self._listing.add(folder)
-        d: Deferred = self._storage.folder(folder).list()
-
-        def send(files: list[Any]) -> None:
-            # Encoded once for every listener: a big folder makes a big message.
-            payload = json.dumps(
-                {"op": "changed", "files": [info.as_json() for info in files]}
-            ).encode("utf-8")
-            for listener in list(self._listeners.get(folder, [])):
-                try:
-                    listener(payload)
-                except Exception:  # one broken connection must not starve the others
-                    _log.failure("could not send a changed event")
+    def _publish(self, key: _Key) -> None:
+        del self._pending[key]
+        self._listing.add(key)
+        d = defer.ensureDeferred(self._send(key))
+        d.addErrback(lambda f: _log.failure("could not list a changed folder", f))
 
         def done(result: Any) -> None:
-            self._listing.discard(folder)
-            if folder in self._again:
-                self._again.discard(folder)
-                self.changed(folder)
+            self._listing.discard(key)
+            if key in self._again:
+                self._again.discard(key)
+                self.changed(*key)
 
-        d.addCallback(send)
-        d.addErrback(lambda f: _log.failure("could not list a changed folder", f))
         d.addBoth(done)
+
+    async def _send(self, key: _Key) -> None:
+        folder, path = key
+        store = self._storage.folder(folder)
+        # Each event is encoded once for every listener: a big folder makes a big message.
+        if path == "" and self._listeners.get(folder):
+            files = await store.list()
+            payload = _encode({"op": "changed", "files": [info.as_json() for info in files]})
+            _deliver(self._listeners.get(folder, []), payload)
+        if self._folder_listeners.get(folder):
+            try:
+                entries = await store.entries(path, False, None, MAX_EVENT_ENTRIES)
+            except (NotFound, NotAFolder):
+                return  # removed since: its parent's event tells
+            event: dict[str, Any] = {"op": "changed", "path": path}
+            if len(entries) > MAX_EVENT_ENTRIES:
+                event["more"] = True
+            else:
+                event["files"] = [entry.as_entry() for entry in entries]
+            payload = _encode(event)
+            _deliver(self._folder_listeners.get(folder, []), payload, path)
 
     def close(self) -> None:
         for call in self._pending.values():
             if call.active():
                 call.cancel()
         self._pending.clear()
+
+
+def _encode(event: dict[str, Any]) -> bytes:
+    return json.dumps(event).encode("utf-8")
+
+
+def _deliver(listeners: list[Any], payload: bytes, *path: str) -> None:
+    for listener in list(listeners):
+        try:
+            listener(*path, payload)
+        except Exception:  # one broken connection must not starve the others
+            _log.failure("could not send a changed event")
+
+

@@ -202,8 +202,10 @@ class FolderCommands:
         return speaks_folders(self)  # type: ignore[arg-type]
 
     def _paths_allowed(self, *names: str) -> None:
-        """A path below the top needs folders: say so rather than ``invalid_name``."""
-        if any("/" in name for name in names) and not self.folders:
+        """A valid path below the top needs folders: say so rather than
+        ``invalid_name``.  Anything else (``../etc``) goes to the server, whose
+        answer is the one that counts."""
+        if not self.folders and any("/" in name and _is_path(name) for name in names):
             raise no_folders(self)  # type: ignore[arg-type]
 
     async def list(self, path: str = "", recursive: bool = False) -> list[dict[str, Any]]:
@@ -219,3 +221,14 @@ class FolderCommands:
     async def rmdir(self, path: str, recursive: bool = False) -> dict[str, Any]:
         """Remove folder ``path`` (1.2): ``not_empty`` unless ``recursive``."""
         return await rmdir(self, path, recursive=recursive)  # type: ignore[arg-type]
+
+
+def _is_path(name: str) -> bool:
+    from wsfiles.errors import ProtocolError
+    from wsfiles.names import check_path
+
+    try:
+        check_path(name)
+    except ProtocolError:
+        return False
+    return True

@@ -25,6 +25,7 @@ from wsfiles.admission import ConnectionSlots
 from wsfiles.changes import ChangeHub
 from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
+from wsfiles.folders import SUBPROTOCOL_12
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import EntryLimits, QuotaLedger
 from wsfiles.ratelimit import ClientBuckets
@@ -147,10 +148,17 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     _credential: tuple[str, str] | None = None
     _slot: tuple[str, str] | None = None
     _bucket_key = ""
+    #: The client offered protocol 1.2 (folders) at the handshake.
+    _folders = False
     send_queue: Any
 
     def onConnect(self, request: ConnectionRequest) -> Any:
-        subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
+        # A client that offers wsfiles.v1.2 speaks protocol 1.2 (folders).
+        if SUBPROTOCOL_12 in request.protocols:
+            subprotocol: str | None = SUBPROTOCOL_12
+            self._folders = True
+        else:
+            subprotocol = SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
         users = self.factory.users
         ip = self._client_ip(request)
         if users is None:
@@ -242,6 +250,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             folder_key=self._client,
             metrics=factory.book.metrics,
             bucket=factory.buckets.take(self._bucket_key),
+            folders=self._folders,
         )
         self.session.draining = factory.draining  # a stop began during the handshake
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)

@@ -24,6 +24,11 @@ CHECKSUM_MISMATCH = "checksum_mismatch"
 EXISTS = "exists"
 SUPERSEDED = "superseded"
 UNAVAILABLE = "unavailable"
+# Protocol 1.2 (folders)
+NOT_A_FOLDER = "not_a_folder"
+IS_A_FOLDER = "is_a_folder"
+NOT_EMPTY = "not_empty"
+INVALID_MOVE = "invalid_move"
 
 
 class ProtocolError(Exception):

@@ -61,3 +61,47 @@ def is_valid_file_name(name: str) -> bool:
 def is_valid_client_name(name: str) -> bool:
     """Client names become folder names: ``[A-Za-z0-9_.-]{1,64}``, no leading dot."""
     return bool(_CLIENT_NAME.fullmatch(name)) and not name.startswith(".")
+
+
+#: Protocol 1.2 paths: at most this many segments and bytes of UTF-8.
+MAX_PATH_DEPTH = 32
+MAX_PATH_BYTES = 1024
+
+
+def check_path(path: object, *, field: str = "name", top: bool = False) -> str:
+    """Return ``path`` if it is a valid 1.2 path, else raise ProtocolError.
+
+    Names joined by ``/``, each obeying ``check_file_name``; no leading,
+    trailing or doubled ``/``.  With ``top``, the empty string (the client's
+    top folder) is allowed too.
+    """
+    if not isinstance(path, str):
+        raise errors.ProtocolError(errors.BAD_REQUEST, f"{field!r} must be a string")
+    if path == "" and top:
+        return path
+    segments = path.split("/")
+    if len(segments) > MAX_PATH_DEPTH:
+        raise errors.ProtocolError(
+            errors.INVALID_NAME, f"the path is deeper than {MAX_PATH_DEPTH} folders"
+        )
+    for segment in segments:
+        if not segment:
+            raise errors.ProtocolError(
+                errors.INVALID_NAME, "a path may not start or end with '/' or contain '//'"
+            )
+        check_file_name(segment)
+    if len(path.encode("utf-8")) > MAX_PATH_BYTES:
+        raise errors.ProtocolError(
+            errors.INVALID_NAME, f"the path is longer than {MAX_PATH_BYTES} bytes"
+        )
+    return path
+
+
+def parent_of(path: str) -> str:
+    """The folder holding ``path`` (``""`` for the top)."""
+    return path.rpartition("/")[0]
+
+
+def is_within(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` itself or lies below it."""
+    return path == folder or path.startswith(folder + "/")

@@ -14,8 +14,22 @@ from collections.abc import Callable, Iterable
 
 from wsfiles import errors
 from wsfiles.errors import ProtocolError
-from wsfiles.storage import FileInfo, IFolder
+from wsfiles.names import parent_of
+from wsfiles.storage import FileInfo, IFolder, IsAFolder, NotAFolder, NotFound
 from wsfiles.users import NO_QUOTA
+
+
+async def bytes_kept(folder: IFolder, name: str) -> int:
+    """Bytes the folder's whole tree holds (files and kept partials) that a save of
+    ``name`` keeps: what it replaces and its own partial are not counted."""
+    used, _ = await folder.usage()
+    partials = await folder.partial_bytes()
+    partials.pop(name, None)  # a resumed upload's own bytes are in its size
+    try:
+        replaced = (await folder.stat(name)).size
+    except (NotFound, NotAFolder, IsAFolder):
+        replaced = 0
+    return used + sum(partials.values()) - replaced
 
 
 class Reservation:
@@ -70,12 +84,7 @@ class QuotaLedger:
         quota = self.quota_of(client)
         if quota is None:
             return
-        files = await folder.list()
-        partials = await folder.partial_bytes()
-        partials.pop(name, None)  # a resumed upload's own bytes are in its size
-        used = sum(f.size for f in files) + sum(partials.values())
-        replaced = next((f.size for f in files if f.name == name), 0)
-        needed = used - replaced + self._reserved[client] + extra
+        needed = await bytes_kept(folder, name) + self._reserved[client] + extra
         if needed > quota:
             raise ProtocolError(
                 errors.QUOTA_EXCEEDED,
@@ -83,6 +92,9 @@ class QuotaLedger:
             )
 
 
+#: Entries of a folder read to check its listing's length; beyond them it is
+#: long anyway (1.2 clients page it; a 1.1 listing this long is refused).
+_LISTING_PROBE = 200_000
 #: Bytes a listing entry adds besides its name (JSON keys, size, mtime).
 _ENTRY_OVERHEAD = len(json.dumps(FileInfo("", 2**40, 1.7e9 + 0.123456).as_json()).encode()) + 2
 
@@ -118,18 +130,28 @@ class EntryLimits:
 
     async def check(self, client: str, folder: IFolder, name: str) -> None:
         """Raise quota_exceeded if a new file ``name`` would not fit."""
-        existing = {info.name for info in await folder.list()}
-        if name in existing:
-            return
-        names = existing | {n for n, count in self._creating.get(client, {}).items() if count}
-        names.add(name)
+        if await folder.kind(name) is not None:
+            return  # a replacement: the counts do not change
+        creating = {n for n, count in self._creating.get(client, {}).items() if count}
+        creating.add(name)
         max_files = self.max_files_of(client)
-        if max_files is not None and len(names) > max_files:
-            raise ProtocolError(
-                errors.QUOTA_EXCEEDED,
-                f"a new file would make {len(names)} files; this folder may hold {max_files}",
-            )
-        if listing_bytes(names) > self.max_listing:
+        if max_files is not None:
+            _, entries = await folder.usage()
+            total = entries + len(creating)
+            if total > max_files:
+                raise ProtocolError(
+                    errors.QUOTA_EXCEEDED,
+                    f"a new file would make {total} files and folders;"
+                    f" this folder may hold {max_files}",
+                )
+        parent = parent_of(name)
+        try:
+            siblings = await folder.entries(parent, False, None, _LISTING_PROBE)
+        except NotFound:
+            siblings = []  # the save will create the folder
+        names = {entry.name for entry in siblings}
+        names |= {n.rpartition("/")[2] for n in creating if parent_of(n) == parent}
+        if len(siblings) > _LISTING_PROBE or listing_bytes(names) > self.max_listing:
             raise ProtocolError(
                 errors.QUOTA_EXCEEDED,
                 f"a new file would make this folder's listing longer than {self.max_listing}"

@@ -56,9 +56,9 @@ from twisted.python.failure import Failure
 
 from wsfiles import errors
 from wsfiles.admission import ConnectionSlots, Limits
-from wsfiles.changes import ChangeHub, Listener
+from wsfiles.changes import ChangeHub
 from wsfiles.errors import ProtocolError
-from wsfiles.quota import QuotaLedger, Reservation
+from wsfiles.quota import QuotaLedger, Reservation, bytes_kept
 from wsfiles.storage import IFolder, IStorage
 
 _log = Logger()
@@ -586,7 +586,7 @@ class RedisChangeBus:
     def __init__(self, storage: IStorage, clock: Any, link: RedisLink) -> None:
         self.hub = ChangeHub(storage, clock)
         self._link = link
-        self._listeners: dict[str | None, list[Listener]] = {}
+        self._listeners: dict[str | None, list[Any]] = {}
         self._channels: dict[str, str | None] = {}
         self._ops: set[Deferred] = set()
         link.on_events_up.append(self._resubscribe)
@@ -595,22 +595,22 @@ class RedisChangeBus:
     def channel(self, folder: str | None) -> str:
         return f"{self._link.prefix}changed:{ANONYMOUS_CHANNEL if folder is None else folder}"
 
-    def subscribe(self, folder: str | None, listener: Listener) -> None:
+    def subscribe(self, folder: str | None, listener: Any, *, folders: bool = False) -> None:
         listeners = self._listeners.setdefault(folder, [])
         listeners.append(listener)
-        self.hub.subscribe(folder, listener)
+        self.hub.subscribe(folder, listener, folders=folders)
         if len(listeners) == 1:
             channel = self.channel(folder)
             self._channels[channel] = folder
             if self._link.events_up:
                 self._track(self._link.subscribe(channel), f"could not subscribe to {channel}")
 
-    def unsubscribe(self, folder: str | None, listener: Listener) -> None:
+    def unsubscribe(self, folder: str | None, listener: Any, *, folders: bool = False) -> None:
         listeners = self._listeners.get(folder, [])
         if listener not in listeners:
             return
         listeners.remove(listener)
-        self.hub.unsubscribe(folder, listener)
+        self.hub.unsubscribe(folder, listener, folders=folders)
         if not listeners:
             del self._listeners[folder]
             channel = self.channel(folder)
@@ -618,11 +618,14 @@ class RedisChangeBus:
             if self._link.events_up:
                 self._track(self._link.unsubscribe(channel), f"could not unsubscribe {channel}")
 
-    def changed(self, folder: str | None) -> None:
-        """``folder`` changed here: tell this instance's listeners and the others."""
-        self.hub.changed(folder)
+    def changed(self, folder: str | None, path: str = "") -> None:
+        """Folder ``path`` of ``folder`` changed here: tell this instance's
+        listeners and the others.  The message is ``INSTANCE_ID``, then a newline
+        and the path when it is not the top (paths hold no control characters)."""
+        self.hub.changed(folder, path)
         if self._link.up:
-            self._link.command("PUBLISH", self.channel(folder), self._link.instance_id).addErrback(
+            message = self._link.instance_id + (f"\n{path}" if path else "")
+            self._link.command("PUBLISH", self.channel(folder), message).addErrback(
                 _log_failure("could not publish a change")
             )
 
@@ -644,10 +647,11 @@ class RedisChangeBus:
         d.addErrback(_log_failure(what))
         return d
 
-    def _received(self, channel: str, origin: str) -> None:
+    def _received(self, channel: str, message: str) -> None:
+        origin, _, path = message.partition("\n")
         if channel not in self._channels or origin == self._link.instance_id:
             return
-        self.hub.changed(self._channels[channel])
+        self.hub.changed(self._channels[channel], path)
 
     def _resubscribe(self) -> None:
         """The subscription connection is (back) up: subscribe again, then catch up.
@@ -780,12 +784,7 @@ class RedisQuotaLedger(QuotaLedger):
 
     async def _usage(self, folder: IFolder, name: str) -> int:
         """Bytes the folder holds (files and kept partials) that a save of ``name`` keeps."""
-        files = await folder.list()
-        partials = await folder.partial_bytes()
-        partials.pop(name, None)  # a resumed upload's own bytes are in its size
-        used = sum(f.size for f in files) + sum(partials.values())
-        replaced = next((f.size for f in files if f.name == name), 0)
-        return used - replaced
+        return await bytes_kept(folder, name)
 
     async def _reserve_script(
         self, client: str, field: str, size: int, room: int

@@ -25,13 +25,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsfiles import errors
+from wsfiles import errors, folders
 from wsfiles.admission import TokenBucket
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
 from wsfiles.errors import ProtocolError
+from wsfiles.fields import count_field as _count_field
+from wsfiles.fields import flag_field as _flag_field
+from wsfiles.fields import sha256_field as _sha256_field
 from wsfiles.metrics import Metrics
-from wsfiles.names import check_file_name
+from wsfiles.names import check_file_name, check_path, parent_of
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import EntryLimits, QuotaLedger
 from wsfiles.storage import (
@@ -40,7 +43,10 @@ from wsfiles.storage import (
     FileInfo,
     IDownload,
     IFolder,
+    IsAFolder,
     IUpload,
+    NotAFolder,
+    NotEmpty,
     NotFound,
     StorageFailure,
 )
@@ -132,33 +138,6 @@ def _parse_command(payload: bytes) -> tuple[dict[str, Any], RequestId]:
     return message, request_id
 
 
-def _count_field(message: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = message.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(errors.BAD_REQUEST, f"'{key}' must be an integer >= 0")
-    return value
-
-
-def _flag_field(message: dict[str, Any], key: str) -> bool:
-    value = message.get(key, False)
-    if not isinstance(value, bool):
-        raise ProtocolError(errors.BAD_REQUEST, f"'{key}' must be true or false")
-    return value
-
-
-def _sha256_field(message: dict[str, Any]) -> str | None:
-    value = message.get("sha256")
-    if value is None:
-        return None
-    if (
-        not isinstance(value, str)
-        or len(value) != 64
-        or any(ch not in "0123456789abcdefABCDEF" for ch in value)
-    ):
-        raise ProtocolError(errors.BAD_REQUEST, "'sha256' must be 64 hexadecimal digits")
-    return value.lower()
-
-
 class CommandSession:
     """The state of one command channel and its (optional) file channel."""
 
@@ -168,6 +147,7 @@ class CommandSession:
     _backed_up: bool = False
     _caught_up: Deferred | None = None
     _held_event: bytes | None = None
+    _held_folder_events: dict[str, bytes] | None = None
 
     def __init__(
         self,
@@ -186,8 +166,12 @@ class CommandSession:
         folder_key: str | None = None,
         metrics: Metrics | None = None,
         bucket: TokenBucket | None = None,
+        folders: bool = False,
     ) -> None:
         self.client = client
+        #: Protocol 1.2 (the client offered ``wsfiles.v1.2``): paths and folders.
+        self.folders = folders
+        self._check_name = check_path if folders else check_file_name
         self.folder = folder
         self._changes = changes
         self._folder_key = folder_key
@@ -257,23 +241,32 @@ class CommandSession:
 
         async def hello() -> None:
             try:
-                files = await self.folder.list()
+                if self.folders:
+                    top = await folders.listing(self.folder, {})
+                else:
+                    files = await self.folder.list()
             except StorageFailure as e:
                 self._storage_unavailable(e)
                 return
-            self._send(
-                {
-                    "op": "hello",
-                    "protocol": PROTOCOL_VERSION,
-                    "features": list(FEATURES),
-                    "client": self.client,
-                    "max_size": self.max_size,
-                    "files": [info.as_json() for info in files],
-                }
-            )
+            greeting: dict[str, Any] = {
+                "op": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "features": list(FEATURES),
+                "client": self.client,
+                "max_size": self.max_size,
+            }
+            if self.folders:
+                greeting.update(folders.hello_fields())
+                greeting["features"].append("folders")
+                greeting["files"] = top["files"]
+                if "cursor" in top:
+                    greeting["cursor"] = top["cursor"]
+            else:
+                greeting["files"] = [info.as_json() for info in files]
+            self._send(greeting)
 
         if self._changes is not None:
-            self._changes.subscribe(self._folder_key, self._folder_changed)
+            self._changes.subscribe(self._folder_key, self._listener, folders=self.folders)
         self._idle.reset()
         return self._in_order(hello, None)
 
@@ -381,6 +374,10 @@ class CommandSession:
             await handler()
         except ProtocolError as e:
             self._send_error(e.code, e.message, request_id)
+        except (NotFound, NotAFolder, IsAFolder, NotEmpty, Exists) as e:
+            refused = folders.refusal(e, str(e))
+            assert refused is not None
+            self._send_error(refused.code, refused.message, request_id)
         except StorageFailure as e:
             self._send_error(errors.STORAGE_ERROR, str(e), request_id)
         except Exception:
@@ -398,20 +395,29 @@ class CommandSession:
         # that change stored files log their outcome (transfers, delete, rename).
         op = message["op"]
         handler = self._handlers.get(op)
+        if handler is None and self.folders:
+            handler = self._folder_handlers.get(op)
         if handler is None:
             self._send_error(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)
             return
         await self._reporting_errors(lambda: handler(self, message, request_id), request_id)
 
     async def _list(self, message: dict[str, Any], request_id: RequestId) -> None:
+        if self.folders:
+            self._send(await folders.listing(self.folder, message), request_id)
+            return
         files = await self.folder.list()
         self._send({"op": "list", "files": [info.as_json() for info in files]}, request_id)
 
     async def _stat(self, name: str) -> FileInfo:
         try:
             return await self.folder.stat(name)
-        except NotFound:
+        except (NotFound, NotAFolder):
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        except IsAFolder:
+            if not self.folders:  # 1.1: folders do not exist
+                raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+            raise
 
     def _refuse_while_draining(self) -> None:
         if self.draining:
@@ -421,7 +427,7 @@ class CommandSession:
 
     async def _get(self, message: dict[str, Any], request_id: RequestId) -> None:
         self._refuse_while_draining()
-        name = check_file_name(message.get("name"))
+        name = self._check_name(message.get("name"))
         offset = _count_field(message, "offset", 0)
         length = _count_field(message, "length") if "length" in message else None
         info = await self._stat(name)
@@ -439,7 +445,7 @@ class CommandSession:
 
     async def _save(self, message: dict[str, Any], request_id: RequestId) -> None:
         self._refuse_while_draining()
-        name = check_file_name(message.get("name"))
+        name = self._check_name(message.get("name"))
         size = _count_field(message, "size")
         sha256 = _sha256_field(message)
         resume = _flag_field(message, "resume")
@@ -448,6 +454,8 @@ class CommandSession:
             raise ProtocolError(
                 errors.TOO_LARGE, f"{size} bytes is over the limit of {self.max_size}"
             )
+        if self.folders and await self.folder.kind(name) == "folder":
+            raise IsAFolder(name)  # a parent that is a file: NotAFolder, from kind
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
         if self.entry_limits is not None:
@@ -460,19 +468,26 @@ class CommandSession:
         )
 
     async def _delete(self, message: dict[str, Any], request_id: RequestId) -> None:
-        name = check_file_name(message.get("name"))
+        name = self._check_name(message.get("name"))
         try:
             await self.folder.delete(name)
-        except NotFound:
+        except (NotFound, NotAFolder):
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+        except IsAFolder:
+            if not self.folders:
+                raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
+            raise ProtocolError(
+                errors.IS_A_FOLDER, f"{name!r} is a folder; use rmdir to remove it"
+            ) from None
         _log.info("deleted {name!r} of {client}", name=name, client=self.client)
         self._send({"op": "deleted", "name": name}, request_id)
-        self._announce_change()
+        self._announce_change(name)
 
     async def _rename(self, message: dict[str, Any], request_id: RequestId) -> None:
-        name = check_file_name(message.get("name"))
-        to = check_file_name(message.get("to"))
+        name = self._check_name(message.get("name"))
+        to = self._check_name(message.get("to"))
         overwrite = _flag_field(message, "overwrite")
+        folders.check_move(name, to)
         try:
             await self.folder.rename(name, to, overwrite)
         except NotFound:
@@ -483,7 +498,19 @@ class CommandSession:
             ) from None
         _log.info("renamed {name!r} of {client} to {to!r}", name=name, client=self.client, to=to)
         self._send({"op": "renamed", "name": name, "to": to}, request_id)
-        self._announce_change()
+        self._announce_change(name, to)
+
+    async def _mkdir(self, message: dict[str, Any], request_id: RequestId) -> None:
+        path = await folders.make_folder(self.folder, message)
+        _log.info("made folder {path!r} of {client}", path=path, client=self.client)
+        self._send({"op": "created", "path": path}, request_id)
+        self._announce_change(path)
+
+    async def _rmdir(self, message: dict[str, Any], request_id: RequestId) -> None:
+        path = await folders.remove_folder(self.folder, message)
+        _log.info("removed folder {path!r} of {client}", path=path, client=self.client)
+        self._send({"op": "removed", "path": path}, request_id)
+        self._announce_change(path)
 
     _handlers = {
         "list": _list,
@@ -492,18 +519,38 @@ class CommandSession:
         "delete": _delete,
         "rename": _rename,
     }
+    #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
+    _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir}
 
     # -- live updates ------------------------------------------------------
 
-    def _announce_change(self) -> None:
+    def _announce_change(self, *paths: str) -> None:
+        """The folders holding ``paths`` changed (each once)."""
         if self._changes is not None:
-            self._changes.changed(self._folder_key)
+            for parent in dict.fromkeys(parent_of(path) for path in paths):
+                self._changes.changed(self._folder_key, parent)
+
+    @property
+    def _listener(self) -> Callable[..., None]:
+        return self._folder_event if self.folders else self._folder_changed
 
     def _folder_changed(self, payload: bytes) -> None:
         if self.closed:
             return
         if self._backed_up:
             self._held_event = payload
+        else:
+            self._send_raw(payload)
+
+    def _folder_event(self, path: str, payload: bytes) -> None:
+        """A 1.2 event: while backed up, only the latest per folder is kept."""
+        if self.closed:
+            return
+        if self._backed_up:
+            if self._held_folder_events is None:
+                self._held_folder_events = {}
+            self._held_folder_events.pop(path, None)  # keep the order of the latest
+            self._held_folder_events[path] = payload
         else:
             self._send_raw(payload)
 
@@ -518,6 +565,9 @@ class CommandSession:
         payload, self._held_event = self._held_event, None
         if payload is not None:
             self._folder_changed(payload)
+        held, self._held_folder_events = self._held_folder_events, None
+        for path, event in (held or {}).items():
+            self._folder_event(path, event)
         waiter, self._caught_up = self._caught_up, None
         if waiter is not None:
             waiter.callback(None)  # may back us up again at once: each command checks
@@ -528,7 +578,7 @@ class CommandSession:
             return
         self.closed = True
         if self._changes is not None:
-            self._changes.unsubscribe(self._folder_key, self._folder_changed)
+            self._changes.unsubscribe(self._folder_key, self._listener, folders=self.folders)
         self._idle.cancel()
         if self._stall_deadline is not None:
             self._stall_deadline.cancel()
@@ -745,7 +795,7 @@ class CommandSession:
                 release_entry()
         record.sha256 = digest
         self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
-        self._announce_change()
+        self._announce_change(name)
 
     def _superseded(self, receive: _Receive) -> None:
         if self._receive is receive:

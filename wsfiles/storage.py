@@ -47,7 +47,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface, implementer
 
-from wsfiles.names import is_valid_file_name
+from wsfiles.names import MAX_PATH_DEPTH, is_valid_file_name
 from wsfiles.streaming import DOWNLOAD_FRAME, FileStreamer, StreamFailed
 
 TEMP_FOLDER = ".wsfiles-tmp"
@@ -67,9 +67,49 @@ class FileInfo:
     def as_json(self) -> dict[str, object]:
         return {"name": self.name, "size": self.size, "mtime": self.mtime}
 
+    def as_entry(self) -> dict[str, object]:
+        """A protocol 1.2 listing entry."""
+        return {"name": self.name, "type": "file", "size": self.size, "mtime": self.mtime}
+
+
+@dataclass(frozen=True)
+class FolderInfo:
+    """A folder in a protocol 1.2 listing."""
+
+    name: str
+    mtime: float
+
+    def as_entry(self) -> dict[str, object]:
+        return {"name": self.name, "type": "folder", "mtime": self.mtime}
+
+
+Entry = FileInfo | FolderInfo
+
+
+def path_key(path: str) -> tuple[str, ...]:
+    """Sort key of the recursive listing order: depth-first, each folder before its
+    contents, siblings in code-point order ("a", "a/b", "a-c")."""
+    return tuple(path.split("/"))
+
 
 class NotFound(Exception):
     """No regular file by that name in the client's folder."""
+
+
+class SymlinkInPath(NotFound):
+    """A path goes through a symlink: never followed, so nothing is there."""
+
+
+class NotAFolder(Exception):
+    """A path goes through, or names, a file where a folder is needed."""
+
+
+class IsAFolder(Exception):
+    """A path names a folder where a file is needed."""
+
+
+class NotEmpty(Exception):
+    """A folder to remove still has entries (and ``recursive`` was not asked)."""
 
 
 class Exists(Exception):
@@ -170,7 +210,29 @@ class IFolder(Interface):
         """Remove ``name``; fail with NotFound."""
 
     def rename(name: str, to: str, overwrite: bool) -> Deferred:
-        """Rename atomically; fail with NotFound, or Exists unless ``overwrite``."""
+        """Rename a file or a folder, creating missing parents of ``to``; fail
+        with NotFound, or Exists unless ``overwrite`` (a folder never replaces
+        anything, and nothing replaces a folder)."""
+
+    def kind(path: str) -> Deferred:
+        """Fire with "file", "folder" or None; fail with NotAFolder when a
+        parent on the way is a file."""
+
+    def entries(path: str, recursive: bool, after: str | None, limit: int) -> Deferred:
+        """Fire with up to ``limit`` + 1 entries of folder ``path`` ("" the
+        top) whose names (paths relative to it, when ``recursive``) come after
+        ``after`` in ``path_key`` order; fail with NotFound or NotAFolder."""
+
+    def mkdir(path: str, parents: bool) -> Deferred:
+        """Create folder ``path``; fail with Exists (unless ``parents`` and it is a
+        folder), NotFound (a parent missing, without ``parents``), NotAFolder."""
+
+    def rmdir(path: str, recursive: bool) -> Deferred:
+        """Remove folder ``path``; fail with NotFound, NotAFolder, or NotEmpty."""
+
+    def usage() -> Deferred:
+        """Fire with (bytes, entries) of the whole tree: every file's size, and
+        files and folders counted (quotas count the whole tree)."""
 
 
 class IStorage(Interface):
@@ -433,8 +495,119 @@ class LocalFolder:
     def list(self) -> Deferred:
         return _guarded(self._list_now)
 
-    def _open_regular(self, name: str) -> tuple[int, os.stat_result]:
+    # -- paths (protocol 1.2) ----------------------------------------------
+
+    def _parent_and_leaf(self, path: str, *, create: bool = False) -> tuple[int, str]:
+        """Open the folder holding ``path`` (the caller closes it) and name its leaf.
+
+        Each segment is opened with O_NOFOLLOW | O_DIRECTORY from the one
+        before: a symlink on the way is NotFound (never followed), a file on
+        the way is NotAFolder.  With ``create``, missing folders are made.
+        """
+        *folders, leaf = path.split("/")
         folder_fd = self._open_folder()
+        try:
+            return _walk_to(folder_fd, folders, create=create), leaf
+        finally:
+            os.close(folder_fd)
+
+    def _open_path_folder(self, path: str) -> int:
+        """Open folder ``path`` ("" the top) for reading its entries."""
+        folder_fd = self._open_folder()
+        try:
+            return _walk_to(folder_fd, path.split("/") if path else [], create=False)
+        finally:
+            os.close(folder_fd)
+
+    def kind(self, path: str) -> Deferred:
+        def kind_now() -> str | None:
+            try:
+                parent_fd, leaf = self._parent_and_leaf(path)
+            except SymlinkInPath:
+                raise
+            except NotFound:
+                return None  # a missing parent: nothing there yet (a save makes it)
+            try:
+                st = _lstat_or_none(leaf, parent_fd)
+            finally:
+                os.close(parent_fd)
+            if st is None:
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                return "folder"
+            return "file" if stat.S_ISREG(st.st_mode) else "other"
+
+        return _guarded(kind_now)
+
+    def entries(self, path: str, recursive: bool, after: str | None, limit: int) -> Deferred:
+        def entries_now() -> list[Entry]:
+            fd = self._open_path_folder(path)
+            found: list[Entry] = []
+            try:
+                after_key = path_key(after) if after is not None else None
+                depth = MAX_PATH_DEPTH - (path.count("/") + 1 if path else 0)
+                _collect(fd, "", depth if recursive else 1, after_key, limit + 1, found)
+            finally:
+                os.close(fd)
+            return found
+
+        if recursive:  # a whole tree: off the reactor thread
+            return _in_thread(entries_now)
+        return _guarded(entries_now)
+
+    def mkdir(self, path: str, parents: bool) -> Deferred:
+        def mkdir_now() -> None:
+            parent_fd, leaf = self._parent_and_leaf(path, create=parents)
+            try:
+                try:
+                    os.mkdir(leaf, 0o700, dir_fd=parent_fd)
+                except FileExistsError:
+                    st = _lstat_or_none(leaf, parent_fd)
+                    if parents and st is not None and stat.S_ISDIR(st.st_mode):
+                        return
+                    raise Exists(path) from None
+                os.fsync(parent_fd)
+            finally:
+                os.close(parent_fd)
+
+        return _guarded(mkdir_now)
+
+    def rmdir(self, path: str, recursive: bool) -> Deferred:
+        def rmdir_now() -> None:
+            parent_fd, leaf = self._parent_and_leaf(path)
+            try:
+                st = _lstat_or_none(leaf, parent_fd)
+                if st is None:
+                    raise NotFound(path)
+                if not stat.S_ISDIR(st.st_mode):
+                    raise NotAFolder(path)
+                if recursive:
+                    _remove_tree(parent_fd, leaf)
+                else:
+                    try:
+                        os.rmdir(leaf, dir_fd=parent_fd)
+                    except OSError as e:
+                        if e.errno == errno.ENOTEMPTY:
+                            raise NotEmpty(path) from None
+                        raise
+                os.fsync(parent_fd)
+            finally:
+                os.close(parent_fd)
+
+        return _in_thread(rmdir_now) if recursive else _guarded(rmdir_now)
+
+    def usage(self) -> Deferred:
+        def usage_now() -> tuple[int, int]:
+            fd = self._open_folder()
+            try:
+                return _tree_usage(fd, MAX_PATH_DEPTH)
+            finally:
+                os.close(fd)
+
+        return _guarded(usage_now)
+
+    def _open_regular(self, name: str) -> tuple[int, os.stat_result]:
+        folder_fd, name = self._parent_and_leaf(name)
         try:
             # O_NONBLOCK: opening a FIFO another program left here would
             # otherwise wait for a writer, on the reactor thread; O_NOCTTY: a
@@ -452,7 +625,7 @@ class LocalFolder:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise NotFound(name)
+            raise IsAFolder(name) if stat.S_ISDIR(st.st_mode) else NotFound(name)
         return fd, st
 
     def stat(self, name: str) -> Deferred:
@@ -562,12 +735,14 @@ class LocalFolder:
 
     def delete(self, name: str) -> Deferred:
         def delete_it() -> None:
-            folder_fd = self._open_folder()
+            folder_fd, leaf = self._parent_and_leaf(name)
             try:
-                st = _lstat_or_none(name, folder_fd)
+                st = _lstat_or_none(leaf, folder_fd)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    raise IsAFolder(name)
                 if st is None or not stat.S_ISREG(st.st_mode):
                     raise NotFound(name)
-                os.unlink(name, dir_fd=folder_fd)
+                os.unlink(leaf, dir_fd=folder_fd)
             finally:
                 os.close(folder_fd)
 
@@ -575,23 +750,30 @@ class LocalFolder:
 
     def rename(self, name: str, to: str, overwrite: bool) -> Deferred:
         def rename_it() -> None:
-            folder_fd = self._open_folder()
+            source_fd, leaf = self._parent_and_leaf(name)
             try:
-                st = _lstat_or_none(name, folder_fd)
-                if st is None or not stat.S_ISREG(st.st_mode):
+                st = _lstat_or_none(leaf, source_fd)
+                is_folder = st is not None and stat.S_ISDIR(st.st_mode)
+                if st is None or not (is_folder or stat.S_ISREG(st.st_mode)):
                     raise NotFound(name)
                 if name == to:
                     return
-                target = _lstat_or_none(to, folder_fd)
-                if target is not None and not stat.S_ISREG(target.st_mode):
-                    raise Exists(to)  # never replace a folder or a symlink
-                if overwrite:
-                    os.rename(name, to, src_dir_fd=folder_fd, dst_dir_fd=folder_fd)
-                else:
-                    _rename_noreplace(folder_fd, name, to)
-                os.fsync(folder_fd)
+                # The source exists: only now may missing parents of ``to`` be made.
+                target_fd, to_leaf = self._parent_and_leaf(to, create=True)
+                try:
+                    target = _lstat_or_none(to_leaf, target_fd)
+                    if target is not None and (is_folder or not stat.S_ISREG(target.st_mode)):
+                        raise Exists(to)  # a folder replaces nothing; nothing replaces a folder
+                    if overwrite and not is_folder:
+                        os.rename(leaf, to_leaf, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+                    else:
+                        _rename_noreplace(source_fd, leaf, target_fd, to_leaf, is_folder)
+                    os.fsync(target_fd)
+                finally:
+                    os.close(target_fd)
+                os.fsync(source_fd)
             finally:
-                os.close(folder_fd)
+                os.close(source_fd)
 
         return _guarded(rename_it)
 
@@ -599,11 +781,14 @@ class LocalFolder:
 _RENAME_NOREPLACE = 1
 
 
-def _rename_noreplace(folder_fd: int, name: str, to: str) -> None:
+def _rename_noreplace(
+    source_fd: int, name: str, target_fd: int, to: str, is_folder: bool = False
+) -> None:
     """Rename unless ``to`` exists, atomically: renameat2(RENAME_NOREPLACE).
 
-    Where the kernel or file system lacks it: link() (which refuses an
-    existing target) then unlink(); for a moment both names exist.
+    Where the kernel or file system lacks it: for a file, link() (which
+    refuses an existing target) then unlink(), so for a moment both names
+    exist; for a folder, a check then rename(2).
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -611,7 +796,7 @@ def _rename_noreplace(folder_fd: int, name: str, to: str) -> None:
     except (OSError, AttributeError):
         renameat2 = None
     if renameat2 is not None:
-        result = renameat2(folder_fd, name.encode(), folder_fd, to.encode(), _RENAME_NOREPLACE)
+        result = renameat2(source_fd, name.encode(), target_fd, to.encode(), _RENAME_NOREPLACE)
         if result == 0:
             return
         error = ctypes.get_errno()
@@ -619,11 +804,135 @@ def _rename_noreplace(folder_fd: int, name: str, to: str) -> None:
             raise Exists(to)
         if error not in (errno.EINVAL, errno.ENOSYS):
             raise OSError(error, os.strerror(error))
+    if is_folder:
+        if _lstat_or_none(to, target_fd) is not None:
+            raise Exists(to)
+        os.rename(name, to, src_dir_fd=source_fd, dst_dir_fd=target_fd)
+        return
     try:
-        os.link(name, to, src_dir_fd=folder_fd, dst_dir_fd=folder_fd, follow_symlinks=False)
+        os.link(name, to, src_dir_fd=source_fd, dst_dir_fd=target_fd, follow_symlinks=False)
     except FileExistsError:
         raise Exists(to) from None
-    os.unlink(name, dir_fd=folder_fd)
+    os.unlink(name, dir_fd=source_fd)
+
+
+def _walk_to(folder_fd: int, segments: list[str], *, create: bool) -> int:
+    """Open the folder ``segments`` below ``folder_fd``, one O_NOFOLLOW step at a time."""
+    fd = os.dup(folder_fd)
+    try:
+        for segment in segments:
+            try:
+                next_fd = _open_dir_nofollow(segment, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise NotFound(segment) from None
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(segment, 0o700, dir_fd=fd)
+                next_fd = _open_dir_nofollow(segment, dir_fd=fd)
+            except NotADirectoryError:
+                # O_DIRECTORY answers ENOTDIR for a symlink too: tell them apart.
+                st = _lstat_or_none(segment, fd)
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    raise SymlinkInPath(segment) from None  # never followed
+                raise NotAFolder(segment) from None
+            except OSError as e:
+                if e.errno == errno.ELOOP:  # a symlink: never followed
+                    raise SymlinkInPath(segment) from None
+                raise
+            os.close(fd)
+            fd = next_fd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _visible_names(fd: int) -> list[str]:
+    """The names in folder ``fd`` a command could address, sorted."""
+    return sorted(name for name in os.listdir(fd) if is_valid_file_name(name))
+
+
+def _collect(
+    fd: int,
+    prefix: str,
+    depth: int,
+    after: tuple[str, ...] | None,
+    wanted: int,
+    found: list[Entry],
+) -> None:
+    """Append to ``found`` the entries below folder ``fd``, depth first, that come
+    after ``after``, until there are ``wanted``; ``depth`` levels at most."""
+    for name in _visible_names(fd):
+        if len(found) >= wanted:
+            return
+        relative = prefix + name
+        key = path_key(relative)
+        inside = after is not None and after[: len(key)] == key  # the cursor is below it
+        if after is not None and not key > after and not inside:
+            continue  # it and all below it came before the cursor
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue  # removed while we looked
+        is_folder = stat.S_ISDIR(st.st_mode)
+        if not (is_folder or stat.S_ISREG(st.st_mode)):
+            continue  # symlinks and special files are never listed
+        if after is None or key > after:
+            if is_folder:
+                found.append(FolderInfo(relative, st.st_mtime))
+            else:
+                found.append(FileInfo(relative, st.st_size, st.st_mtime))
+        if is_folder and depth > 1:
+            try:
+                sub = _open_dir_nofollow(name, dir_fd=fd)
+            except OSError:
+                continue  # replaced meanwhile
+            try:
+                _collect(sub, relative + "/", depth - 1, after if inside else None, wanted, found)
+            finally:
+                os.close(sub)
+
+
+def _tree_usage(fd: int, depth: int) -> tuple[int, int]:
+    """(bytes of files, files and folders) below folder ``fd``."""
+    size = count = 0
+    for name in _visible_names(fd):
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            size, count = size + st.st_size, count + 1
+        elif stat.S_ISDIR(st.st_mode):
+            count += 1
+            if depth > 1:
+                try:
+                    sub = _open_dir_nofollow(name, dir_fd=fd)
+                except OSError:
+                    continue
+                try:
+                    sub_size, sub_count = _tree_usage(sub, depth - 1)
+                finally:
+                    os.close(sub)
+                size, count = size + sub_size, count + sub_count
+    return size, count
+
+
+def _remove_tree(parent_fd: int, name: str) -> None:
+    """Remove folder ``name`` and everything in it, never following a symlink."""
+    fd = _open_dir_nofollow(name, dir_fd=parent_fd)
+    try:
+        for entry in os.listdir(fd):
+            st = _lstat_or_none(entry, fd)
+            if st is None:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                _remove_tree(fd, entry)
+            else:
+                os.unlink(entry, dir_fd=fd)  # a symlink itself, never its target
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
 
 
 def _hash_fd_prefix(fd: int, length: int) -> Any:
@@ -665,15 +974,34 @@ def _write_meta(path: str, record: dict[str, Any]) -> None:
     os.rename(temp, path)
 
 
+#: What file-system operations raise that is the caller's to answer.
+_REFUSALS = (NotFound, Exists, NotAFolder, IsAFolder, NotEmpty, ValueError)
+
+
 def _guarded(operation: Callable[[], object]) -> Deferred:
     """Run a quick file-system operation now; OSErrors become StorageFailure."""
     try:
         return defer.succeed(operation())
-    except (NotFound, Exists, ValueError) as e:
+    except _REFUSALS as e:
         return defer.fail(e)
     except OSError as e:
         _log.warn("storage operation failed: {error}", error=e)
         return defer.fail(_failure(e))
+
+
+def _in_thread(operation: Callable[[], object]) -> Deferred:
+    """``_guarded`` for a long operation (a whole tree): in a thread."""
+
+    def failed(failure: Failure) -> Failure:
+        if failure.check(*_REFUSALS):
+            return failure
+        error = failure.check(OSError)
+        if error is not None:
+            _log.warn("storage operation failed: {error}", error=failure.value)
+            return Failure(_failure(failure.value))
+        return failure
+
+    return threads.deferToThread(operation).addErrback(failed)
 
 
 @implementer(IUpload)
@@ -848,9 +1176,9 @@ class LocalUpload:
             os.fsync(fd)
         finally:
             os.close(fd)
-        folder_fd = self._folder._open_folder()
+        folder_fd, leaf = self._folder._parent_and_leaf(self._name, create=True)
         try:
-            os.rename(self._path, self._name, dst_dir_fd=folder_fd)
+            os.rename(self._path, leaf, dst_dir_fd=folder_fd)
             os.fsync(folder_fd)  # make the rename itself durable
         finally:
             os.close(folder_fd)

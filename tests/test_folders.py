@@ -1,0 +1,264 @@
+"""Protocol 1.2 folders over the network: a real server, real sockets.
+
+The contract is docs/protocol.md, "Folders".  The same commands on a channel
+that did not offer ``wsfiles.v1.2`` behave as in 1.1 (tested at the end).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import pytest
+import pytest_twisted
+from e2e_helpers import within
+
+from wsfiles.client import COMMAND_SUBPROTOCOLS, WsfilesError, connect
+
+
+async def connect_12(srv: Any) -> Any:
+    client = await within(connect(srv.url, subprotocols=COMMAND_SUBPROTOCOLS))
+    assert client.hello["protocol"] == "1.2"
+    assert "folders" in client.hello["features"]
+    return client
+
+
+async def ask(client: Any, **command: Any) -> dict[str, Any]:
+    return await within(client.request(command))
+
+
+async def refused(client: Any, **command: Any) -> str:
+    with pytest.raises(WsfilesError) as error:
+        await within(client.request(command))
+    return error.value.code
+
+
+def names(reply: dict[str, Any]) -> list[str]:
+    return [entry["name"] for entry in reply["files"]]
+
+
+@pytest_twisted.async_yield_fixture
+async def client12(server_factory):
+    srv = await server_factory()
+    client = await connect_12(srv)
+    client.srv = srv
+    yield client
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_hello_announces_1_2_and_lists_the_top_with_folders(server_factory):
+    srv = await server_factory()
+    (srv.root / "docs").mkdir(parents=True)
+    (srv.root / "notes.txt").write_bytes(b"hello")
+    client = await connect_12(srv)
+    try:
+        hello = client.hello
+        assert hello["max_path"] == 1024 and hello["max_depth"] == 32
+        assert hello["max_list"] == 1000
+        docs, notes = hello["files"]
+        assert docs["name"] == "docs" and docs["type"] == "folder" and "size" not in docs
+        assert notes["name"] == "notes.txt" and notes["type"] == "file" and notes["size"] == 5
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_save_creates_parents_and_get_reads_a_nested_path(client12):
+    data = os.urandom(3000)
+    await within(client12.upload("a/b/c.bin", data))
+    assert (client12.srv.root / "a" / "b" / "c.bin").read_bytes() == data
+    sink = io.BytesIO()
+    await within(client12.download("a/b/c.bin", sink))
+    assert sink.getvalue() == data
+    assert names(await ask(client12, op="list", path="a")) == ["b"]
+    assert names(await ask(client12, op="list", path="a/b")) == ["c.bin"]
+    top = await ask(client12, op="list")
+    assert top["files"][0]["type"] == "folder" and top["path"] == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_mkdir_rmdir_and_their_refusals(client12):
+    created = await ask(client12, op="mkdir", path="p/q", parents=True)
+    assert created["op"] == "created" and created["path"] == "p/q"
+    assert (client12.srv.root / "p" / "q").is_dir()
+    assert await refused(client12, op="mkdir", path="x/y") == "not_found"  # no parents
+    assert await refused(client12, op="mkdir", path="p") == "exists"
+    await ask(client12, op="mkdir", path="p", parents=True)  # mkdir -p of a folder: fine
+    await within(client12.upload("p/file.txt", b"1"))
+    assert await refused(client12, op="mkdir", path="p/file.txt", parents=True) == "exists"
+    assert await refused(client12, op="rmdir", path="p") == "not_empty"
+    assert await refused(client12, op="rmdir", path="p/file.txt") == "not_a_folder"
+    assert await refused(client12, op="rmdir", path="nothing") == "not_found"
+    await ask(client12, op="rmdir", path="p/q")
+    removed = await ask(client12, op="rmdir", path="p", recursive=True)
+    assert removed["op"] == "removed" and removed["path"] == "p"
+    assert not (client12.srv.root / "p").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_files_and_folders_refuse_to_be_each_other(client12):
+    await within(client12.upload("f.txt", b"x"))
+    await ask(client12, op="mkdir", path="d")
+    assert await refused(client12, op="get", name="d") == "is_a_folder"
+    assert await refused(client12, op="delete", name="d") == "is_a_folder"
+    assert await refused(client12, op="save", name="d", size=1) == "is_a_folder"
+    assert await refused(client12, op="save", name="f.txt/inner", size=1) == "not_a_folder"
+    assert await refused(client12, op="list", path="f.txt") == "not_a_folder"
+    assert await refused(client12, op="list", path="none") == "not_found"
+    assert await refused(client12, op="get", name="none/x") == "not_found"
+    assert (client12.srv.root / "f.txt").read_bytes() == b"x"  # nothing altered
+
+
+@pytest_twisted.ensureDeferred
+async def test_rename_moves_files_and_folders_across_folders(client12):
+    await within(client12.upload("a/one.txt", b"1"))
+    await within(client12.upload("b/two.txt", b"2"))
+    await ask(client12, op="rename", name="a/one.txt", to="c/d/one.txt")  # parents made
+    assert (client12.srv.root / "c" / "d" / "one.txt").read_bytes() == b"1"
+    await ask(client12, op="rename", name="b", to="c/b")  # a folder, whole
+    assert (client12.srv.root / "c" / "b" / "two.txt").read_bytes() == b"2"
+    assert await refused(client12, op="rename", name="c", to="c/d/c") == "invalid_move"
+    await ask(client12, op="rename", name="c", to="c")  # onto itself: nothing to do, as in 1.1
+    assert (client12.srv.root / "c" / "b" / "two.txt").read_bytes() == b"2"
+    await ask(client12, op="mkdir", path="e")
+    # A folder replaces nothing, and nothing replaces a folder, overwrite or not.
+    code = await refused(client12, op="rename", name="c/b", to="e", overwrite=True)
+    assert code == "exists"
+    await within(client12.upload("g.txt", b"g"))
+    assert await refused(client12, op="rename", name="g.txt", to="e", overwrite=True) == "exists"
+    assert await refused(client12, op="rename", name="e", to="g.txt", overwrite=True) == "exists"
+    assert (client12.srv.root / "g.txt").read_bytes() == b"g"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_folder_pages_and_a_recursive_listing_walks_the_tree(client12):
+    root = client12.srv.root
+    (root / "big").mkdir(parents=True)
+    for n in range(2500):
+        (root / "big" / f"f{n:05d}").write_bytes(b"")
+    first = await ask(client12, op="list", path="big")  # no limit: max_list
+    assert len(first["files"]) == 1000 and first["cursor"] == "f00999"
+    seen = names(first)
+    cursor = first["cursor"]
+    for _ in range(5):  # bounded
+        page = await ask(client12, op="list", path="big", limit=700, cursor=cursor)
+        seen += names(page)
+        cursor = page.get("cursor")
+        if cursor is None:
+            break
+    assert seen == [f"f{n:05d}" for n in range(2500)]
+    # Recursive: depth first, each folder before its contents, siblings sorted.
+    for path in ["t/a/x", "t/a-c", "t/a/b/y", "t/z"]:
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(b"")
+    tree = await ask(client12, op="list", path="t", recursive=True)
+    assert names(tree) == ["a", "a/b", "a/b/y", "a/x", "a-c", "z"]
+    paged, cursor = [], None
+    for _ in range(10):
+        page = await ask(
+            client12,
+            op="list",
+            path="t",
+            recursive=True,
+            limit=2,
+            **({"cursor": cursor} if cursor else {}),
+        )
+        paged += names(page)
+        cursor = page.get("cursor")
+        if cursor is None:
+            break
+    assert paged == names(tree)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../etc",
+        "/abs",
+        "a//b",
+        "a/",
+        "a/./b",
+        "a/../b",
+        "a\\b",
+        "a/b\x00",
+        "a/\x1bx",
+        "a/.wsfiles-tmp/x",
+        "/".join(["d"] * 33),
+        "a/" + "n" * 1100,
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_path_tricks_are_invalid_name_in_every_op(client12, path):
+    for command in (
+        {"op": "get", "name": path},
+        {"op": "save", "name": path, "size": 1},
+        {"op": "delete", "name": path},
+        {"op": "rename", "name": path, "to": "ok"},
+        {"op": "rename", "name": "ok", "to": path},
+        {"op": "mkdir", "path": path},
+        {"op": "rmdir", "path": path},
+        {"op": "list", "path": path},
+    ):
+        assert await refused(client12, **command) == "invalid_name", command
+    assert [p.name for p in client12.srv.root.iterdir() if not p.name.startswith(".")] == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_symlinks_and_special_files_are_never_listed_or_followed(client12, tmp_path):
+    root = client12.srv.root
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    (root / "real").mkdir(parents=True)
+    os.symlink(outside, root / "link")
+    os.symlink(outside, root / "real" / "inner-link")
+    os.mkfifo(root / "real" / "pipe")
+    assert names(await ask(client12, op="list", recursive=True)) == ["real"]
+    assert await refused(client12, op="get", name="link/secret") == "not_found"
+    assert await refused(client12, op="list", path="link") == "not_found"
+    assert await refused(client12, op="save", name="link/new", size=1) == "not_found"
+    assert await refused(client12, op="get", name="real/pipe") == "not_found"
+    await ask(client12, op="rmdir", path="real", recursive=True)
+    assert (outside / "secret").read_bytes() == b"s"  # the link's target is untouched
+
+
+@pytest_twisted.ensureDeferred
+async def test_changed_events_name_the_folder_and_carry_its_entries(server_factory):
+    srv = await server_factory()
+    watcher = await connect_12(srv)
+    old = await within(connect(srv.url))  # a 1.1 channel of the same client
+    maker = await connect_12(srv)
+    try:
+        await within(maker.upload("photos/2026/a.jpg", b"jpg"))
+        event = await within(watcher.folder_changes.get())
+        assert event["path"] == "photos/2026"
+        assert [e["name"] for e in event["files"]] == ["a.jpg"]
+        await within(maker.upload("top.txt", b"t"))
+        files = await within(old.changes.get())  # 1.1: only the top, files only
+        assert [f["name"] for f in files] == ["top.txt"] and "type" not in files[0]
+    finally:
+        for c in (watcher, old, maker):
+            await c.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_1_1_channel_sees_no_folders_and_has_no_folder_ops(server_factory):
+    srv = await server_factory()
+    (srv.root / "docs").mkdir(parents=True)
+    (srv.root / "docs" / "inner.txt").write_bytes(b"i")
+    (srv.root / "top.txt").write_bytes(b"t")
+    client = await within(connect(srv.url))
+    try:
+        assert client.hello["protocol"] == 1 and "folders" not in client.hello["features"]
+        assert client.hello["files"] == [json.loads(json.dumps(client.hello["files"][0]))]
+        assert [f["name"] for f in await within(client.list())] == ["top.txt"]
+        assert await refused(client, op="get", name="docs/inner.txt") == "invalid_name"
+        assert await refused(client, op="get", name="docs") == "not_found"
+        assert await refused(client, op="delete", name="docs") == "not_found"
+        assert await refused(client, op="mkdir", path="x") == "unknown_op"
+        assert await refused(client, op="rmdir", path="docs") == "unknown_op"
+    finally:
+        await client.close()

@@ -1,0 +1,87 @@
+"""Protocol 1.2 folders: the commands that only 1.2 channels have, and the
+mapping of storage refusals to error codes (docs/protocol.md, "Folders").
+
+Plain functions of an IFolder and a parsed command: the session calls them,
+so they are tested without a network like the rest of the command handling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from wsfiles import errors
+from wsfiles.errors import ProtocolError
+from wsfiles.fields import flag_field
+from wsfiles.names import MAX_PATH_BYTES, MAX_PATH_DEPTH, check_path, is_within
+from wsfiles.storage import Exists, IFolder, IsAFolder, NotAFolder, NotEmpty, NotFound
+
+#: The subprotocol a 1.2 client offers (docs/protocol.md).
+SUBPROTOCOL_12 = "wsfiles.v1.2"
+#: Entries in one ``list`` reply at most (announced as ``max_list``).
+MAX_LIST = 1000
+
+
+def hello_fields() -> dict[str, Any]:
+    """What ``hello`` adds on a 1.2 channel."""
+    return {
+        "protocol": "1.2",
+        "max_path": MAX_PATH_BYTES,
+        "max_depth": MAX_PATH_DEPTH,
+        "max_list": MAX_LIST,
+    }
+
+
+def refusal(error: Exception, path: str) -> ProtocolError | None:
+    """The error a 1.2 client gets for a storage refusal about ``path``."""
+    if isinstance(error, NotFound):
+        return ProtocolError(errors.NOT_FOUND, f"nothing at {path!r}")
+    if isinstance(error, NotAFolder):
+        return ProtocolError(errors.NOT_A_FOLDER, f"a file is in the way of {path!r}")
+    if isinstance(error, IsAFolder):
+        return ProtocolError(errors.IS_A_FOLDER, f"{path!r} is a folder")
+    if isinstance(error, NotEmpty):
+        return ProtocolError(
+            errors.NOT_EMPTY, f'{path!r} is not empty; send "recursive": true to remove it all'
+        )
+    if isinstance(error, Exists):
+        return ProtocolError(errors.EXISTS, f"{path!r} exists")
+    return None
+
+
+async def listing(folder: IFolder, message: dict[str, Any]) -> dict[str, Any]:
+    """A ``list`` reply (without its id): one page of a folder or of a tree."""
+    path = check_path(message.get("path", ""), field="path", top=True)
+    recursive = flag_field(message, "recursive")
+    limit = message.get("limit", MAX_LIST)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise ProtocolError(errors.BAD_REQUEST, "'limit' must be an integer >= 1")
+    limit = min(limit, MAX_LIST)
+    cursor = message.get("cursor")
+    if cursor is not None and not isinstance(cursor, str):
+        raise ProtocolError(errors.BAD_REQUEST, "'cursor' must be a string from a list reply")
+    if cursor is not None and cursor != "":
+        check_path(cursor, field="cursor")  # a cursor is the last path sent
+    entries = await folder.entries(path, recursive, cursor or None, limit)
+    reply: dict[str, Any] = {"op": "list", "path": path}
+    reply["files"] = [entry.as_entry() for entry in entries[:limit]]
+    if len(entries) > limit:
+        reply["cursor"] = entries[limit - 1].name
+    return reply
+
+
+async def make_folder(folder: IFolder, message: dict[str, Any]) -> str:
+    path = check_path(message.get("path"), field="path")
+    await folder.mkdir(path, flag_field(message, "parents"))
+    return path
+
+
+async def remove_folder(folder: IFolder, message: dict[str, Any]) -> str:
+    path = check_path(message.get("path"), field="path")
+    await folder.rmdir(path, flag_field(message, "recursive"))
+    return path
+
+
+def check_move(name: str, to: str) -> None:
+    """A folder cannot move into itself or below itself."""
+    if to != name and is_within(to, name):
+        raise ProtocolError(errors.INVALID_MOVE, f"cannot move {name!r} into itself ({to!r})")
