@@ -10,7 +10,9 @@ import subprocess
 
 import pytest
 import pytest_twisted
-from conftest import BIN, add_user_with_cli, handshake_status, twistd_args
+from conftest import BIN, add_user_with_cli, handshake_status, http_get, twistd_args
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from wsfiles.client import WsfilesError, connect
 
@@ -70,6 +72,23 @@ async def test_users_get_their_own_folders_and_wrong_tokens_get_401(twistd_facto
     for token in (alice, bob, carol):
         assert token not in srv.output
         assert token.split(".")[1] not in srv.output
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_health_check_is_logged_once_not_every_second(twistd_factory):
+    srv = await twistd_factory("--min-free", "1000T")  # never that much free
+    base = srv.url.replace("ws://", "http://")
+    for _ in range(3):  # a balancer asks every second
+        status, _ = await http_get(base + "/healthz")
+        assert status == 503
+    # The page's access-log line comes after anything the checks logged.
+    assert (await http_get(base + "/"))[0] == 200
+    for _ in range(100):  # bounded: the log reaches us through a pipe
+        if '"GET / HTTP/1.0" 200' in srv.output:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    assert '"GET / HTTP/1.0" 200' in srv.output
+    assert srv.output.count("health check failed") == 1
 
 
 @pytest_twisted.ensureDeferred

@@ -342,6 +342,9 @@ class HealthPage(resource.Resource):
         self._storage = storage
         self._min_free = min_free
         self._shared = shared
+        #: The last failure's reason, logged once until the check passes again
+        #: (HAProxy asks every second per instance).
+        self._failing: str | None = None
 
     def render_GET(self, request: server.Request) -> Any:
         def answer(status: int, body: dict[str, Any]) -> None:
@@ -352,12 +355,18 @@ class HealthPage(resource.Resource):
             request.finish()
 
         def healthy(details: dict[str, Any]) -> None:
+            if self._failing is not None:
+                _log.info("health check passes again")
+                self._failing = None
             shared = self._shared() if self._shared is not None else {}
             status = "degraded" if "down" in shared.values() else "ok"
             answer(200, {"status": status, **details, **shared})
 
         def unhealthy(failure: Failure) -> None:
-            _log.warn("health check failed: {reason}", reason=str(failure.value))
+            reason = str(failure.value)
+            if reason != self._failing:
+                _log.warn("health check failed: {reason}", reason=reason)
+                self._failing = reason
             answer(503, {"status": "unavailable", "reason": str(failure.value)})
 
         self._storage.check(self._min_free).addCallbacks(healthy, unhealthy)
