@@ -232,3 +232,39 @@ async def test_the_quota_holds_across_instances_under_concurrent_saves(cluster):
     finally:
         await first.close()
         await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_folders_across_instances_nested_save_move_listing_and_events(cluster):
+    """Protocol 1.2 on S3 behind HAProxy: what one instance does, another lists,
+    and the folder's changed event crosses instances through Redis."""
+    from wsfiles.client import COMMAND_SUBPROTOCOLS
+
+    writer = await connect(cluster["url"], subprotocols=COMMAND_SUBPROTOCOLS)
+    watcher = await connect(cluster["url"], subprotocols=COMMAND_SUBPROTOCOLS)
+    offers = [record_offers(writer), record_offers(watcher)]
+    try:
+        await writer.upload("probe-w", b"w")
+        await watcher.upload("probe-r", b"r")
+        assert offers[0][0] != offers[1][0]  # two instances
+        data = os.urandom(300_000)
+        await writer.upload("albums/2026/photo.jpg", data)
+        for _ in range(20):  # skip other folders' events, bounded
+            event = await watcher.folder_changes.get().addTimeout(20, reactor)
+            if event.get("path") == "albums/2026":
+                break
+        assert [e["name"] for e in event["files"]] == ["photo.jpg"]
+        await writer.rename("albums", "archive/albums")
+        tree = await watcher.list("archive", recursive=True)
+        assert [e["name"] for e in tree] == [
+            "albums",
+            "albums/2026",
+            "albums/2026/photo.jpg",
+        ]
+        sink = io.BytesIO()
+        await watcher.download("archive/albums/2026/photo.jpg", sink)
+        assert sink.getvalue() == data
+        assert "albums" not in [e["name"] for e in await watcher.list()]
+    finally:
+        await writer.close()
+        await watcher.close()
