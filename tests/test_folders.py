@@ -13,9 +13,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from e2e_helpers import within
+from e2e_helpers import local_only, within
 
 from wsfiles.client import COMMAND_SUBPROTOCOLS, WsfilesError, connect
+
+pytestmark = pytest.mark.every_backend
+
+
+async def kind(srv: Any, path: str) -> str | None:
+    """What the server's storage holds at ``path``: "file", "folder" or None."""
+    return await srv.storage.folder(None).kind(path)
 
 
 async def connect_12(srv: Any) -> Any:
@@ -51,8 +58,8 @@ async def client12(server_factory):
 @pytest_twisted.ensureDeferred
 async def test_hello_announces_1_2_and_lists_the_top_with_folders(server_factory):
     srv = await server_factory()
-    (srv.root / "docs").mkdir(parents=True)
-    (srv.root / "notes.txt").write_bytes(b"hello")
+    await srv.storage.folder(None).mkdir("docs", False)
+    await srv.put("notes.txt", b"hello")
     client = await connect_12(srv)
     try:
         hello = client.hello
@@ -69,7 +76,7 @@ async def test_hello_announces_1_2_and_lists_the_top_with_folders(server_factory
 async def test_save_creates_parents_and_get_reads_a_nested_path(client12):
     data = os.urandom(3000)
     await within(client12.upload("a/b/c.bin", data))
-    assert (client12.srv.root / "a" / "b" / "c.bin").read_bytes() == data
+    assert await client12.srv.read("a/b/c.bin") == data
     sink = io.BytesIO()
     await within(client12.download("a/b/c.bin", sink))
     assert sink.getvalue() == data
@@ -83,7 +90,7 @@ async def test_save_creates_parents_and_get_reads_a_nested_path(client12):
 async def test_mkdir_rmdir_and_their_refusals(client12):
     created = await ask(client12, op="mkdir", path="p/q", parents=True)
     assert created["op"] == "created" and created["path"] == "p/q"
-    assert (client12.srv.root / "p" / "q").is_dir()
+    assert await kind(client12.srv, "p/q") == "folder"
     assert await refused(client12, op="mkdir", path="x/y") == "not_found"  # no parents
     assert await refused(client12, op="mkdir", path="p") == "exists"
     await ask(client12, op="mkdir", path="p", parents=True)  # mkdir -p of a folder: fine
@@ -95,7 +102,7 @@ async def test_mkdir_rmdir_and_their_refusals(client12):
     await ask(client12, op="rmdir", path="p/q")
     removed = await ask(client12, op="rmdir", path="p", recursive=True)
     assert removed["op"] == "removed" and removed["path"] == "p"
-    assert not (client12.srv.root / "p").exists()
+    assert await kind(client12.srv, "p") is None
 
 
 @pytest_twisted.ensureDeferred
@@ -109,7 +116,7 @@ async def test_files_and_folders_refuse_to_be_each_other(client12):
     assert await refused(client12, op="list", path="f.txt") == "not_a_folder"
     assert await refused(client12, op="list", path="none") == "not_found"
     assert await refused(client12, op="get", name="none/x") == "not_found"
-    assert (client12.srv.root / "f.txt").read_bytes() == b"x"  # nothing altered
+    assert await client12.srv.read("f.txt") == b"x"  # nothing altered
 
 
 @pytest_twisted.ensureDeferred
@@ -117,12 +124,12 @@ async def test_rename_moves_files_and_folders_across_folders(client12):
     await within(client12.upload("a/one.txt", b"1"))
     await within(client12.upload("b/two.txt", b"2"))
     await ask(client12, op="rename", name="a/one.txt", to="c/d/one.txt")  # parents made
-    assert (client12.srv.root / "c" / "d" / "one.txt").read_bytes() == b"1"
+    assert await client12.srv.read("c/d/one.txt") == b"1"
     await ask(client12, op="rename", name="b", to="c/b")  # a folder, whole
-    assert (client12.srv.root / "c" / "b" / "two.txt").read_bytes() == b"2"
+    assert await client12.srv.read("c/b/two.txt") == b"2"
     assert await refused(client12, op="rename", name="c", to="c/d/c") == "invalid_move"
     await ask(client12, op="rename", name="c", to="c")  # onto itself: nothing to do, as in 1.1
-    assert (client12.srv.root / "c" / "b" / "two.txt").read_bytes() == b"2"
+    assert await client12.srv.read("c/b/two.txt") == b"2"
     await ask(client12, op="mkdir", path="e")
     # A folder replaces nothing, and nothing replaces a folder, overwrite or not.
     code = await refused(client12, op="rename", name="c/b", to="e", overwrite=True)
@@ -130,11 +137,14 @@ async def test_rename_moves_files_and_folders_across_folders(client12):
     await within(client12.upload("g.txt", b"g"))
     assert await refused(client12, op="rename", name="g.txt", to="e", overwrite=True) == "exists"
     assert await refused(client12, op="rename", name="e", to="g.txt", overwrite=True) == "exists"
-    assert (client12.srv.root / "g.txt").read_bytes() == b"g"
+    assert await client12.srv.read("g.txt") == b"g"
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_big_folder_pages_and_a_recursive_listing_walks_the_tree(client12):
+    local_only(
+        client12.srv, "2,500 files are made directly on disk (S3 paging: test_storage_folders)"
+    )
     root = client12.srv.root
     (root / "big").mkdir(parents=True)
     for n in range(2500):
@@ -203,11 +213,12 @@ async def test_path_tricks_are_invalid_name_in_every_op(client12, path):
         {"op": "list", "path": path},
     ):
         assert await refused(client12, **command) == "invalid_name", command
-    assert [p.name for p in client12.srv.root.iterdir() if not p.name.startswith(".")] == []
+    assert await client12.srv.storage.folder(None).usage() == (0, 0)  # nothing made
 
 
 @pytest_twisted.ensureDeferred
 async def test_symlinks_and_special_files_are_never_listed_or_followed(client12, tmp_path):
+    local_only(client12.srv, "symlinks and named pipes exist on local folders only")
     root = client12.srv.root
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -247,9 +258,8 @@ async def test_changed_events_name_the_folder_and_carry_its_entries(server_facto
 @pytest_twisted.ensureDeferred
 async def test_a_1_1_channel_sees_no_folders_and_has_no_folder_ops(server_factory):
     srv = await server_factory()
-    (srv.root / "docs").mkdir(parents=True)
-    (srv.root / "docs" / "inner.txt").write_bytes(b"i")
-    (srv.root / "top.txt").write_bytes(b"t")
+    await srv.put("docs/inner.txt", b"i")
+    await srv.put("top.txt", b"t")
     client = await within(connect(srv.url))
     try:
         assert client.hello["protocol"] == 1 and "folders" not in client.hello["features"]
@@ -260,5 +270,24 @@ async def test_a_1_1_channel_sees_no_folders_and_has_no_folder_ops(server_factor
         assert await refused(client, op="delete", name="docs") == "not_found"
         assert await refused(client, op="mkdir", path="x") == "unknown_op"
         assert await refused(client, op="rmdir", path="docs") == "unknown_op"
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quotas_count_the_whole_tree_folders_included(server_factory):
+    srv = await server_factory(quota=1000, quota_files=4)
+    client = await connect_12(srv)
+    try:
+        await within(client.upload("a/b/one.bin", b"x" * 600))  # a, a/b, one.bin: 3 entries
+        # Bytes: the nested file counts against the quota.
+        assert await refused(client, op="save", name="top.bin", size=500) == "quota_exceeded"
+        await ask(client, op="mkdir", path="c")  # the 4th entry
+        # Files and folders: a 5th entry of any kind is refused...
+        assert await refused(client, op="save", name="c/two.bin", size=1) == "quota_exceeded"
+        assert await refused(client, op="mkdir", path="d") == "quota_exceeded"
+        # ...but replacing a file changes neither count.
+        await within(client.upload("a/b/one.bin", b"y" * 900))
+        assert await srv.read("a/b/one.bin") == b"y" * 900
     finally:
         await client.close()

@@ -501,6 +501,9 @@ class CommandSession:
         self._announce_change(name, to)
 
     async def _mkdir(self, message: dict[str, Any], request_id: RequestId) -> None:
+        if self.entry_limits is not None:  # a folder is an entry too
+            path = check_path(message.get("path"), field="path")
+            await self.entry_limits.check(self.client, self.folder, path)
         path = await folders.make_folder(self.folder, message)
         _log.info("made folder {path!r} of {client}", path=path, client=self.client)
         self._send({"op": "created", "path": path}, request_id)
