@@ -21,7 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from wsfiles.admission import ConnectionSlots
+from wsfiles.admission import ConnectionSlots, forwarded_client
 from wsfiles.changes import ChangeHub
 from wsfiles.channels import ChannelBook, TrackedChannel, protocol_options
 from wsfiles.config import COMMAND_MESSAGE_LIMIT, SUBPROTOCOL, Settings
@@ -193,11 +193,8 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
     def _client_ip(self, request: ConnectionRequest) -> str:
         """The peer's address; behind a trusted proxy, the one it forwarded for."""
         peer = getattr(self.transport.getPeer(), "host", "")
-        if peer in self.factory.settings.trusted_proxies:
-            forwarded = request.headers.get("x-forwarded-for", "")
-            if forwarded.strip():
-                return forwarded.split(",")[-1].strip()  # what our proxy appended
-        return peer
+        forwarded = request.headers.get("x-forwarded-for")
+        return forwarded_client(peer, forwarded, self.factory.settings.trusted_proxies)
 
     def _take_slot(self, client: str, ip: str) -> Deferred | None:
         """Take a connection slot or refuse; a Deferred when Redis must be asked."""

@@ -31,6 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from wsfiles.admission import forwarded_client
 from wsfiles.command import ANONYMOUS, CommandChannelFactory
 from wsfiles.users import TooManyChecks
 
@@ -41,11 +42,8 @@ def _client_ip(request: server.Request, trusted_proxies: tuple[str, ...]) -> str
     """The peer's address; behind a trusted proxy, the one it forwarded for
     (the command channel's rule, so both count against the same per-IP limit)."""
     peer = getattr(request.getClientAddress(), "host", "") or ""
-    if peer in trusted_proxies:
-        forwarded = (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1")
-        if forwarded.strip():
-            return forwarded.split(",")[-1].strip()
-    return peer
+    forwarded = (request.getHeader(b"x-forwarded-for") or b"").decode("latin-1")
+    return forwarded_client(peer, forwarded, trusted_proxies)
 
 
 class WhoAmIPage(resource.Resource):
