@@ -7,13 +7,21 @@ the channel exactly as 1.1, which is what an older server does.
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import termios
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import BIN, TEARDOWN_TIMEOUT, run_process
+from conftest import BIN, TEARDOWN_TIMEOUT, ChildOutput, run_process
+from test_cli import StallingProxy, _wait_until, spawn
 from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.internet.defer import Deferred
 
@@ -191,6 +199,280 @@ async def test_a_11_server_keeps_working_and_folder_commands_say_it_has_no_folde
         assert (code, out, one_line(err)) == (1, "", f"wsfiles {args[0]}: {NO_FOLDERS}"), args
     assert sorted(p.name for p in srv.root.iterdir() if not p.name.startswith(".")) == ["b.txt"]
     assert sorted(p.name for p in work.iterdir()) == ["tree"]  # nothing written here
+
+
+# -- against a 1.2 server --------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_r_and_get_r_copy_a_whole_tree_and_ls_shows_it(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    local = tmp_path / "photos"
+    (local / "2026" / "june").mkdir(parents=True)
+    (local / "empty").mkdir()
+    (local / "2026" / "june" / "big.bin").write_bytes(os.urandom(3 * MiB + 7))
+    (local / "2026" / "notes.txt").write_bytes(b"notes")
+    (local / "zero").write_bytes(b"")
+    (local / "été.txt").write_bytes("é".encode())
+
+    code, out, err = await run("put", "-r", srv.url, str(local), "backup/photos")
+    assert (code, out, err) == (0, "", "")
+    assert tree_of(srv.root / "backup" / "photos") == tree_of(local)  # real folders on disk
+
+    code, out, err = await run("ls", srv.url)
+    assert code == 0, err
+    assert out.splitlines()[0].split() == ["-", *out.splitlines()[0].split()[1:3], "backup/"]
+    code, out, err = await run("ls", srv.url, "backup/photos/", "-R")
+    assert code == 0, err
+    names = [line.split("  ")[-1] for line in out.splitlines()]
+    assert names == [
+        "2026/",
+        "2026/june/",
+        "2026/june/big.bin",
+        "2026/notes.txt",
+        "empty/",
+        "zero",
+        "été.txt",
+    ]
+    code, out, err = await run("ls", srv.url, "backup/photos", "--json")
+    assert code == 0, err
+    assert [(e["name"], e["type"], e.get("size")) for e in json.loads(out)] == [
+        ("2026", "folder", None),
+        ("empty", "folder", None),
+        ("zero", "file", 0),
+        ("été.txt", "file", 2),
+    ]
+
+    copy = tmp_path / "copy"
+    code, out, err = await run("get", "-r", srv.url, "backup/photos", "-o", str(copy))
+    assert (code, out, err) == (0, "", "")
+    assert tree_of(copy) == tree_of(local)  # empty folder and empty file included
+    code, _, err = await run("get", "-r", srv.url, "backup/photos/2026", cwd=tmp_path)
+    assert code == 0, err
+    assert tree_of(tmp_path / "2026") == tree_of(local / "2026")  # default: its last name
+
+    # One file by its path, and a whole tree at the top (DEST "/").
+    code, _, err = await run("get", srv.url, "backup/photos/2026/notes.txt", cwd=tmp_path)
+    assert code == 0 and (tmp_path / "notes.txt").read_bytes() == b"notes", err
+    code, _, err = await run("put", "-r", srv.url, str(local / "2026"), "/")
+    assert code == 0, err
+    assert (srv.root / "notes.txt").read_bytes() == b"notes"
+    assert (srv.root / "june" / "big.bin").stat().st_size == 3 * MiB + 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_mkdir_rmdir_mv_rm_and_their_one_line_errors(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    url = srv.url
+    (srv.root / "f.txt").write_bytes(b"file")
+    work = tmp_path / "work"
+    work.mkdir()
+
+    async def fails(*args: str) -> str:
+        code, out, err = await run(*args, cwd=work)
+        assert code == 1 and out == "", (args, code, err)
+        return one_line(err)
+
+    assert await run("mkdir", url, "docs") == (0, "", "")
+    assert (srv.root / "docs").is_dir()
+    assert (await fails("mkdir", url, "docs")).startswith("wsfiles mkdir: exists: ")
+    assert (await fails("mkdir", url, "a/b")).startswith("wsfiles mkdir: not_found: ")
+    assert await run("mkdir", "-p", url, "a/b/c") == (0, "", "")
+    assert await run("mkdir", "-p", url, "a/b") == (0, "", "")  # an existing folder is fine
+    assert (await fails("mkdir", "-p", url, "f.txt/x")).startswith("wsfiles mkdir: not_a_folder: ")
+    assert (await fails("mkdir", url, "../x")).startswith("wsfiles mkdir: invalid_name: ")
+
+    line = await fails("rmdir", url, "a")
+    assert line.startswith("wsfiles rmdir: not_empty: ") and "-r" in line
+    line = await fails("rmdir", url, "f.txt")
+    assert line.startswith("wsfiles rmdir: not_a_folder: ") and "wsfiles rm" in line
+    line = await fails("rm", url, "docs")
+    assert line.startswith("wsfiles rm: is_a_folder: ") and "rmdir" in line
+    assert (await fails("rmdir", url, "nothing")).startswith("wsfiles rmdir: not_found: ")
+
+    # mv across folders: a file, then a folder; a folder never goes into itself.
+    assert await run("mv", url, "f.txt", "docs/f.txt") == (0, "", "")
+    assert (srv.root / "docs" / "f.txt").read_bytes() == b"file"
+    assert await run("mv", url, "docs", "a/b/docs") == (0, "", "")
+    assert (srv.root / "a" / "b" / "docs" / "f.txt").read_bytes() == b"file"
+    line = await fails("mv", url, "a", "a/b/c/a")
+    assert line.startswith("wsfiles mv: invalid_move: "), line
+    (srv.root / "g.txt").write_bytes(b"g")
+    line = await fails("mv", url, "g.txt", "a/b/docs/f.txt")
+    assert line.startswith("wsfiles mv: exists: ") and "--overwrite" in line
+    assert await run("mv", "--overwrite", url, "g.txt", "a/b/docs/f.txt") == (0, "", "")
+    assert (srv.root / "a" / "b" / "docs" / "f.txt").read_bytes() == b"g"
+    line = await fails("mv", "--overwrite", url, "a/b/docs/f.txt", "a/b")  # onto a folder
+    assert line == (
+        "wsfiles mv: exists: 'a/b' exists and --overwrite does not replace it "
+        "(a folder never replaces anything and is never replaced)"
+    )
+
+    # get/ls of the wrong kind of thing.
+    line = await fails("get", url, "a/b", "-o", str(work / "x"))
+    assert line.startswith("wsfiles get: is_a_folder: ")
+    line = await fails("get", "-r", url, "a/b/docs/f.txt", "-o", str(work / "y"))
+    assert line.startswith("wsfiles get: not_a_folder: ") and "without -r" in line
+    assert (await fails("ls", url, "a/b/docs/f.txt")).startswith("wsfiles ls: not_a_folder: ")
+    assert (await fails("ls", url, "missing")).startswith("wsfiles ls: not_found: ")
+    assert list(work.iterdir()) == []  # no output folder, no part file left
+
+    assert await run("rmdir", "-r", url, "a") == (0, "", "")
+    assert not (srv.root / "a").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_ls_follows_the_pages_of_a_big_folder(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    big = srv.root / "big"
+    big.mkdir(parents=True)
+    names = [f"f{i:05d}" for i in range(2345)]  # more than two pages of max_list (1000)
+    for name in names:
+        (big / name).write_bytes(b"")
+    code, out, err = await run("ls", srv.url, "big")
+    assert code == 0, err
+    assert [line.split()[-1] for line in out.splitlines()] == names
+    client = await connect(srv.url, subprotocols=COMMAND_SUBPROTOCOLS)
+    try:
+        assert client.folders and client.hello["max_list"] < len(names)
+        assert [e["name"] for e in await client.list("", recursive=True)] == [
+            "big",
+            *(f"big/{n}" for n in names),
+        ]
+    finally:
+        await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tree_transfers_check_names_and_symlinks_before_writing(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    local = tmp_path / "src"
+    local.mkdir()
+    (local / "ok.txt").write_bytes(b"ok")
+    (local / "back\\slash").write_bytes(b"x")  # a name the protocol cannot carry
+    code, _, err = await run("put", "-r", srv.url, str(local))
+    line = one_line(err)
+    assert code == 1 and line.startswith("wsfiles put: invalid_name: ") and "back\\slash" in line
+    assert not (srv.root / "src").exists()  # nothing was sent
+
+    (local / "back\\slash").unlink()
+    (local / "link").symlink_to(tmp_path)  # skipped, never followed
+    os.mkfifo(local / "pipe")
+    code, _, err = await run("put", "-r", srv.url, str(local))
+    assert code == 0, err
+    assert sorted(err.splitlines()) == [
+        f"wsfiles put: skipped {local / 'link'} (a symlink or special file)",
+        f"wsfiles put: skipped {local / 'pipe'} (a symlink or special file)",
+    ]
+    assert tree_of(srv.root / "src") == {"ok.txt": b"ok"}
+
+    # A local symlink where the tree puts a folder is not written through.
+    (srv.root / "src" / "inner").mkdir()
+    (srv.root / "src" / "inner" / "secret").write_bytes(b"s")
+    out_dir = tmp_path / "out"
+    outside = tmp_path / "outside"
+    out_dir.mkdir()
+    outside.mkdir()
+    (out_dir / "inner").symlink_to(outside)
+    code, _, err = await run("get", "-r", srv.url, "src", "-o", str(out_dir))
+    line = one_line(err)
+    assert code == 1 and "symlink" in line and line.startswith("wsfiles get: "), line
+    assert list(outside.iterdir()) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_put_r_shows_one_progress_bar_over_the_whole_tree(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    local = tmp_path / "tree"
+    (local / "a").mkdir(parents=True)
+    (local / "a" / "one.bin").write_bytes(os.urandom(2 * MiB))
+    (local / "two.bin").write_bytes(os.urandom(1 * MiB))
+    master, slave = pty.openpty()  # a terminal 120 columns wide, as a person has
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    terminal = ChildOutput()
+    argv = [str(BIN / "wsfiles"), "put", "-r", srv.url, str(local)]
+    reactor.spawnProcess(
+        terminal, argv[0], argv, env=dict(os.environ), usePTY=(master, slave, os.ttyname(slave))
+    )
+    code = await terminal.ended().addTimeout(60, reactor)
+    assert code == 0, terminal.text
+    lines = [line for line in terminal.text.replace("\r", "\n").split("\n") if "tree" in line]
+    assert lines and "tree (2 files)" in lines[-1], terminal.text
+    assert "100%" in lines[-1] and "3.0 MiB of 3.0 MiB" in lines[-1], lines[-1]
+    assert not re.search(r"of [12]\.0 MiB", terminal.text), terminal.text  # never per file
+    assert tree_of(srv.root / "tree") == tree_of(local)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_during_get_r_keeps_the_part_file_and_resume_completes_the_tree(
+    twistd_factory, tmp_path
+):
+    srv = await twistd_factory()
+    remote = srv.root / "docs"
+    (remote / "sub").mkdir(parents=True)
+    (remote / "a.txt").write_bytes(b"a" * 1000)
+    (remote / "sub" / "big.bin").write_bytes(os.urandom(24 * MiB))
+    proxy = StallingProxy(srv.url, budget=4 * MiB)
+    stalling_url = await proxy.start()
+    out_dir = tmp_path / "copy"
+    partial = out_dir / "sub" / "big.bin.wsfiles-part"
+    try:
+        process, cli = spawn("get", "-r", stalling_url, "docs", "-o", str(out_dir))
+        await _wait_until(
+            lambda: (partial.exists() and partial.stat().st_size >= 2 * MiB) or cli.ended.called,
+            "a part file of 2 MiB",
+        )
+        process.signalProcess("INT")
+        code = await cli.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
+    finally:
+        await proxy.stop()
+    line = one_line(cli.err.decode())
+    assert code == 130, line
+    assert line.startswith("wsfiles get: interrupted; 1 of 2 files downloaded; kept "), line
+    assert str(partial) in line and "'wsfiles get -r --resume' continues it" in line
+    assert (out_dir / "a.txt").read_bytes() == b"a" * 1000
+    assert not (out_dir / "sub" / "big.bin").exists()
+
+    code, _, err = await run("get", "-r", "--resume", srv.url, "docs", "-o", str(out_dir))
+    assert code == 0, err
+    assert tree_of(out_dir) == tree_of(remote) and not partial.exists()
+
+
+@pytest.mark.every_backend
+@pytest_twisted.ensureDeferred
+async def test_a_tree_round_trip_on_every_backend(server_factory, backend, tmp_path):
+    srv = await server_factory()
+    url = srv.url
+    local = tmp_path / "t"
+    (local / "a" / "b").mkdir(parents=True)
+    (local / "empty").mkdir()
+    (local / "only-a-link").mkdir()
+    (local / "only-a-link" / "l").symlink_to(tmp_path)
+    (local / "a" / "b" / "deep.bin").write_bytes(os.urandom(MiB + 1))
+    (local / "top.txt").write_bytes(b"top")
+
+    code, _, err = await run("put", "-r", url, str(local), "trees/t")
+    assert code == 0, err
+    code, out, err = await run("ls", "-R", url, "trees")
+    assert code == 0, err
+    assert [line.split("  ")[-1] for line in out.splitlines()] == [
+        "t/",
+        "t/a/",
+        "t/a/b/",
+        "t/a/b/deep.bin",
+        "t/empty/",
+        "t/only-a-link/",
+        "t/top.txt",
+    ]
+    assert await run("mv", url, "trees/t", "moved/t") == (0, "", "")
+    copy = tmp_path / "copy"
+    code, _, err = await run("get", "-r", url, "moved/t", "-o", str(copy))
+    assert code == 0, err
+    (local / "only-a-link" / "l").unlink()
+    assert tree_of(copy) == tree_of(local)
+    assert await run("rmdir", url, "trees") == (0, "", "")  # emptied by the move
+    assert await run("rmdir", "-r", url, "moved") == (0, "", "")
+    assert await run("ls", url) == (0, "", "")
 
 
 class _ListingClient:

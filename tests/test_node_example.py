@@ -14,6 +14,7 @@ from test_cli_folders import older_server as older_server  # a fixture, reused
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "node"
 NODE = shutil.which("node")
+MiB = 1024 * 1024
 
 pytestmark = [
     pytest.mark.skipif(NODE is None, reason="node is not installed"),
@@ -92,3 +93,39 @@ async def test_node_client_on_a_server_without_folders(older_server, tmp_path):
             "error not_supported: this server does not support folders (protocol 1.2)\n",
         ), args
     assert not (srv.root / "docs").exists() and not (tmp_path / "back").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_node_client_does_folders(twistd_factory, tmp_path):
+    srv = await twistd_factory()
+    data = os.urandom(2 * MiB + 3)
+    source = tmp_path / "x.bin"
+    source.write_bytes(data)
+
+    assert await node(srv.url, "mkdir", "-p", "photos/2026") == (0, "photos/2026\n", "")
+    code, out, err = await node(srv.url, "put", str(source), "photos/2026/x.bin")
+    assert code == 0, err
+    assert (srv.root / "photos" / "2026" / "x.bin").read_bytes() == data
+    code, out, err = await node(srv.url, "put", str(source), "new/deep/y.bin")  # parents made
+    assert code == 0 and (srv.root / "new" / "deep" / "y.bin").read_bytes() == data, err
+
+    assert await node(srv.url, "ls") == (0, "-\tnew/\n-\tphotos/\n", "")
+    assert await node(srv.url, "ls", "photos") == (0, "-\t2026/\n", "")
+    assert await node(srv.url, "ls", "photos/2026/") == (0, f"{len(data)}\tx.bin\n", "")
+    code, out, err = await node(srv.url, "get", "photos/2026/x.bin", str(tmp_path / "back"))
+    assert code == 0 and (tmp_path / "back").read_bytes() == data, err
+
+    code, out, err = await node(srv.url, "get", "photos", str(tmp_path / "dir"))
+    assert code == 1 and err.startswith("error is_a_folder"), err
+    code, out, err = await node(srv.url, "mkdir", "photos/2026")
+    assert code == 1 and err.startswith("error exists"), err
+    code, out, err = await node(srv.url, "ls", "photos/2026/x.bin")
+    assert code == 1 and err.startswith("error not_a_folder"), err
+
+    many = srv.root / "many"  # more than one page (max_list 1000): the cursor is followed
+    many.mkdir()
+    for i in range(1500):
+        (many / f"n{i:04d}").write_bytes(b"")
+    code, out, err = await node(srv.url, "ls", "many")
+    assert code == 0, err
+    assert out.splitlines() == [f"0\tn{i:04d}" for i in range(1500)]

@@ -147,6 +147,7 @@ def scan_tree(top: str) -> LocalTree:
         except OSError as e:
             raise CommandFailed(f"cannot read {local}: {e.strerror}") from None
         below: list[tuple[str, str, int]] = []
+        kept = 0
         for entry in entries:
             path = _join(rel, entry.name)
             try:
@@ -157,12 +158,13 @@ def scan_tree(top: str) -> LocalTree:
                 tree.skipped.append(entry.path)
                 continue
             _checked(path, f"cannot upload {entry.path}")
+            kept += 1
             if stat.S_ISDIR(mode):
                 tree.folders.append(path)
                 below.append((entry.path, path, depth + 1))
             else:
                 tree.files.append((path, entry.path, entry.stat(follow_symlinks=False).st_size))
-        if not entries and rel:
+        if not kept and rel:  # (nothing in it, or only what is skipped)
             tree.empty_folders.append(rel)
         pending.extend(reversed(below))  # depth first, in name order
     tree.files.sort()
