@@ -10,12 +10,19 @@ const BACKOFF_FIRST = 500;           // ms before the second attempt to reconnec
 const BACKOFF_CAP = 4000;            // ...doubling up to this: a few seconds at most
 const STEADY = 10000;                // ms a connection must last for the backoff to start over
 const TOKEN_KEY = "wsfiles-token";
+// Protocol 1.2 (folders) when the server selects it; a 1.1 server selects
+// wsfiles.v1 and the page shows one flat folder, as before.
+const SUBPROTOCOLS = ["wsfiles.v1.2", "wsfiles.v1"];
+const MAX_PAGES = 1000;              // list pages of one folder at most (1000 entries each)
+const TREE_LIMIT = 100000;           // files and folders in one dropped or picked tree at most
+const COUNT_PAGES = 10;              // pages counted before deleting a folder (then "more than")
+const TOP = "Home";                  // what the page calls the top folder
 
 const MESSAGES = {
   bad_request: "The server did not understand the request.",
   unknown_op: "The server does not know this command.",
   invalid_name: "That name is not allowed (no slashes, control characters, '.', '..' or names over 255 bytes).",
-  not_found: "There is no such file.",
+  not_found: "There is no such file or folder.",
   too_large: "The file is larger than the server accepts.",
   size_mismatch: "The file changed size while it was being sent.",
   wrong_channel: "Data was sent on the wrong connection.",
@@ -31,6 +38,11 @@ const MESSAGES = {
   unavailable: "The server is stopping; it will be retried once it is back.",
   rate_limited: "Too many requests; slow down a little.",
   quota_exceeded: "This upload would exceed your storage quota.",
+  is_a_folder: "That is a folder, not a file.",
+  not_a_folder: "A file is in the way: that path is not a folder.",
+  not_empty: "The folder is not empty.",
+  invalid_move: "A folder cannot be moved into itself.",
+  too_many: "Too many files at once.",
   disconnected: "The connection to the server was lost.",
   login_needed: "You are not logged in.",
 };
@@ -136,7 +148,7 @@ class Connection {
   open() {
     const query = this.token ? "?token=" + encodeURIComponent(this.token) : "";
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(base + "/command" + query, ["wsfiles.v1"]);
+      const ws = new WebSocket(base + "/command" + query, SUBPROTOCOLS);
       this.ws = ws;
       let refusal = null;         // an error the server sent instead of hello
       ws.onopen = () => { if (this.closing) ws.close(1000); };
@@ -182,7 +194,7 @@ class Connection {
   }
 
   dispatch(message) {
-    if (message.op === "changed") { renderFiles(message.files); return; }
+    if (message.op === "changed") { folderChanged(message); return; }
     const entry = this.waiting.get(message.id);
     if (entry) this.deliver(entry, message);
     // An error about a command the page has given up on (its id is ours but
@@ -339,7 +351,17 @@ function connected(connection, hello) {
   $("#who").textContent = hello.client;
   $("#limit").textContent = "Up to " + humanSize(hello.max_size) + " per file.";
   $("#logout").hidden = !connection.token;
-  renderFiles(hello.files);
+  view.folders = hello.protocol === "1.2" && (hello.features || []).includes("folders");
+  $("#where").hidden = !view.folders;
+  $("#drop-what").textContent = view.folders ? "files or folders" : "files";
+  if (!view.folders) {
+    view.path = "";
+    showListing("", hello.files, undefined);
+  } else {
+    const wanted = pathFromHash();
+    if (wanted === "") showListing("", hello.files, hello.cursor);
+    else openFolder(wanted, false);
+  }
   const wasHidden = $("#app").hidden;
   $("#login").hidden = true;
   $("#app").hidden = false;
@@ -390,41 +412,256 @@ function logOut() {
   wakeLink();
 }
 
-// -- rendering ---------------------------------------------------------------------
+// -- folders and rendering -----------------------------------------------------------
+// On a 1.2 channel the page shows one folder at a time: view.path ("" for the
+// top), named in the address (#/docs/2026) so Back, reload and bookmarks work.
+// Big folders are listed in pages (cursor) and shown as the pages arrive.
 
-let fileNames = new Set();
+const view = {
+  folders: false,       // the server speaks protocol 1.2
+  path: "",             // the folder in view
+  entries: new Map(),   // name -> entry, for the folder in view
+  generation: 0,        // bumped by every new listing: older ones stop
+  replacing: false,     // the next hashchange is the page's own (goUp), not a person's
+};
 
-function renderFiles(files) {
-  fileNames = new Set(files.map((file) => file.name));
-  const body = $("#files tbody");
-  body.replaceChildren();
-  for (const file of files) {
-    const row = document.createElement("tr");
-    row.dataset.name = file.name;
-    const name = document.createElement("td");
-    name.className = "name";
-    name.textContent = file.name;
-    const size = document.createElement("td");
-    size.className = "num";
-    size.textContent = humanSize(file.size);
-    const mtime = document.createElement("td");
-    mtime.className = "mtime";
-    const when = new Date(file.mtime * 1000);
-    const time = document.createElement("time");
-    time.dateTime = when.toISOString();
-    time.textContent = when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
-    mtime.append(time);
-    const actions = document.createElement("td");
-    actions.className = "actions";
-    for (const [label, action] of [["Download", download], ["Rename", rename], ["Delete", remove]]) {
-      const button = makeButton(label, () => action(file.name), label + " " + file.name);
-      button.dataset.action = label.toLowerCase();
-      actions.append(button);
+let fileNames = new Set();  // files (not folders) in view: an upload of one of these asks first
+
+function join(folder, name) { return folder ? folder + "/" + name : name; }
+function parentOf(path) { const i = path.lastIndexOf("/"); return i < 0 ? "" : path.slice(0, i); }
+function baseName(path) { return path.slice(path.lastIndexOf("/") + 1); }
+function shown(path) { return path === "" ? TOP : path; }
+function within(path, folder) { return folder === "" || path === folder || path.startsWith(folder + "/"); }
+
+function hashFor(path) {
+  return "#/" + (path ? path.split("/").map(encodeURIComponent).join("/") : "");
+}
+
+function pathFromHash() {
+  if (!location.hash.startsWith("#/")) return "";
+  try {
+    return location.hash.slice(2).split("/").filter(Boolean).map(decodeURIComponent).join("/");
+  } catch (error) { return ""; }  // a malformed address: the top
+}
+
+// The folder in view is gone: show `path` instead, in place of it in the history.
+function goUp(path) {
+  view.replacing = true;
+  location.replace(hashFor(path));  // hashchange opens it
+}
+
+async function openFolder(path, focus) {
+  if (!view.folders) return;
+  view.path = path;
+  renderCrumbs(focus);
+  clearError("folder");
+  if (focus) clearError("gone");  // a person went elsewhere: that news is old
+  showEntries([], false);
+  $("#loading").textContent = "Loading " + shown(path) + "…";
+  await load(path);
+}
+
+// List `path` again (its first page replaces what is shown).
+async function load(path) {
+  const generation = ++view.generation;
+  let reply;
+  try {
+    const connection = await ready();
+    reply = await connection.request({ op: "list", path });
+  } catch (error) {
+    if (generation !== view.generation) return;
+    $("#loading").textContent = "";
+    if (error.code === "not_found" || error.code === "not_a_folder" || error.code === "invalid_name") {
+      showError("gone", "The folder “" + path + "” does not exist (any more).");
+      goUp(parentOf(path));
+    } else if (error.code !== "disconnected" && error.code !== "login_needed") {
+      showError("folder", "Listing “" + shown(path) + "” failed: " + describe(error));
     }
-    row.append(name, size, mtime, actions);
-    body.append(row);
+    return;
   }
-  $("#empty").hidden = files.length > 0;
+  if (generation === view.generation) showListing(path, reply.files, reply.cursor, generation);
+}
+
+// Show a listing's first page, then fetch and append the rest.
+async function showListing(path, files, cursor, generation = ++view.generation) {
+  view.path = path;
+  if (view.folders) renderCrumbs(false);
+  showEntries(files || [], false);
+  for (let pages = 1; cursor && pages < MAX_PAGES; pages++) {
+    $("#loading").textContent = "Loading more… (" + view.entries.size + " so far)";
+    let reply;
+    try {
+      reply = await (await ready()).request({ op: "list", path, cursor });
+    } catch (error) {
+      if (generation === view.generation) {
+        $("#loading").textContent = "";
+        if (error.code !== "disconnected") showError("folder", "Listing “" + shown(path) + "” failed: " + describe(error));
+      }
+      return;
+    }
+    if (generation !== view.generation) return;
+    showEntries(reply.files, true);
+    cursor = reply.cursor;
+  }
+  if (generation === view.generation) $("#loading").textContent = "";
+}
+
+// A folder changed (1.2: the event names it; 1.1: always the top).
+function folderChanged(message) {
+  const path = message.path || "";
+  if (!view.folders || path === view.path) {
+    if (message.more) { load(view.path); return; }
+    ++view.generation;  // a listing in progress is out of date
+    $("#loading").textContent = "";
+    showEntries(message.files, false);
+    return;
+  }
+  // An ancestor of the folder in view: is the way down still there?
+  if (within(view.path, path) && message.files) {
+    const next = view.path.slice(path ? path.length + 1 : 0).split("/")[0];
+    const still = message.files.some((entry) => entry.name === next && entry.type === "folder");
+    if (!still) {
+      showError("gone", "The folder “" + view.path + "” was removed or moved.");
+      goUp(path);
+    }
+  }
+  // Other folders' events do not change what is shown.
+}
+
+function renderCrumbs(focus) {
+  const list = $("#crumbs");
+  const active = document.activeElement;
+  focus = focus || Boolean(active && active.id === "current-folder");
+  list.replaceChildren();
+  const parts = view.path ? view.path.split("/") : [];
+  const paths = [""].concat(parts.map((_, i) => parts.slice(0, i + 1).join("/")));
+  paths.forEach((path, i) => {
+    const item = document.createElement("li");
+    const label = i === 0 ? TOP : parts[i - 1];
+    if (i === paths.length - 1) {
+      const current = document.createElement("span");
+      current.textContent = label;
+      current.setAttribute("aria-current", "location");
+      current.tabIndex = -1;
+      current.id = "current-folder";
+      item.append(current);
+    } else {
+      const anchor = document.createElement("a");
+      anchor.href = hashFor(path);
+      anchor.textContent = label;
+      dropTarget(anchor, path);
+      item.append(anchor);
+    }
+    list.append(item);
+  });
+  $("#files caption").textContent = view.folders ? "Files in " + shown(view.path) : "Your files";
+  $("#empty").textContent = view.path ? "This folder is empty." : "No files yet.";
+  if (focus) $("#current-folder").focus();
+}
+
+function showEntries(files, append) {
+  const body = $("#files tbody");
+  // A live update must not throw the keyboard user's focus away.
+  const active = document.activeElement;
+  const focused = active && active.closest && active.closest("#files tbody tr");
+  const keep = focused ? [focused.dataset.name, active.dataset.action] : null;
+  if (!append) {
+    view.entries = new Map();
+    body.replaceChildren();
+  }
+  for (const file of files) {
+    view.entries.set(file.name, file);
+    body.append(entryRow(file));
+  }
+  fileNames = new Set([...view.entries.values()].filter((e) => e.type !== "folder").map((e) => e.name));
+  $("#empty").hidden = view.entries.size > 0;
+  if (keep) {
+    const row = body.querySelector("tr[data-name=" + JSON.stringify(keep[0]) + "]");
+    const button = row && (row.querySelector("[data-action=" + JSON.stringify(keep[1] || "") + "]") ||
+                           row.querySelector("a, button"));
+    if (button) button.focus();
+  }
+}
+
+function entryRow(file) {
+  const folder = file.type === "folder";
+  const path = join(view.path, file.name);
+  const row = document.createElement("tr");
+  row.dataset.name = file.name;
+  row.dataset.type = folder ? "folder" : "file";
+  const name = document.createElement("td");
+  name.className = "name";
+  if (folder) {
+    const anchor = document.createElement("a");
+    anchor.href = hashFor(path);
+    anchor.dataset.action = "open";
+    const icon = document.createElement("span");
+    icon.className = "icon";
+    icon.setAttribute("aria-hidden", "true");
+    icon.textContent = "📁";
+    const label = document.createElement("span");
+    label.className = "visually-hidden";
+    label.textContent = "Folder ";
+    anchor.append(icon, label, file.name);
+    name.append(anchor);
+  } else {
+    name.textContent = file.name;
+  }
+  const size = document.createElement("td");
+  size.className = "num";
+  size.textContent = folder ? "folder" : humanSize(file.size);
+  const mtime = document.createElement("td");
+  mtime.className = "mtime";
+  const when = new Date(file.mtime * 1000);
+  const time = document.createElement("time");
+  time.dateTime = when.toISOString();
+  time.textContent = when.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+  mtime.append(time);
+  const actions = document.createElement("td");
+  actions.className = "actions";
+  const buttons = folder ? [] : [["Download", "download", () => download(path)]];
+  buttons.push(["Rename", "rename", () => rename(path)]);
+  if (view.folders) buttons.push(["Move…", "move", () => moveDialog(path, folder)]);
+  buttons.push(["Delete", "delete", () => (folder ? removeFolder(path) : remove(path))]);
+  for (const [label, action, run] of buttons) {
+    const what = folder ? "folder " + file.name : file.name;
+    const button = makeButton(label, run, label.replace("…", "") + " " + what);
+    button.dataset.action = action;
+    actions.append(button);
+  }
+  row.append(name, size, mtime, actions);
+  if (view.folders) {
+    row.draggable = true;
+    row.addEventListener("dragstart", (event) => {
+      event.dataTransfer.setData(DRAG_TYPE, path);
+      event.dataTransfer.effectAllowed = "move";
+    });
+    if (folder) dropTarget(row, path);
+  }
+  return row;
+}
+
+// -- moving by drag: a row onto a folder row or a breadcrumb ---------------------------
+
+const DRAG_TYPE = "application/x-wsfiles-path";
+
+function dropTarget(element, folder) {
+  const ours = (event) => event.dataTransfer && Array.from(event.dataTransfer.types).includes(DRAG_TYPE);
+  element.addEventListener("dragover", (event) => {
+    if (!ours(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "move";
+    element.classList.add("target");
+  });
+  element.addEventListener("dragleave", () => element.classList.remove("target"));
+  element.addEventListener("drop", (event) => {
+    element.classList.remove("target");
+    if (!ours(event)) return;
+    event.preventDefault();
+    event.stopPropagation();
+    const from = event.dataTransfer.getData(DRAG_TYPE);
+    if (from && from !== folder) move(from, folder);
+  });
 }
 
 class TransferItem {
@@ -519,7 +756,7 @@ class TransferItem {
 // -- transfers ----------------------------------------------------------------------
 
 let transfers = Promise.resolve();  // one transfer at a time, in order
-const HOPELESS = ["invalid_name", "too_large"];  // the same request fails again: no Retry
+const HOPELESS = ["invalid_name", "too_large", "is_a_folder", "not_a_folder"];  // the same request fails again: no Retry
 
 function queue(item, work, retry) {
   item.queued();
@@ -538,29 +775,35 @@ async function drained(ws) {
   while (ws.readyState === WebSocket.OPEN && ws.bufferedAmount > HIGH_WATER) await sleep(10);
 }
 
-function pick(files) {
-  for (const file of files) {
-    const item = new TransferItem("upload", file.name);
-    const limit = link.hello ? link.hello.max_size : Infinity;
-    if (file.size > limit) {
-      item.fail(MESSAGES.too_large + " (" + humanSize(file.size) + " > " + humanSize(limit) + ")", null);
-    } else if (fileNames.has(file.name)) {
-      item.ask("A file named “" + file.name + "” already exists. Replace it?", "Replace",
-               () => upload(file, item));
-    } else {
-      upload(file, item);
-    }
+// Files picked or dropped go to the folder in view when they were picked
+// (`folder`), even if the page shows another one by the time they are sent.
+function pick(files, folder = view.path) {
+  for (const file of files) uploadTo(file, join(folder, file.name), folder === view.path);
+}
+
+// One file to `target` (a path); `ask` when a file of that name in view must not
+// be replaced without a yes.
+function uploadTo(file, target, ask) {
+  const item = new TransferItem("upload", target);
+  const limit = link.hello ? link.hello.max_size : Infinity;
+  if (file.size > limit) {
+    item.fail(MESSAGES.too_large + " (" + humanSize(file.size) + " > " + humanSize(limit) + ")", null);
+  } else if (ask && fileNames.has(baseName(target))) {
+    item.ask("A file named “" + baseName(target) + "” already exists. Replace it?", "Replace",
+             () => upload(file, item, target));
+  } else {
+    upload(file, item, target);
   }
 }
 
-function upload(file, item) {
-  queue(item, () => uploadResuming(file, item), () => upload(file, item));
+function upload(file, item, target) {
+  queue(item, () => uploadResuming(file, item, target), () => upload(file, item, target));
 }
 
 // Interrupted uploads resume where they stopped (protocol 1.1 resume): after a
 // lost connection for as long as it takes to reconnect, and on a live
 // connection up to RETRIES times in a row.
-async function uploadResuming(file, item) {
+async function uploadResuming(file, item, target) {
   let failures = 0, previous = null;
   for (;;) {
     const connection = await connectionFor(item, previous === null ? undefined :
@@ -568,7 +811,7 @@ async function uploadResuming(file, item) {
     if (connection !== previous) failures = 0;
     previous = connection;
     try {
-      await uploadOnce(connection, file, item);
+      await uploadOnce(connection, file, item, target);
       item.finish("uploaded");
       return;
     } catch (error) {
@@ -581,7 +824,7 @@ async function uploadResuming(file, item) {
         lost(connection, 1001);
         continue;
       }
-      const retry = ["channel_closed", "channel_timeout", "stalled"].includes(error.code);
+      const retry = ["channel_closed", "channel_timeout", "stalled", "rate_limited"].includes(error.code);
       if (!retry || ++failures > RETRIES) throw error;
       item.waiting("the file connection dropped; resuming…");
       await sleep(500 * failures);
@@ -589,8 +832,8 @@ async function uploadResuming(file, item) {
   }
 }
 
-async function uploadOnce(connection, file, item) {
-  const id = connection.send({ op: "save", name: file.name, size: file.size, resume: true, chunked: true });
+async function uploadOnce(connection, file, item, target) {
+  const id = connection.send({ op: "save", name: target, size: file.size, resume: true, chunked: true });
   connection.currentTransfer = id;
   try {
     for (;;) {
@@ -732,7 +975,7 @@ async function downloadOnce(name, item) {
   }
   const anchor = document.createElement("a");
   anchor.href = URL.createObjectURL(file);
-  anchor.download = name;
+  anchor.download = baseName(name);
   document.body.append(anchor);
   anchor.click();
   anchor.remove();
@@ -740,14 +983,14 @@ async function downloadOnce(name, item) {
   item.finish("downloaded");
 }
 
-// -- rename and delete ----------------------------------------------------------------
+// -- rename, move, delete, new folder ----------------------------------------------------
 
 async function act(key, what, message) {
   try {
     if (link.state !== "connected" || !link.connection) {
       throw new Error("not connected to the server (the page reconnects by itself; try again then)");
     }
-    await link.connection.request(message);
+    await patiently(link.connection, message);
     clearError(key);
     return true;
   } catch (error) {
@@ -756,17 +999,284 @@ async function act(key, what, message) {
   }
 }
 
-async function rename(name) {
-  const to = prompt("New name for " + name, name);
-  if (!to || to === name) return;
-  if (await act("file:" + name, "Renaming “" + name + "” to “" + to + "”", { op: "rename", name, to })) {
-    clearError("file:" + to);
+// A request that waits out rate_limited (a dropped tree makes many at once).
+async function patiently(connection, message) {
+  for (let attempt = 1; ; attempt++) {
+    try { return await connection.request(message); }
+    catch (error) {
+      if (error.code !== "rate_limited" || attempt >= 10) throw error;
+      await sleep(500 * attempt);
+    }
   }
 }
 
-async function remove(name) {
-  if (!confirm("Delete " + name + "?")) return;
-  await act("file:" + name, "Deleting “" + name + "”", { op: "delete", name });
+// A name typed by a person: one segment. Moving is Move…'s job.
+function typedName(name, what) {
+  if (view.folders && name.includes("/")) {
+    showError("typed", what + ": a name cannot contain “/”.");
+    return false;
+  }
+  clearError("typed");
+  return true;
+}
+
+async function rename(path) {
+  const name = baseName(path);
+  const to = prompt("New name for " + name, name);
+  if (!to || to === name || !typedName(to, "Renaming “" + path + "”")) return;
+  const target = join(parentOf(path), to);
+  if (await act("file:" + path, "Renaming “" + path + "” to “" + to + "”", { op: "rename", name: path, to: target })) {
+    clearError("file:" + target);
+  }
+}
+
+async function remove(path) {
+  if (!confirm("Delete " + path + "?")) return;
+  await act("file:" + path, "Deleting “" + path + "”", { op: "delete", name: path });
+}
+
+async function newFolder() {
+  const name = prompt("Name of the new folder in " + shown(view.path));
+  if (!name || !typedName(name, "Creating a folder")) return;
+  const path = join(view.path, name);
+  if (await act("folder:new", "Creating the folder “" + name + "”", { op: "mkdir", path })) {
+    whenShown(name, (row) => row.querySelector("a").focus());
+  }
+}
+
+// Once `name` is listed in the folder in view (the server's changed event), do `then`.
+function whenShown(name, then) {
+  const path = view.path;
+  const found = () => $("#files tbody tr[data-name=" + JSON.stringify(name) + "]");
+  if (found()) { then(found()); return; }
+  const observer = new MutationObserver(() => {
+    if (view.path !== path) { observer.disconnect(); return; }
+    if (found()) { observer.disconnect(); then(found()); }
+  });
+  observer.observe($("#files tbody"), { childList: true });
+  setTimeout(() => observer.disconnect(), 10000);  // the event may never come (another tab removed it)
+}
+
+async function move(from, folder) {
+  const to = join(folder, baseName(from));
+  if (to === from) return false;
+  return act("file:" + from, "Moving “" + from + "” to “" + shown(folder) + "”", { op: "rename", name: from, to });
+}
+
+// Every entry of a folder's listing, page after page (bounded).
+async function listAll(connection, path, recursive, maxPages) {
+  const entries = [];
+  let cursor, pages = 0;
+  do {
+    const message = { op: "list", path };
+    if (recursive) message.recursive = true;
+    if (cursor) message.cursor = cursor;
+    const reply = await connection.request(message);
+    entries.push(...reply.files);
+    cursor = reply.cursor;
+  } while (cursor && ++pages < maxPages);
+  return { entries, more: Boolean(cursor) };
+}
+
+// "Move…": a dialog that browses folders from the item's own, keyboard first.
+const moving = { path: null, folder: false, at: "", generation: 0, opener: null };
+
+function moveDialog(path, isFolder) {
+  moving.path = path;
+  moving.folder = isFolder;
+  moving.opener = document.activeElement;
+  $("#move-title").textContent = "Move “" + baseName(path) + "”";
+  $("#move-dialog").showModal();
+  browseMove(parentOf(path));
+}
+
+async function browseMove(at) {
+  moving.at = at;
+  const generation = ++moving.generation;
+  const here = at === parentOf(moving.path);
+  $("#move-where").textContent = shown(at);
+  $("#move-here").disabled = here;
+  $("#move-note").textContent = here ? "It is in this folder now: open another one." : "";
+  const list = $("#move-folders");
+  list.replaceChildren();
+  const add = (text, label, target) => {
+    const item = document.createElement("li");
+    item.append(makeButton(text, () => browseMove(target), label));
+    list.append(item);
+  };
+  if (at !== "") add("↑ " + shown(parentOf(at)), "Up to " + shown(parentOf(at)), parentOf(at));
+  let listing;
+  try {
+    listing = await listAll(await ready(), at, false, MAX_PAGES);
+  } catch (error) {
+    if (generation === moving.generation) $("#move-note").textContent = "Listing failed: " + describe(error);
+    return;
+  }
+  if (generation !== moving.generation) return;
+  for (const entry of listing.entries) {
+    const path = join(at, entry.name);
+    if (entry.type !== "folder" || path === moving.path) continue;  // never into itself
+    add("📁 " + entry.name, "Open folder " + entry.name, path);
+  }
+  if (list.children.length === 0 && !here) $("#move-note").textContent = "No folders in here.";
+  const first = list.querySelector("button");
+  (first || $("#move-here:enabled") || $("#move-cancel")).focus();
+}
+
+$("#move-here").addEventListener("click", async () => {
+  $("#move-dialog").close();
+  const from = moving.path;
+  if (await move(from, moving.at)) $("#current-folder").focus();
+});
+$("#move-dialog").addEventListener("close", () => {
+  moving.generation++;
+  if (moving.opener && moving.opener.isConnected) moving.opener.focus();
+});
+
+// Deleting a folder says what goes with it, counted first (at most
+// COUNT_PAGES pages); Cancel is the default.
+let deleting = 0;
+
+async function removeFolder(path) {
+  const dialog = $("#delete-dialog");
+  const ticket = ++deleting;
+  const opener = document.activeElement;
+  const text = $("#delete-text");
+  const yes = $("#delete-yes");
+  $("#delete-title").textContent = "Delete the folder “" + baseName(path) + "”?";
+  text.textContent = "Counting what is in it…";
+  yes.textContent = "Delete";
+  yes.disabled = true;
+  dialog.onclose = () => { if (opener && opener.isConnected) opener.focus(); };
+  dialog.showModal();
+  let listing;
+  try {
+    listing = await listAll(await ready(), path, true, COUNT_PAGES);
+  } catch (error) {
+    if (ticket === deleting) text.textContent = "Could not see what is in it: " + describe(error);
+    return;
+  }
+  if (ticket !== deleting || !dialog.open) return;
+  const files = listing.entries.filter((e) => e.type !== "folder");
+  const folders = listing.entries.length - files.length;
+  const bytes = files.reduce((sum, e) => sum + e.size, 0);
+  const empty = listing.entries.length === 0;
+  if (empty) {
+    text.textContent = "“" + path + "” is empty.";
+    yes.textContent = "Delete folder";
+  } else {
+    const plural = (n, one) => n + " " + one + (n === 1 ? "" : "s");
+    text.textContent = "“" + path + "” holds " + (listing.more ? "more than " : "") +
+      plural(files.length, "file") + " (" + humanSize(bytes) + ") and " + plural(folders, "folder") +
+      ". All of it will be deleted; this cannot be undone.";
+    yes.textContent = "Delete folder and contents";
+  }
+  yes.disabled = false;
+  yes.onclick = async () => {
+    dialog.onclose = null;
+    dialog.close();
+    // recursive only when the person saw contents: a folder filled meanwhile is refused (not_empty)
+    if (await act("folder:" + path, "Deleting the folder “" + path + "”",
+                  { op: "rmdir", path, recursive: !empty })) $("#current-folder").focus();
+    else if (opener && opener.isConnected) opener.focus();
+  };
+}
+
+// -- folders from the desktop: dropped trees and the folder picker -------------------------
+
+// What a drop holds, read in the drop handler itself (its items are gone
+// afterwards): null when it holds no folder (then its plain files are used).
+function droppedEntries(transfer) {
+  const items = Array.from(transfer.items || []).filter((item) => item.kind === "file");
+  const entries = items.map((item) => (item.webkitGetAsEntry ? item.webkitGetAsEntry() : null));
+  if (!entries.some((entry) => entry && entry.isDirectory)) return null;
+  return items.map((item, i) => (entries[i] && entries[i].isDirectory ? { entry: entries[i] } : { file: item.getAsFile() }))
+    .filter((e) => e.entry || e.file);
+}
+
+function readBatch(reader) { return new Promise((resolve, reject) => reader.readEntries(resolve, reject)); }
+function entryFile(entry) { return new Promise((resolve, reject) => entry.file(resolve, reject)); }
+
+// The whole tree under the dropped entries: folders (parents first) and files,
+// named by their path below the drop. readEntries answers in batches until an empty one.
+async function walkEntries(dropped) {
+  const folders = [], files = [];
+  const count = () => {
+    if (folders.length + files.length > TREE_LIMIT) {
+      throw new ProtocolError({ code: "too_many", message: "more than " + TREE_LIMIT + " files and folders" });
+    }
+  };
+  const visit = async (entry, path) => {
+    count();
+    if (entry.isDirectory) {
+      folders.push(path);
+      const reader = entry.createReader();
+      for (let batch = await readBatch(reader); batch.length; batch = await readBatch(reader)) {
+        for (const child of batch) await visit(child, path + "/" + child.name);
+        count();
+      }
+    } else if (entry.isFile) {
+      files.push({ path, file: await entryFile(entry) });
+    }
+  };
+  for (const item of dropped) {
+    if (item.entry) await visit(item.entry, item.entry.name);
+    else files.push({ path: item.file.name, file: item.file });
+  }
+  return { folders, files };
+}
+
+// The folder picker gives files with webkitRelativePath ("top/sub/a.txt"): no empty folders.
+function pickedTree(fileList) {
+  const folders = new Set(), files = [];
+  for (const file of fileList) {
+    const path = file.webkitRelativePath || file.name;
+    const parts = path.split("/");
+    for (let i = 1; i < parts.length; i++) folders.add(parts.slice(0, i).join("/"));
+    files.push({ path, file });
+  }
+  return { folders: [...folders], files };
+}
+
+// Upload a tree into `folder`: each dropped folder asks first if one of that
+// name is already here; its folders are made first (parents first, empty ones
+// too: and so the folder in view hears of them), then its files are queued.
+function uploadTree(tree, folder) {
+  const groups = new Map();
+  const group = (path) => {
+    const top = path.split("/")[0];
+    if (!groups.has(top)) groups.set(top, { folders: [], files: [] });
+    return groups.get(top);
+  };
+  for (const path of tree.folders) group(path).folders.push(path);
+  for (const entry of tree.files) group(entry.path).files.push(entry);
+  for (const [top, g] of groups) {
+    if (g.folders.length === 0) {  // a plain file dropped beside the folders
+      for (const entry of g.files) uploadTo(entry.file, join(folder, entry.path), folder === view.path);
+      continue;
+    }
+    const existing = folder === view.path && view.entries.get(top);
+    if (existing && existing.type === "folder") {
+      const item = new TransferItem("upload", join(folder, top) + "/");
+      item.ask("A folder named “" + top + "” is already here. Upload into it? Files of the same names in it are replaced.",
+               "Upload into", () => { item.element.remove(); sendTree(g, folder); });
+    } else {
+      sendTree(g, folder);
+    }
+  }
+}
+
+async function sendTree(g, folder) {
+  for (const path of g.folders.sort()) {  // "a" sorts before "a/b"
+    const target = join(folder, path);
+    if (!(await act("folder:" + target, "Creating the folder “" + target + "”", { op: "mkdir", path: target, parents: true }))) return;
+  }
+  for (const entry of g.files) uploadTo(entry.file, join(folder, entry.path), false);
+}
+
+async function dropTree(dropped, folder) {
+  try { uploadTree(await walkEntries(dropped), folder); }
+  catch (error) { showError("drop", "Reading the dropped folder failed: " + describe(error)); }
 }
 
 // -- start-up, login, drag and drop --------------------------------------------------
@@ -787,6 +1297,19 @@ picker.addEventListener("change", () => {
   picker.value = "";
 });
 
+const folderPicker = $("#folder-picker");
+folderPicker.addEventListener("change", () => {
+  uploadTree(pickedTree(folderPicker.files), view.path);
+  folderPicker.value = "";
+});
+$("#upload-folder").addEventListener("click", () => folderPicker.click());
+$("#new-folder").addEventListener("click", newFolder);
+window.addEventListener("hashchange", () => {
+  const byPerson = !view.replacing;
+  view.replacing = false;
+  if (view.folders && link.state === "connected") openFolder(pathFromHash(), byPerson);
+});
+
 const drop = $("#drop");
 drop.addEventListener("click", () => picker.click());
 drop.addEventListener("keydown", (event) => {
@@ -800,7 +1323,11 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
   drop.classList.remove("over");
-  pick(event.dataTransfer.files);
+  const transfer = event.dataTransfer;
+  if (Array.from(transfer.types || []).includes(DRAG_TYPE)) return;  // one of our rows: not an upload
+  const dropped = view.folders ? droppedEntries(transfer) : null;
+  if (dropped) dropTree(dropped, view.path);
+  else pick(transfer.files);
 });
 // A file dropped beside the drop zone must not replace the page with the file.
 document.addEventListener("dragover", (event) => event.preventDefault());
