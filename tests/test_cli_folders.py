@@ -573,3 +573,22 @@ async def test_a_library_client_that_did_not_offer_12_is_told_how_to(server):
         assert failure.value.code == "not_supported"
         assert "subprotocols=COMMAND_SUBPROTOCOLS" in failure.value.message
     assert [e["name"] for e in await client.list()] == []  # the top, as in 1.1
+
+
+@pytest_twisted.ensureDeferred
+async def test_changed_events_of_a_12_channel_reach_the_client_per_folder(server):
+    watcher = await server.connect(subprotocols=COMMAND_SUBPROTOCOLS)
+    actor = await server.connect(subprotocols=COMMAND_SUBPROTOCOLS)
+    await actor.mkdir("docs")
+    await actor.upload("docs/a.txt", b"a")
+    seen: dict[str, list[str]] = {}
+    top_lists = []
+    for _ in range(10):  # bounded: the two folders' events, coalesced or not
+        event = await watcher.folder_changes.get().addTimeout(10, reactor)
+        seen[event["path"]] = [e["name"] for e in event["files"]]
+        if seen.get("docs") == ["a.txt"] and "" in seen:
+            break
+    assert seen == {"": ["docs"], "docs": ["a.txt"]}
+    while watcher.changes.pending:  # the top folder's lists, as 1.1 callers read them
+        top_lists.append(watcher.changes.pending.pop(0))
+    assert top_lists and all([e["name"] for e in files] == ["docs"] for files in top_lists)
