@@ -110,6 +110,11 @@ LIST_ANSWER = b'{"op": "list"'
 # -- the lean client ------------------------------------------------------------
 
 
+#: The subprotocol the lean client offers (``--protocol 1.2``: folders); None
+#: offers none, as a 1.1 client may.  Set once by main() before any connection.
+OFFERED_SUBPROTOCOL: str | None = None
+
+
 class HandshakeRefused(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(f"handshake answered HTTP {status}")
@@ -156,6 +161,8 @@ class LeanWebSocket(protocol.Protocol):
         ]
         if self.token is not None:
             lines.append(f"Authorization: Bearer {self.token}")
+        if OFFERED_SUBPROTOCOL is not None:
+            lines.append(f"Sec-WebSocket-Protocol: {OFFERED_SUBPROTOCOL}")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
 
     def dataReceived(self, data: bytes) -> None:
@@ -591,6 +598,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=3.0, help="per rate figure (3)")
     parser.add_argument("--window", type=int, default=128, help="pipelined lists in flight (128)")
     parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--protocol",
+        choices=["1.1", "1.2"],
+        default="1.1",
+        help="1.2: the connections offer wsfiles.v1.2 (folders; per-folder events)",
+    )
     args = parser.parse_args(argv)
     if args.connections < 1 or args.clients < 1 or args.batch < 1 or args.window < 2:
         parser.error("--connections, --clients, --batch must be >= 1 and --window >= 2")
@@ -651,7 +664,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.echo_server:
         return echo_server()
+    global OFFERED_SUBPROTOCOL
+    OFFERED_SUBPROTOCOL = "wsfiles.v1.2" if args.protocol == "1.2" else None
     header()
+    print(f"protocol {args.protocol}", flush=True)
     raise_fd_limit(args.connections + 200)
     print(
         "client: lean hand-written RFC 6455 client on a Twisted Protocol (raw socket,"
@@ -670,6 +686,9 @@ def main(argv: list[str]) -> int:
             "--max-connections", str(count + 100),
             "--max-connections-per-ip", str(count + 100),
             "--max-connections-per-client", str(per_client + 100),
+            # The rate limit is per client: 2,000 connections of one client
+            # sending one list each at once would be mostly rate_limited.
+            "--rate-limit", str(RATE_LIMIT),
         ]  # fmt: skip
         argv_a = twistd_wsfiles(temp / "root-a", "--users", str(users), *limits)
         argv_b = twistd_wsfiles(

@@ -353,3 +353,21 @@ def test_a_shared_bucket_lives_while_a_connection_holds_it():
     buckets.release("alice")
     buckets.release("alice")
     assert buckets.take("alice").take()  # all gone: a new connection starts afresh
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_connections_of_one_client_listing_at_once_are_refused_not_closed(
+    server_factory,
+):
+    # The bucket is shared, the flood rule is not: 80 connections sending one
+    # list each (16x the rate in a moment, past the flood line of 10x) get
+    # answers or rate_limited, and none is closed as a flood.
+    srv = await server_factory(rate_limit=5)
+    clients = [await within(connect(srv.url)) for _ in range(80)]
+    try:
+        codes = await _codes_of_a_burst(clients, 1)
+        assert codes.count("rate_limited") >= 70 and set(codes) <= {None, "rate_limited"}
+        assert all(c.close_code is None for c in clients)
+    finally:
+        for c in clients:
+            await c.close()

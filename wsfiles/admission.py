@@ -284,29 +284,16 @@ class ConnectionSlots:
 
 
 class TokenBucket:
-    """``rate`` commands per second, bursts up to ``rate``.
+    """``rate`` commands per second, bursts up to ``rate``: ``take`` says whether
+    a command may run now (closing a flooding connection is ratelimit.FloodWatch's)."""
 
-    ``take`` says whether a command may run now.  ``flooding`` turns true
-    when more than ten times the rate was refused within one second: only
-    then may the connection be closed.
-    """
-
-    __slots__ = (
-        "_clock",
-        "_refused_in_window",
-        "_refused_window_start",
-        "_stamp",
-        "_tokens",
-        "rate",
-    )
+    __slots__ = ("_clock", "_stamp", "_tokens", "rate")
 
     def __init__(self, rate: float, clock: IReactorTime) -> None:
         self.rate = rate
         self._clock = clock
         self._tokens = rate
         self._stamp = clock.seconds()
-        self._refused_window_start = self._stamp
-        self._refused_in_window = 0
 
     def take(self) -> bool:
         now = self._clock.seconds()
@@ -315,12 +302,4 @@ class TokenBucket:
         if self._tokens >= 1:
             self._tokens -= 1
             return True
-        if now - self._refused_window_start >= 1:
-            self._refused_window_start = now
-            self._refused_in_window = 0
-        self._refused_in_window += 1
         return False
-
-    @property
-    def flooding(self) -> bool:
-        return self._refused_in_window > 10 * self.rate

@@ -39,3 +39,29 @@ class ClientBuckets:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+class FloodWatch:
+    """One connection's refused commands within the last second.
+
+    The bucket is shared by a client's connections, but closing for a flood
+    is about the connection that floods: many connections each sending one
+    ``list`` at once are refused, never closed, while one connection sending
+    more than ten times the rate in a second is.
+    """
+
+    __slots__ = ("_clock", "_count", "_limit", "_start")
+
+    def __init__(self, rate: float, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._limit = 10 * rate
+        self._start = clock.seconds()
+        self._count = 0
+
+    def refused(self) -> bool:
+        """Count a refusal; whether this connection is flooding."""
+        now = self._clock.seconds()
+        if now - self._start >= 1:
+            self._start, self._count = now, 0
+        self._count += 1
+        return self._count > self._limit

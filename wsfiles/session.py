@@ -37,6 +37,7 @@ from wsfiles.metrics import Metrics
 from wsfiles.names import check_file_name, check_path, parent_of
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import EntryLimits, QuotaLedger
+from wsfiles.ratelimit import FloodWatch
 from wsfiles.storage import (
     ChecksumMismatch,
     Exists,
@@ -148,6 +149,8 @@ class CommandSession:
     _caught_up: Deferred | None = None
     _held_event: bytes | None = None
     _held_folder_events: dict[str, bytes] | None = None
+    #: This connection's refusals, made at its first (the bucket may be shared).
+    _flood: FloodWatch | None = None
 
     def __init__(
         self,
@@ -314,7 +317,10 @@ class CommandSession:
         """``run`` within the rate limit, ``refuse`` past it; close on a flood."""
         if self._bucket.take():
             run()
-        elif self._bucket.flooding:
+            return
+        if self._flood is None:
+            self._flood = FloodWatch(self._bucket.rate, self._clock)
+        if self._flood.refused():
             _log.warn("closing {client}'s command channel: command flood", client=self.client)
             self._close_connection(1008, "too many commands")
         else:
