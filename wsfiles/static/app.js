@@ -583,6 +583,14 @@ function showEntries(files, append) {
   }
 }
 
+// Drawn in CSS: an emoji needs a font that may be missing, and the CSP allows no data: images.
+function folderIcon() {
+  const icon = document.createElement("span");
+  icon.className = "icon";
+  icon.setAttribute("aria-hidden", "true");
+  return icon;
+}
+
 function entryRow(file) {
   const folder = file.type === "folder";
   const path = join(view.path, file.name);
@@ -595,10 +603,7 @@ function entryRow(file) {
     const anchor = document.createElement("a");
     anchor.href = hashFor(path);
     anchor.dataset.action = "open";
-    const icon = document.createElement("span");
-    icon.className = "icon";
-    icon.setAttribute("aria-hidden", "true");
-    icon.textContent = "📁";
+    const icon = folderIcon();
     const label = document.createElement("span");
     label.className = "visually-hidden";
     label.textContent = "Folder ";
@@ -1099,9 +1104,11 @@ async function browseMove(at) {
   $("#move-note").textContent = here ? "It is in this folder now: open another one." : "";
   const list = $("#move-folders");
   list.replaceChildren();
-  const add = (text, label, target) => {
+  const add = (text, label, target, icon) => {
     const item = document.createElement("li");
-    item.append(makeButton(text, () => browseMove(target), label));
+    const button = makeButton(text, () => browseMove(target), label);
+    if (icon) button.prepend(folderIcon());
+    item.append(button);
     list.append(item);
   };
   if (at !== "") add("↑ " + shown(parentOf(at)), "Up to " + shown(parentOf(at)), parentOf(at));
@@ -1116,7 +1123,7 @@ async function browseMove(at) {
   for (const entry of listing.entries) {
     const path = join(at, entry.name);
     if (entry.type !== "folder" || path === moving.path) continue;  // never into itself
-    add("📁 " + entry.name, "Open folder " + entry.name, path);
+    add(entry.name, "Open folder " + entry.name, path, true);
   }
   if (list.children.length === 0 && !here) $("#move-note").textContent = "No folders in here.";
   const first = list.querySelector("button");
@@ -1166,8 +1173,10 @@ async function removeFolder(path) {
     yes.textContent = "Delete folder";
   } else {
     const plural = (n, one) => n + " " + one + (n === 1 ? "" : "s");
-    text.textContent = "“" + path + "” holds " + (listing.more ? "more than " : "") +
-      plural(files.length, "file") + " (" + humanSize(bytes) + ") and " + plural(folders, "folder") +
+    const parts = [];
+    if (files.length) parts.push(plural(files.length, "file") + " (" + humanSize(bytes) + ")");
+    if (folders) parts.push(plural(folders, "folder"));
+    text.textContent = "“" + path + "” holds " + (listing.more ? "more than " : "") + parts.join(" and ") +
       ". All of it will be deleted; this cannot be undone.";
     yes.textContent = "Delete folder and contents";
   }
