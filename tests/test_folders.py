@@ -113,6 +113,9 @@ async def test_files_and_folders_refuse_to_be_each_other(client12):
     assert await refused(client12, op="delete", name="d") == "is_a_folder"
     assert await refused(client12, op="save", name="d", size=1) == "is_a_folder"
     assert await refused(client12, op="save", name="f.txt/inner", size=1) == "not_a_folder"
+    with pytest.raises(WsfilesError) as error:
+        await within(client12.request({"op": "get", "name": "f.txt/x/y"}))
+    assert "'f.txt'" in error.value.message or "f.txt" in error.value.message
     assert await refused(client12, op="list", path="f.txt") == "not_a_folder"
     assert await refused(client12, op="list", path="none") == "not_found"
     assert await refused(client12, op="get", name="none/x") == "not_found"
@@ -134,6 +137,9 @@ async def test_rename_moves_files_and_folders_across_folders(client12):
     # A folder replaces nothing, and nothing replaces a folder, overwrite or not.
     code = await refused(client12, op="rename", name="c/b", to="e", overwrite=True)
     assert code == "exists"
+    with pytest.raises(WsfilesError) as error:
+        await within(client12.request({"op": "rename", "name": "c/b", "to": "e"}))
+    assert "never replaces" in error.value.message  # not "send overwrite", which cannot help
     await within(client12.upload("g.txt", b"g"))
     assert await refused(client12, op="rename", name="g.txt", to="e", overwrite=True) == "exists"
     assert await refused(client12, op="rename", name="e", to="g.txt", overwrite=True) == "exists"
@@ -291,3 +297,29 @@ async def test_quotas_count_the_whole_tree_folders_included(server_factory):
         assert await srv.read("a/b/one.bin") == b"y" * 900
     finally:
         await client.close()
+
+
+async def event_for(client: Any, path: str) -> dict[str, Any]:
+    """The next changed event about folder ``path`` (others skipped, bounded)."""
+    for _ in range(20):
+        event = await within(client.folder_changes.get())
+        if event["path"] == path:
+            return event
+    raise AssertionError(f"no changed event for {path!r}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_folders_created_on_the_way_are_announced_where_they_appear(server_factory):
+    srv = await server_factory()
+    watcher = await connect_12(srv)
+    maker = await connect_12(srv)
+    try:
+        await ask(maker, op="mkdir", path="a/b/c", parents=True)
+        assert names(await event_for(watcher, "")) == ["a"]  # "a" appeared at the top
+        await within(maker.upload("x/y/f.txt", b"f"))
+        assert names(await event_for(watcher, "")) == ["a", "x"]
+        await ask(maker, op="rename", name="x/y/f.txt", to="a/n/m/f.txt")
+        assert names(await event_for(watcher, "a")) == ["b", "n"]
+    finally:
+        await watcher.close()
+        await maker.close()

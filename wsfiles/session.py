@@ -12,6 +12,7 @@ the session's file channel.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections import deque
@@ -494,26 +495,54 @@ class CommandSession:
         to = self._check_name(message.get("to"))
         overwrite = _flag_field(message, "overwrite")
         folders.check_move(name, to)
+        made = await self._missing_ancestor(to)
         try:
             await self.folder.rename(name, to, overwrite)
         except NotFound:
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
         except Exists:
+            if overwrite or await self._is_folder(name, to):
+                raise ProtocolError(
+                    errors.EXISTS, f"{to!r} exists, and a folder never replaces or is replaced"
+                ) from None
             raise ProtocolError(
                 errors.EXISTS, f'{to!r} exists; send "overwrite": true to replace it'
             ) from None
         _log.info("renamed {name!r} of {client} to {to!r}", name=name, client=self.client, to=to)
         self._send({"op": "renamed", "name": name, "to": to}, request_id)
-        self._announce_change(name, to)
+        self._announce_change(name, to, *made)
+
+    async def _missing_ancestor(self, path: str) -> list[str]:
+        """The outermost folder above ``path`` that does not exist yet, if any:
+        the operation will create it, so the folder holding it changes too."""
+        if not self.folders:
+            return []
+        outermost: list[str] = []
+        parent = parent_of(path)
+        while parent and await self.folder.kind(parent) is None:  # bounded by the depth
+            outermost = [parent]
+            parent = parent_of(parent)
+        return outermost
+
+    async def _is_folder(self, *paths: str) -> bool:
+        """Whether any of ``paths`` is a folder (to word a refusal)."""
+        if not self.folders:
+            return False
+        for path in paths:
+            with contextlib.suppress(NotFound, NotAFolder):
+                if await self.folder.kind(path) == "folder":
+                    return True
+        return False
 
     async def _mkdir(self, message: dict[str, Any], request_id: RequestId) -> None:
         if self.entry_limits is not None:  # a folder is an entry too
             path = check_path(message.get("path"), field="path")
             await self.entry_limits.check(self.client, self.folder, path)
+        made = await self._missing_ancestor(check_path(message.get("path"), field="path"))
         path = await folders.make_folder(self.folder, message)
         _log.info("made folder {path!r} of {client}", path=path, client=self.client)
         self._send({"op": "created", "path": path}, request_id)
-        self._announce_change(path)
+        self._announce_change(path, *made)
 
     async def _rmdir(self, message: dict[str, Any], request_id: RequestId) -> None:
         path = await folders.remove_folder(self.folder, message)
@@ -769,6 +798,7 @@ class CommandSession:
         record: TransferRecord,
     ) -> None:
         channel = await self._file_channel_ready(request_id)
+        made = await self._missing_ancestor(name)
         reservation = None
         release_entry = None
         if self.entry_limits is not None:
@@ -804,7 +834,7 @@ class CommandSession:
                 release_entry()
         record.sha256 = digest
         self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
-        self._announce_change(name)
+        self._announce_change(name, *made)
 
     def _superseded(self, receive: _Receive) -> None:
         if self._receive is receive:

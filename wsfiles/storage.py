@@ -607,13 +607,13 @@ class LocalFolder:
         return _guarded(usage_now)
 
     def _open_regular(self, name: str) -> tuple[int, os.stat_result]:
-        folder_fd, name = self._parent_and_leaf(name)
+        folder_fd, leaf = self._parent_and_leaf(name)
         try:
             # O_NONBLOCK: opening a FIFO another program left here would
             # otherwise wait for a writer, on the reactor thread; O_NOCTTY: a
             # terminal device must not become ours.  Both are no-ops for the
             # regular files that pass the check below.
-            fd = os.open(name, _OPEN_TO_READ, dir_fd=folder_fd)
+            fd = os.open(leaf, _OPEN_TO_READ, dir_fd=folder_fd)
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound(name) from None
         except OSError as e:
@@ -820,12 +820,13 @@ def _walk_to(folder_fd: int, segments: list[str], *, create: bool) -> int:
     """Open the folder ``segments`` below ``folder_fd``, one O_NOFOLLOW step at a time."""
     fd = os.dup(folder_fd)
     try:
-        for segment in segments:
+        for depth, segment in enumerate(segments, 1):
+            walked = "/".join(segments[:depth])  # what the refusal names
             try:
                 next_fd = _open_dir_nofollow(segment, dir_fd=fd)
             except FileNotFoundError:
                 if not create:
-                    raise NotFound(segment) from None
+                    raise NotFound(walked) from None
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(segment, 0o700, dir_fd=fd)
                 next_fd = _open_dir_nofollow(segment, dir_fd=fd)
@@ -833,11 +834,11 @@ def _walk_to(folder_fd: int, segments: list[str], *, create: bool) -> int:
                 # O_DIRECTORY answers ENOTDIR for a symlink too: tell them apart.
                 st = _lstat_or_none(segment, fd)
                 if st is not None and stat.S_ISLNK(st.st_mode):
-                    raise SymlinkInPath(segment) from None  # never followed
-                raise NotAFolder(segment) from None
+                    raise SymlinkInPath(walked) from None  # never followed
+                raise NotAFolder(walked) from None
             except OSError as e:
                 if e.errno == errno.ELOOP:  # a symlink: never followed
-                    raise SymlinkInPath(segment) from None
+                    raise SymlinkInPath(walked) from None
                 raise
             os.close(fd)
             fd = next_fd
