@@ -175,7 +175,6 @@ class CommandSession:
         self.client = client
         #: Protocol 1.2 (the client offered ``wsfiles.v1.2``): paths and folders.
         self.folders = folders
-        self._check_name = check_path if folders else check_file_name
         self.folder = folder
         self._changes = changes
         self._folder_key = folder_key
@@ -567,6 +566,10 @@ class CommandSession:
         if self._changes is not None:
             for parent in dict.fromkeys(parent_of(path) for path in paths):
                 self._changes.changed(self._folder_key, parent)
+
+    def _check_name(self, name: object) -> str:
+        """A path on a 1.2 channel, a single name on a 1.1 one."""
+        return check_path(name) if self.folders else check_file_name(name)
 
     @property
     def _listener(self) -> Callable[..., None]:
