@@ -9,6 +9,8 @@
     wsfiles mv URL NAME NEW [--overwrite]
     wsfiles mkdir [-p] URL PATH
     wsfiles rmdir [-r] URL PATH
+    wsfiles share URL PATH [--expires 1d] [--max-downloads N] [--password]
+    wsfiles shares URL | wsfiles unshare URL ID
     wsfiles user add --users FILE NAME
 
 Names may be paths (``docs/2026/report.pdf``) on a server with folders
@@ -503,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     from wsfiles.cli_tree import add_folder_commands
 
     add_folder_commands(remote)
+    from wsfiles.cli_share import add_share_commands
+
+    add_share_commands(remote)  # share, shares, unshare (wsfiles/cli_share.py)
 
     user = commands.add_parser("user", help="manage the users file")
     user_commands = user.add_subparsers(dest="user_command", required=True)

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsfiles import errors, folders
+from wsfiles import errors, folders, shares
 from wsfiles.admission import TokenBucket
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
@@ -555,6 +555,10 @@ class CommandSession:
         "save": _save,
         "delete": _delete,
         "rename": _rename,
+        # Share links (wsfiles/shares.py), on 1.1 and 1.2 channels.
+        "share": shares.share_command,
+        "unshare": shares.unshare_command,
+        "shares": shares.shares_command,
     }
     #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
     _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir}

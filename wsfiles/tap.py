@@ -23,6 +23,8 @@ from twisted.web import server
 from wsfiles.admission import HttpPolicy, Limits, normalise_host_name
 from wsfiles.config import Settings
 from wsfiles.redisstate import RedisAddress
+from wsfiles.shares import OPTIONS as SHARE_OPTIONS
+from wsfiles.shares import settings_from_options as share_settings
 from wsfiles.sizes import parse_size
 from wsfiles.storage import LocalStorage
 from wsfiles.systemd import notify
@@ -231,6 +233,7 @@ class Options(usage.Options):
             None,
             "File with 'ACCESS_KEY SECRET_KEY' (default: $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY).",
         ],
+        *SHARE_OPTIONS,
         *([name, None, default, text] for name, default, text in SIZE_OPTIONS),
         *([name, None, default, text] for name, default, text in SECONDS_OPTIONS),
         *([name, None, default, text] for name, default, text in COUNT_OPTIONS),
@@ -284,6 +287,7 @@ class Options(usage.Options):
         if self["quota-files"] is not None:
             self["quota-files"] = _positive_count("quota-files", self["quota-files"])
         self["max-listing"] = _size("max-listing", self["max-listing"])
+        self["shares"] = share_settings(self)
         self["min-rate"] = _size("min-rate", self["min-rate"])
         if self["metrics-listen"] is not None:
             _check_endpoint("--metrics-listen", self["metrics-listen"])
@@ -473,7 +477,9 @@ def makeService(options: Options) -> service.IService:
             "Autobahn's native accelerator (NVX) is off: uploads will be unmasked"
             " in pure Python, several times slower (is AUTOBAHN_USE_NVX=0 set?)"
         )
-    site = WsfilesSite(options.settings(), storage, options["users"], reactor)
+    site = WsfilesSite(
+        options.settings(), storage, options["users"], reactor, shares=options["shares"]
+    )
     top = WsfilesService(site, options["grace"])
     ttl = options["partial-ttl"]
     TimerService(min(SWEEP_EVERY, ttl), _sweep_partials, storage, ttl).setServiceParent(top)

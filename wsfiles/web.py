@@ -25,6 +25,7 @@ from wsfiles.command import CommandChannelFactory
 from wsfiles.config import Settings
 from wsfiles.metrics import Metrics, MetricsPage
 from wsfiles.pairing import PairingRegistry
+from wsfiles.shares import ShareResource, ShareService, ShareSettings, redact_share_uri
 from wsfiles.storage import IStorage
 from wsfiles.timers import Deadline
 from wsfiles.transfer import FileChannelFactory
@@ -96,14 +97,25 @@ class _RedactedRequest:
     def __init__(self, request: server.Request) -> None:
         self._request = request
         path, question, _ = request.uri.partition(b"?")
-        self.uri = path + (b"?<redacted>" if question else b"")
+        self.uri = redact_share_uri(path) + (b"?<redacted>" if question else b"")
+
+    def getHeader(self, name: bytes) -> bytes | None:
+        """A Referer naming a share link is cut like the URI (share IDs are secrets)."""
+        value = self._request.getHeader(name)
+        if value is not None and name.lower() == b"referer":
+            scheme, sep, rest = value.partition(b"://")
+            host, slash, path = rest.partition(b"/")
+            if sep and slash:
+                return scheme + sep + host + redact_share_uri(b"/" + path.partition(b"?")[0])
+        return value
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._request, name)
 
 
 def redacting_log_formatter(timestamp: str, request: server.Request) -> str:
-    """Access-log lines without query strings: they may carry tokens or tickets."""
+    """Access-log lines without query strings (they may carry tokens or tickets)
+    and with share IDs cut to a prefix (``/s/abcdef…``)."""
     return http.combinedLogFormatter(timestamp, _RedactedRequest(request))
 
 
@@ -406,6 +418,8 @@ class WsfilesSite(server.Site):
         storage: IStorage,
         users: UserDirectory | None,
         clock: IReactorTime,
+        *,
+        shares: ShareSettings | None = None,
     ) -> None:
         self.settings = settings
         self.storage = storage
@@ -420,6 +434,12 @@ class WsfilesSite(server.Site):
         redis = self.command_factory.redis
         self.shared_health = redis.health if redis is not None else None
         self.file_factory = FileChannelFactory(settings, self.registry, book=self.book)
+        self.shares = ShareService(
+            shares or ShareSettings(), storage, users, clock, self.metrics, settings
+        )
+        if redis is not None:
+            self.shares.use_redis(redis.link)
+        self.shares.attach(self.registry)
         root = resource.Resource()
         add_web_client(root)
         origins = settings.allow_origins
@@ -427,6 +447,7 @@ class WsfilesSite(server.Site):
         root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
         root.putChild(b"healthz", HealthPage(storage, settings.min_free, self.shared_health))
         root.putChild(b"whoami", WhoAmIPage(self.command_factory))
+        root.putChild(b"s", ShareResource(self.shares))
         if settings.metrics_on_main_listener:
             root.putChild(b"metrics", MetricsPage(self.metrics))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)

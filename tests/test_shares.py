@@ -1,0 +1,348 @@
+"""Share links (wsfiles/shares.py; docs/protocol.md, "Share links").
+
+Ops and refusals on real command channels; ``/s/ID`` with real HTTP on
+127.0.0.1 (in-process servers, and curl/wget against a real twistd); the
+Redis store across two in-process sites, and fail-closed when Redis is down.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+from typing import Any
+
+import pytest
+import pytest_twisted
+import treq
+from conftest import start_server
+from e2e_helpers import within
+from twisted.internet import reactor
+
+from wsfiles.client import COMMAND_SUBPROTOCOLS, PROTOCOL_11, WsfilesError, connect
+from wsfiles.shares import AddressBuckets, redact_share_uri
+from wsfiles.users import add_user
+
+CURL = shutil.which("curl")
+WGET = shutil.which("wget")
+
+
+# -- helpers -----------------------------------------------------------------------
+
+
+class Later:
+    """A clock ``shift`` seconds ahead of the reactor's: expiry without waiting."""
+
+    def __init__(self, shift: float = 0.0) -> None:
+        self.shift = shift
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.shift
+
+
+class Frozen:
+    """A clock that never moves: token buckets that never refill during a test."""
+
+    def __init__(self) -> None:
+        self.now = reactor.seconds()
+
+    def seconds(self) -> float:
+        return self.now
+
+
+def http_base(srv: Any) -> str:
+    return srv.url.replace("ws://", "http://")
+
+
+async def fetch(
+    url: str, method: str = "GET", headers: dict[str, str] | None = None
+) -> tuple[int, Any, bytes]:
+    """(status, headers, body) of one request on its own connection."""
+    sent = {name: [value] for name, value in (headers or {}).items()}
+    response = await within(treq.request(method, url, headers=sent, persistent=False))
+    body = await within(treq.content(response))
+    return response.code, response.headers, body
+
+
+async def raw_get(srv: Any, target: str) -> tuple[int, bytes]:
+    """A request line sent as is (no client-side normalisation of ``..``)."""
+    host, port = srv.url.split("://")[1].rsplit(":", 1)
+
+    def exchange() -> bytes:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(f"GET {target} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode("latin-1"))
+            data = b""
+            while chunk := s.recv(65536):  # bounded: the server closes (HTTP/1.0)
+                data += chunk
+        return data
+
+    from twisted.internet.threads import deferToThread
+
+    data = await within(deferToThread(exchange))
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def connect12(srv: Any, token: str | None = None) -> Any:
+    client = await within(connect(srv.url, token, subprotocols=COMMAND_SUBPROTOCOLS))
+    srv.clients.append(client)
+    return client
+
+
+async def ask(client: Any, **command: Any) -> dict[str, Any]:
+    return await within(client.request(command))
+
+
+async def refused(client: Any, **command: Any) -> tuple[str, str]:
+    with pytest.raises(WsfilesError) as error:
+        await within(client.request(command))
+    return error.value.code, error.value.message
+
+
+def basic(password: str, user: str = "") -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.fixture(autouse=True)
+def _stand_in_for_httpfiles(monkeypatch):
+    """TEMPORARY until wsfiles.httpfiles lands: the whole file, no Range."""
+    import importlib.util
+
+    if importlib.util.find_spec("wsfiles.httpfiles") is None:
+        import hashlib
+
+        from conftest import _BytesConsumer
+
+        import wsfiles.shares
+
+        async def serve(request, folder, path, service):
+            download = await folder.open_download(path)
+            sink = _BytesConsumer()
+            try:
+                await download.stream_to(sink, hashlib.sha256())
+            finally:
+                download.close()
+            request.setHeader(b"content-length", str(download.size).encode())
+            request.write(sink.getvalue())
+            request.finish()
+
+        monkeypatch.setattr(wsfiles.shares, "serve_shared_file", serve)
+
+
+# -- the ops -----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_share_ops_list_revoke_and_refuse_clearly(server_factory):
+    srv = await server_factory()
+    await srv.put("report.pdf", b"%PDF")
+    client = await connect12(srv)
+    await ask(client, op="mkdir", path="docs/deep", parents=True)
+
+    shared = await ask(client, op="share", path="report.pdf", expires=3600, max_downloads=3)
+    assert shared["op"] == "shared" and shared["kind"] == "file"
+    assert shared["url"] == f"/s/{shared['share']}" and len(shared["share"]) >= 22
+    assert shared["expires_at"] == pytest.approx(shared["created_at"] + 3600)
+    assert (shared["max_downloads"], shared["downloads"], shared["password"]) == (3, 0, False)
+    folder = await ask(client, op="share", path="docs")  # the default expiry: 1 day
+    assert folder["kind"] == "folder"
+    assert folder["expires_at"] == pytest.approx(folder["created_at"] + 86400)
+    other = await ask(client, op="share", path="report.pdf")
+    assert len({shared["share"], folder["share"], other["share"]}) == 3
+
+    listed = await ask(client, op="shares")
+    assert [s["share"] for s in listed["shares"]] == [
+        shared["share"],
+        folder["share"],
+        other["share"],
+    ]
+    assert (listed["default_expires"], listed["max_expires"]) == (86400, 30 * 86400)
+
+    assert (await refused(client, op="share", path="nothing.txt"))[0] == "not_found"
+    assert (await refused(client, op="share", path="report.pdf/x"))[0] == "not_found"
+    assert (await refused(client, op="share", path="../etc"))[0] == "invalid_name"
+    code, message = await refused(client, op="share", path="report.pdf", expires=31 * 86400)
+    assert code == "bad_request" and "--share-max-ttl" in message
+    for bad in ({"expires": 0}, {"expires": "1d"}, {"max_downloads": 0}, {"password": 7}):
+        assert (await refused(client, op="share", path="report.pdf", **bad))[0] == "bad_request"
+    assert (await refused(client, op="unshare", share="x" * 24))[0] == "not_found"
+    assert (await refused(client, op="unshare"))[0] == "bad_request"
+
+    revoked = await ask(client, op="unshare", share=folder["share"])
+    assert revoked == {"op": "unshared", "share": folder["share"], "id": revoked["id"]}
+    listed = await ask(client, op="shares")
+    assert [s["share"] for s in listed["shares"]] == [shared["share"], other["share"]]
+
+    # A 1.1 channel shares files of its top folder, never a folder.
+    flat = await within(connect(srv.url, subprotocols=PROTOCOL_11))
+    srv.clients.append(flat)
+    assert (await ask(flat, op="share", path="report.pdf"))["kind"] == "file"
+    assert (await refused(flat, op="share", path="docs"))[0] == "not_found"
+    assert (await refused(flat, op="share", path="docs/deep"))[0] == "invalid_name"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_sees_and_revokes_only_its_own_shares(tmp_path):
+    users = tmp_path / "users"
+    alice, bob = add_user(str(users), "alice"), add_user(str(users), "bob")
+    from wsfiles.users import UserDirectory
+
+    srv = await start_server(tmp_path / "root", users=UserDirectory(str(users)))
+    try:
+        a = await connect12(srv, alice)
+        b = await connect12(srv, bob)
+        await within(a.upload("mine.txt", __import__("io").BytesIO(b"alice's")))
+        shared = await ask(a, op="share", path="mine.txt")
+        assert (await ask(b, op="shares"))["shares"] == []
+        assert (await refused(b, op="unshare", share=shared["share"]))[0] == "not_found"
+        # bob's own "mine.txt" does not exist: a share names the sharer's file.
+        assert (await refused(b, op="share", path="mine.txt"))[0] == "not_found"
+        assert (await fetch(http_base(srv) + shared["url"], "HEAD"))[0] == 200
+    finally:
+        await srv.stop()
+
+
+# -- /s/ID: expiry, revocation, passwords, limits ------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_dies_at_expiry_and_at_once_when_revoked(server_factory):
+    srv = await server_factory()
+    await srv.put("a.txt", b"hello")
+    client = await connect12(srv)
+    first = await ask(client, op="share", path="a.txt", expires=60)
+    second = await ask(client, op="share", path="a.txt", expires=600)
+    base = http_base(srv)
+    assert (await fetch(base + first["url"], "HEAD"))[0] == 200
+
+    await ask(client, op="unshare", share=second["share"])
+    status, _, body = await fetch(base + second["url"])
+    assert status == 404 and b"expired or revoked" in body
+
+    srv.site.shares.clock = later = Later(61)
+    srv.site.shares.store._clock = later
+    assert (await fetch(base + first["url"]))[0] == 404
+    assert (await ask(client, op="shares"))["shares"] == []
+    # A well-formed ID that was never issued, and a malformed one: 404 alike.
+    assert (await fetch(base + "/s/" + "A" * 24))[0] == 404
+    assert (await fetch(base + "/s/short"))[0] == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_password_is_asked_for_checked_and_wrong_guesses_are_throttled(server_factory):
+    srv = await server_factory()
+    await srv.put("secret.txt", b"s3cret")
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="secret.txt", password="horse battery")
+    assert shared["password"] is True
+    url = http_base(srv) + shared["url"]
+    stored = json.loads((srv.root / ".wsfiles-shares.json").read_text())["shares"]
+    assert "horse" not in json.dumps(stored) and stored[0]["password"].startswith("scrypt$")
+
+    status, headers, _ = await fetch(url, "HEAD")
+    assert status == 401
+    assert headers.getRawHeaders("www-authenticate") == [
+        'Basic realm="wsfiles share", charset="UTF-8"'
+    ]
+    assert (await fetch(url, "HEAD", basic("horse battery", "anyone")))[0] == 200
+    srv.site.shares.passwords.by_address = AddressBuckets(5 / 60, 5, Frozen())
+    for _ in range(5):
+        assert (await fetch(url, "HEAD", basic("wrong")))[0] == 401
+    status, headers, _ = await fetch(url, "HEAD", basic("wrong"))
+    assert status == 429 and headers.getRawHeaders("retry-after") == ["60"]
+    # Throttled even with the right one, until the minute refills: guesses
+    # cannot be told apart from it.
+    assert (await fetch(url, "HEAD", basic("horse battery")))[0] == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_requests_past_the_per_address_rate_get_429(server_factory):
+    srv = await server_factory()
+    await srv.put("a.txt", b"x")
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="a.txt")
+    srv.site.shares.requests = AddressBuckets(3, 3, Frozen())
+    url = http_base(srv) + shared["url"]
+    assert [(await fetch(url, "HEAD"))[0] for _ in range(3)] == [200, 200, 200]
+    status, headers, body = await fetch(url)
+    assert status == 429 and headers.getRawHeaders("retry-after") == ["1"]
+    assert b"requests per second" in body
+    assert (await fetch(http_base(srv) + "/s/" + "B" * 24))[0] == 429  # any /s/ path
+    assert (await fetch(http_base(srv) + "/whoami"))[0] == 200  # the rest is not limited
+    metrics = (await fetch(http_base(srv) + "/metrics"))[2].decode()
+    assert 'wsfiles_share_requests_total{outcome="rate_limited"} 2.0' in metrics
+    assert 'wsfiles_share_requests_total{outcome="head"} 3.0' in metrics
+
+
+# -- a shared folder's page ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_folder_page_links_its_files_and_nothing_escapes_the_folder(server_factory):
+    srv = await server_factory()
+    await srv.put("outside.txt", b"not shared")
+    await srv.put("docs/a b.txt", b"A")
+    await srv.put("docs/sub/<b>é.txt", b"B")
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="docs")
+    base, link = http_base(srv), shared["url"]
+    srv.site.shares.requests = AddressBuckets(1000, 1000, reactor)  # many requests here
+
+    status, headers, page = await fetch(base + link)
+    assert status == 200
+    assert headers.getRawHeaders("content-type") == ["text/html; charset=utf-8"]
+    csp = headers.getRawHeaders("content-security-policy")[0]
+    assert "default-src 'none'" in csp and "script" not in csp
+    assert headers.getRawHeaders("referrer-policy") == ["no-referrer"]
+    text = page.decode()
+    assert f'href="{link}/a%20b.txt"' in text
+    assert f'href="{link}/sub/%3Cb%3E%C3%A9.txt"' in text and "&lt;b&gt;é.txt" in text
+    assert "outside" not in text and "<b>" not in text
+    assert (await fetch(base + link + "/"))[0] == 200
+
+    assert (await fetch(base + link + "/sub/%3Cb%3E%C3%A9.txt", "HEAD"))[0] == 200
+    for trick in (
+        "/../outside.txt",
+        "/%2e%2e/outside.txt",
+        "/sub/..%2f..%2foutside.txt",
+        "/sub/%2e%2e/%2e%2e/outside.txt",
+        "/.wsfiles-shares.json",
+        "/sub",
+        "/a%00b.txt",
+        "/%ff",
+        "//a%20b.txt",
+    ):
+        status, body = await raw_get(srv, link + trick)
+        assert status == 404, trick
+        assert b"not shared" not in body
+
+    # The file share of a single file answers its own name below it too (curl -O).
+    one = await ask(client, op="share", path="docs/a b.txt")
+    assert (await fetch(base + one["url"] + "/a%20b.txt", "HEAD"))[0] == 200
+    assert (await fetch(base + one["url"] + "/other.txt", "HEAD"))[0] == 404
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symlinks")
+@pytest_twisted.ensureDeferred
+async def test_a_symlink_in_a_shared_folder_is_neither_listed_nor_followed(server_factory):
+    srv = await server_factory()
+    await srv.put("docs/a.txt", b"A")
+    (srv.root / "secret.txt").write_bytes(b"top secret")
+    (srv.root / "docs" / "link.txt").symlink_to(srv.root / "secret.txt")
+    (srv.root / "docs" / "up").symlink_to(srv.root)
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="docs")
+    base = http_base(srv) + shared["url"]
+    page = (await fetch(base))[2].decode()
+    assert "a.txt" in page and "link.txt" not in page and "up/" not in page
+    for path in ("/link.txt", "/up/secret.txt"):
+        status, _, body = await fetch(base + path)
+        assert status == 404 and b"top secret" not in body
+
+
+def test_logs_show_a_share_id_cut_to_a_prefix():
+    share_id = "AbCdEfGhIjKlMnOpQrStUvWx"
+    assert redact_share_uri(f"/s/{share_id}/a.txt".encode()) == "/s/AbCdEf…/a.txt".encode()
+    assert redact_share_uri(b"/files/x") == b"/files/x"
