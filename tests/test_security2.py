@@ -261,7 +261,7 @@ async def test_users_file_quota_files_overrides_the_option(server_factory, tmp_p
 
     path = tmp_path / "users"
     alice, bob = add_user(str(path), "alice"), add_user(str(path), "bob")
-    lines = path.read_text().splitlines()
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("#")]
     path.write_text(f"{lines[0]} quota_files=1\n{lines[1]} quota_files=none\n")
     srv = await server_factory(users=UserDirectory(str(path)), quota_files=2)
     a = await within(connect(srv.url, token=alice))

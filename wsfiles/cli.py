@@ -11,7 +11,7 @@
     wsfiles rmdir [-r] URL PATH
     wsfiles share URL PATH [--expires 1d] [--max-downloads N] [--password]
     wsfiles shares URL | wsfiles unshare URL ID
-    wsfiles user add --users FILE NAME
+    wsfiles user list|add|remove|rotate|set --users FILE [NAME] [settings]
 
 Names may be paths (``docs/2026/report.pdf``) on a server with folders
 (protocol 1.2); the folder commands live in :mod:`wsfiles.cli_tree`.
@@ -53,18 +53,6 @@ class CommandFailed(Exception):
 
 class Interrupted(Exception):
     """The user pressed Ctrl-C; the message says what was kept, if anything."""
-
-
-def _user_add(args: argparse.Namespace) -> int:
-    from wsfiles.users import UsersFileError, add_user
-
-    try:
-        token = add_user(args.users, args.name)
-    except UsersFileError as e:
-        sys.stderr.write(f"wsfiles: {e}\n")
-        return 1
-    sys.stdout.write(token + "\n")
-    return 0
 
 
 # -- the commands ---------------------------------------------------------------
@@ -509,16 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_share_commands(remote)  # share, shares, unshare (wsfiles/cli_share.py)
 
-    user = commands.add_parser("user", help="manage the users file")
-    user_commands = user.add_subparsers(dest="user_command", required=True)
-    add = user_commands.add_parser(
-        "add", help="add a client with a fresh token; prints the token alone on stdout"
-    )
-    add.add_argument(
-        "--users", required=True, metavar="FILE", help="users file (created mode 0600)"
-    )
-    add.add_argument("name", help="client name: 1-64 of A-Z a-z 0-9 _ . -, no leading dot")
-    add.set_defaults(run=_user_add)
+    # wsfiles user ...: the users file, in its own module (wsfiles/users_cli.py).
+    from wsfiles.users_cli import add_user_commands
+
+    user = commands.add_parser("user", help="manage the users file (safe while servers run)")
+    add_user_commands(user.add_subparsers(dest="user_command", required=True))
 
     # wsfiles s3 ...: object store tools, in their own module (wsfiles/s3admin.py).
     from wsfiles.s3admin import add_s3_commands

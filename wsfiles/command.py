@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 from collections import deque
+from collections.abc import Callable
 from types import FunctionType, MappingProxyType
 from typing import Any
 
@@ -32,7 +33,7 @@ from wsfiles.ratelimit import ClientBuckets
 from wsfiles.redisstate import RedisState
 from wsfiles.session import CommandSession
 from wsfiles.storage import IStorage
-from wsfiles.users import TooManyChecks, UserDirectory
+from wsfiles.users import TooManyChecks, UserDirectory, UserEntry
 
 _log = Logger()
 
@@ -248,10 +249,20 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             metrics=factory.book.metrics,
             bucket=factory.buckets.take(self._bucket_key),
             folders=self._folders,
+            permissions=self._permissions(),
         )
         self.session.draining = factory.draining  # a stop began during the handshake
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
         self.session.start()
+
+    def _permissions(self) -> Callable[[], UserEntry | None] | None:
+        """How the session reads this client's users-file line (read_only,
+        max_size) at each command: a ``wsfiles user set`` applies without
+        closing the connection."""
+        users, name = self.factory.users, self._client
+        if users is None or name is None:
+            return None
+        return lambda: users.permissions_of(name)
 
     def _compact(self) -> None:
         """Shrink this connection's instance dict to what differs per connection.
@@ -345,7 +356,9 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
         pass
 
     def end_if_revoked(self, users: UserDirectory) -> None:
-        """Close with 4401 when the line this channel was admitted with is gone.
+        """Close with 4401 when the line this channel was admitted with is gone
+        (removed, a new token, or its ``expires`` passed; other settings
+        changing leave it open).
 
         The session's close then ends its file channel and aborts its
         transfers as on any close: temp files removed, nothing half-stored.

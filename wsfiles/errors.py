@@ -29,6 +29,9 @@ NOT_A_FOLDER = "not_a_folder"
 IS_A_FOLDER = "is_a_folder"
 NOT_EMPTY = "not_empty"
 INVALID_MOVE = "invalid_move"
+# Per-user permissions (the users file): a read-only user's save, delete,
+# rename, mkdir or rmdir.
+FORBIDDEN = "forbidden"
 
 
 class ProtocolError(Exception):

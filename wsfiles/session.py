@@ -54,6 +54,7 @@ from wsfiles.storage import (
 )
 from wsfiles.streaming import CountingConsumer, StreamFailed
 from wsfiles.timers import Deadline, RateDeadline
+from wsfiles.users import UserEntry
 
 PROTOCOL_VERSION = 1
 #: What this server supports beyond protocol 1.0 (announced in ``hello``).
@@ -65,6 +66,8 @@ CLOSE_INTERNAL_ERROR = 1011  # the file could not be read mid-message
 #: Command channel: the file list for ``hello`` could not be read (the object
 #: store is down); sent right after a ``storage_error`` (docs/protocol.md).
 CLOSE_STORAGE_UNAVAILABLE = 1013
+#: What a read-only user (``read_only=yes`` in the users file) may not do.
+_WRITE_OPS = frozenset({"save", "delete", "rename", "mkdir", "rmdir"})
 
 _log = Logger()
 
@@ -101,6 +104,9 @@ class _Receive:
     finished: bool = False
     #: 1.1 ``chunked``: the data may come as several messages (browsers).
     chunked: bool = False
+    #: The client's max_size when the save was accepted (a later change of
+    #: the users file applies to later saves).
+    limit: int = 0
 
 
 @dataclass
@@ -140,6 +146,16 @@ def _parse_command(payload: bytes) -> tuple[dict[str, Any], RequestId]:
     return message, request_id
 
 
+def _allow_frames(channel: FileChannel, limit: int) -> None:
+    """Let ``channel`` carry an upload of ``limit`` bytes: a user's own max_size
+    may be above ``--max-size``, the file channel's frame and message limits
+    (see transfer.py).  Never lowers them: the session checks each transfer."""
+    for option in ("maxFramePayloadSize", "maxMessagePayloadSize"):
+        current = getattr(channel, option, 0)
+        if 0 < current < limit:
+            setattr(channel, option, limit)
+
+
 class CommandSession:
     """The state of one command channel and its (optional) file channel."""
 
@@ -171,6 +187,7 @@ class CommandSession:
         metrics: Metrics | None = None,
         bucket: TokenBucket | None = None,
         folders: bool = False,
+        permissions: Callable[[], UserEntry | None] | None = None,
     ) -> None:
         self.client = client
         #: Protocol 1.2 (the client offered ``wsfiles.v1.2``): paths and folders.
@@ -180,6 +197,8 @@ class CommandSession:
         self._folder_key = folder_key
         self.registry = registry
         self.max_size = settings.max_size
+        #: The client's users-file line now (read_only, max_size), or None.
+        self._permissions = permissions
         self.quota = quota
         self.entry_limits = entry_limits
         self._send_json = send
@@ -251,13 +270,16 @@ class CommandSession:
             except StorageFailure as e:
                 self._storage_unavailable(e)
                 return
+            read_only, max_size = self._account()
             greeting: dict[str, Any] = {
                 "op": "hello",
                 "protocol": PROTOCOL_VERSION,
                 "features": list(FEATURES),
                 "client": self.client,
-                "max_size": self.max_size,
+                "max_size": max_size,
             }
+            if read_only:  # (absent: the client may change its files)
+                greeting["read_only"] = True
             if self.folders:
                 greeting.update(folders.hello_fields())
                 greeting["features"].append("folders")
@@ -406,6 +428,11 @@ class CommandSession:
         if handler is None:
             self._send_error(errors.UNKNOWN_OP, f"unknown op {op[:64]!r}", request_id)
             return
+        if op in _WRITE_OPS and self._account()[0]:
+            self._send_error(
+                errors.FORBIDDEN, f"{self.client} is read-only: list and get only", request_id
+            )
+            return
         await self._reporting_errors(lambda: handler(self, message, request_id), request_id)
 
     async def _list(self, message: dict[str, Any], request_id: RequestId) -> None:
@@ -456,10 +483,9 @@ class CommandSession:
         sha256 = _sha256_field(message)
         resume = _flag_field(message, "resume")
         chunked = _flag_field(message, "chunked")
-        if size > self.max_size:
-            raise ProtocolError(
-                errors.TOO_LARGE, f"{size} bytes is over the limit of {self.max_size}"
-            )
+        max_size = self._account()[1]
+        if size > max_size:
+            raise ProtocolError(errors.TOO_LARGE, f"{size} bytes is over the limit of {max_size}")
         if self.folders and await self.folder.kind(name) == "folder":
             raise IsAFolder(name)  # a parent that is a file: NotAFolder, from kind
         if self.quota is not None:
@@ -469,7 +495,9 @@ class CommandSession:
         self._enqueue(
             "save",
             name,
-            lambda record: self._run_save(name, size, sha256, resume, chunked, request_id, record),
+            lambda record: self._run_save(
+                name, size, sha256, resume, chunked, request_id, record, max_size
+            ),
             request_id,
         )
 
@@ -570,6 +598,18 @@ class CommandSession:
         if self._changes is not None:
             for parent in dict.fromkeys(parent_of(path) for path in paths):
                 self._changes.changed(self._folder_key, parent)
+
+    # -- per-user permissions (the users file) --------------------------------
+
+    def _account(self) -> tuple[bool, int]:
+        """(read-only, largest upload) for this client now: a users-file change
+        applies from the next command on, without closing the connection."""
+        if self._permissions is None:
+            return False, self.max_size
+        entry = self._permissions()
+        if entry is None:  # removed or expired: its channels are closing (4401)
+            return True, self.max_size
+        return entry.read_only, self.max_size if entry.max_size is None else entry.max_size
 
     def _check_name(self, name: object) -> str:
         """A path on a 1.2 channel, a single name on a 1.1 one."""
@@ -803,8 +843,10 @@ class CommandSession:
         chunked: bool,
         request_id: RequestId,
         record: TransferRecord,
+        max_size: int,
     ) -> None:
         channel = await self._file_channel_ready(request_id)
+        _allow_frames(channel, max_size)
         made = await self._missing_ancestor(name)
         reservation = None
         release_entry = None
@@ -818,7 +860,7 @@ class CommandSession:
                 upload.interrupt()
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
             receive = self._receive = _Receive(
-                upload, size - upload.offset, upload.offset, chunked=chunked
+                upload, size - upload.offset, upload.offset, chunked=chunked, limit=max_size
             )
             record.size, record.offset = size, upload.offset
             upload.on_superseded = lambda: self._superseded(receive)
@@ -982,11 +1024,11 @@ class CommandSession:
         receive.announced += length
         # The channel is dropped before the error goes out: a transfer queued
         # behind this one must be offered a new channel, not this dying one.
-        if receive.offset + receive.announced > self.max_size:
+        if receive.offset + receive.announced > receive.limit:
             self._abandon_file_channel(channel, CLOSE_MESSAGE_TOO_BIG, "more than max_size")
             self._fail_receive(
                 errors.TOO_LARGE,
-                f"the data exceeds the limit of {self.max_size} bytes; nothing was stored",
+                f"the data exceeds the limit of {receive.limit} bytes; nothing was stored",
             )
             return False
         if receive.announced > receive.size:

@@ -1,26 +1,41 @@
 """The users file: client names and hashes of their tokens.
 
-One line per client::
+Format version 2 (``docs/configuration.md``, "The users file")::
 
+    # wsfiles users v2
     NAME TOKEN_ID scrypt$N$r$p$SALT_HEX$HASH_HEX [KEY=VALUE ...]
 
 Optional settings override the service's options for that client:
-``quota=SIZE`` (``10G``, powers of 1024) overrides ``--quota`` and
-``quota_files=N`` overrides ``--quota-files``; ``none`` lifts either.
-A token is ``TOKEN_ID.SECRET`` (both hex).  The id finds the line without
-trying every hash; only the scrypt hash of the secret is stored, with a salt
-of its own.  Lines starting with ``#`` and blank lines are ignored.
+``quota=SIZE`` (``10G``, powers of 1024; ``none``: unlimited) overrides
+``--quota``, ``quota_files=N`` (or ``none``) overrides ``--quota-files``,
+``max_size=SIZE`` overrides ``--max-size``; ``read_only=yes`` allows only
+``list`` and ``get``; ``expires=YYYY-MM-DDTHH:MM:SSZ`` ends the token then.
+Version 1 is the same without the header line (written by ``user add``
+before v2; it used only ``quota=`` and ``quota_files=``): it is read as it
+is and gets the header when a ``wsfiles user`` command first changes it.
+A header naming another version is refused.  A token is
+``TOKEN_ID.SECRET`` (both hex).  The id finds the line without trying every
+hash; only the scrypt hash of the secret is stored, with a salt of its own.
+Lines starting with ``#`` and blank lines are ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import hmac
 import os
+import re
 import secrets
+import stat
+import tempfile
+import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
 
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
@@ -64,9 +79,38 @@ class UserEntry:
     quota: int | None = None
     #: Files; None: the service's default.  NO_QUOTA: unlimited.
     quota_files: int | None = None
+    #: Largest upload in bytes; None: the service's ``--max-size``.
+    max_size: int | None = None
+    #: Only ``list`` and ``get`` (the others are ``forbidden``).
+    read_only: bool = False
+    #: Unix time at which the token stops working; None: never.
+    expires: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires is not None and now >= self.expires
 
 
 NO_QUOTA = -1
+
+#: The header line of a version 2 file (version 1 has none).
+HEADER = "# wsfiles users v2"
+FORMAT_VERSION = 2
+_HEADER = re.compile(r"#\s*wsfiles\s+users\s+v(\S*)\s*")
+
+
+def file_version(text: str, path: str = "users file") -> int:
+    """1 for a file without a header, 2 for ``# wsfiles users v2``; others are refused."""
+    first = text.split("\n", 1)[0].strip()
+    match = _HEADER.fullmatch(first)
+    if match is None:
+        return 1
+    version = match.group(1)
+    if version not in ("1", "2"):
+        raise UsersFileError(
+            f"{path}:1: users file format v{version} is not supported (this wsfiles reads"
+            " v1 and v2): use the wsfiles version that wrote it"
+        )
+    return int(version)
 
 
 def _parse_count(text: str) -> int:
@@ -75,21 +119,68 @@ def _parse_count(text: str) -> int:
     return int(text)
 
 
-#: The optional KEY=VALUE settings of a line, and how each value is read.
-_SETTINGS: dict[str, Callable[[str], int]] = {"quota": parse_size, "quota_files": _parse_count}
+def _or_none(parse: Callable[[str], int]) -> Callable[[str], int]:
+    def parsed(text: str) -> int:
+        return NO_QUOTA if text.lower() == "none" else parse(text)
+
+    return parsed
 
 
-def _parse_settings(fields: list[str]) -> dict[str, int]:
-    settings: dict[str, int] = {}
+def _parse_flag(text: str) -> bool:
+    if text.lower() not in ("yes", "no"):
+        raise ValueError(f"expected yes or no, not {text!r}")
+    return text.lower() == "yes"
+
+
+def parse_expiry(text: str) -> float:
+    """An ISO 8601 date (that day, 00:00 UTC) or date-time (UTC unless it has an offset)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a date: use an ISO 8601 date (2027-01-31) or UTC date-time"
+            " (2027-01-31T18:00:00Z)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def format_expiry(when: float) -> str:
+    """How an expiry is written: a UTC date-time to the second, ``Z`` at the end."""
+    return datetime.fromtimestamp(int(when), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_size(size: int) -> str:
+    """A byte count in the largest unit that divides it (``10G``, ``1536K``, ``700``)."""
+    for unit, power in (("T", 4), ("G", 3), ("M", 2), ("K", 1)):
+        if size and size % 1024**power == 0:
+            return f"{size // 1024**power}{unit}"
+    return str(size)
+
+
+#: The optional KEY=VALUE settings of a line, in the order they are written,
+#: and how each value is read.
+SETTINGS: dict[str, Callable[[str], Any]] = {
+    "quota": _or_none(parse_size),
+    "quota_files": _or_none(_parse_count),
+    "max_size": parse_size,
+    "read_only": _parse_flag,
+    "expires": parse_expiry,
+}
+
+
+def _parse_settings(fields: list[str]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
     for field in fields:
         key, _, value = field.partition("=")
-        parse = _SETTINGS.get(key)
+        parse = SETTINGS.get(key)
         if parse is None or not value:
-            known = ", ".join(f"{k}=" for k in _SETTINGS)
+            known = ", ".join(f"{k}=" for k in SETTINGS)
             raise ValueError(f"expected one of {known} not {field!r}")
         if key in settings:
             raise ValueError(f"{key}= given twice")
-        settings[key] = NO_QUOTA if value.lower() == "none" else parse(value)
+        settings[key] = parse(value)
     return settings
 
 
@@ -112,7 +203,8 @@ def _verify(secret: str, hashed: str) -> bool:
 
 
 def parse_users(text: str, path: str = "users file") -> dict[str, UserEntry]:
-    """Parse a users file into entries keyed by token id."""
+    """Parse a users file (v1 or v2) into entries keyed by token id."""
+    file_version(text, path)
     entries: dict[str, UserEntry] = {}
     names: set[str] = set()
     for number, line in enumerate(text.splitlines(), 1):
@@ -140,33 +232,210 @@ def read_users_file(path: str) -> dict[str, UserEntry]:
             return parse_users(f.read(), path)
     except OSError as e:
         raise UsersFileError(f"cannot read users file {path}: {e.strerror}") from e
+    except UnicodeDecodeError:
+        raise UsersFileError(f"cannot read users file {path}: not UTF-8 text") from None
 
 
-def add_user(path: str, name: str) -> str:
-    """Add ``name`` with a fresh random token; return the token.
-
-    Creates the file with mode 0600 if it does not exist.
-    """
+def check_client_name(name: str) -> None:
     if not is_valid_client_name(name):
         raise UsersFileError(
             f"{name!r} is not a valid client name: use 1-64 of A-Z a-z 0-9 _ . -,"
             " not starting with a dot"
         )
-    existing = read_users_file(path) if os.path.exists(path) else {}
-    if any(entry.name == name for entry in existing.values()):
-        raise UsersFileError(f"user {name!r} already exists in {path}")
+
+
+def new_credential() -> tuple[str, str, str]:
+    """A fresh token id, secret and the scrypt hash of the secret (salted)."""
     token_id = secrets.token_hex(8)
     secret = secrets.token_hex(16)
     salt = secrets.token_bytes(16)
     digest = _hash_secret(secret, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
     hashed = f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${digest.hex()}"
-    line = f"{name} {token_id} {hashed}\n"
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "a+b") as f:
-        end = f.seek(0, os.SEEK_END)
-        if end and os.pread(fd, 1, end - 1) != b"\n":
-            line = "\n" + line  # a hand-edited file may lack its last newline
-        f.write(line.encode())
+    return token_id, secret, hashed
+
+
+# -- changing the file while servers read it ------------------------------------
+
+#: Written under the header of a file a command upgrades or creates.
+FORMAT_HELP = (
+    "# NAME TOKEN_ID HASH [quota=SIZE|none] [quota_files=N|none] [max_size=SIZE]"
+    " [read_only=yes] [expires=YYYY-MM-DDTHH:MM:SSZ]; see docs/configuration.md"
+)
+#: How long a command waits for another one's lock on the file.
+LOCK_WAIT = 10.0
+
+
+class UsersText:
+    """A users file as lines, for a command that changes some of them.
+
+    Comments, blank lines and the other users' lines are kept as they are;
+    a changed user's line is written anew, its settings in a fixed order.
+    """
+
+    def __init__(self, text: str, path: str) -> None:
+        self.path = path
+        self.entries = parse_users(text, path)  # refuses a bad file before any change
+        self.version = file_version(text, path)
+        self.lines = text.splitlines()
+
+    def _index(self, name: str) -> int:
+        for index, line in enumerate(self.lines):
+            fields = line.split()
+            if fields and not fields[0].startswith("#") and fields[0] == name:
+                return index
+        raise UsersFileError(f"no user {name!r} in {self.path}")
+
+    def fields(self, name: str) -> tuple[str, str, dict[str, str]]:
+        """``name``'s token id, hash and settings as written; UsersFileError if unknown."""
+        fields = self.lines[self._index(name)].split()
+        settings = dict(field.partition("=")[::2] for field in fields[3:])
+        return fields[1], fields[2], settings
+
+    def has(self, name: str) -> bool:
+        return any(entry.name == name for entry in self.entries.values())
+
+    def put(self, name: str, token_id: str, hashed: str, settings: dict[str, str]) -> None:
+        """Write ``name``'s line (replacing it, or added at the end)."""
+        ordered = [f"{key}={settings[key]}" for key in SETTINGS if key in settings]
+        line = " ".join([name, token_id, hashed, *ordered])
+        parse_users(line, self.path)  # every value checked as the server will read it
+        try:
+            self.lines[self._index(name)] = line
+        except UsersFileError:
+            self.lines.append(line)
+
+    def remove(self, name: str) -> None:
+        del self.lines[self._index(name)]
+
+    def render(self) -> str:
+        """The new text: a version 1 file gets the version 2 header."""
+        lines = self.lines
+        if self.version == 1:
+            lines = [HEADER, FORMAT_HELP, *lines]
+        return "\n".join(lines) + "\n"
+
+
+def _open_locked(path: str, create: bool) -> int:
+    """An fd of the file at ``path`` under an exclusive lock, once it is still the one there.
+
+    Commands replace the file (rename), so the lock must be on the file that
+    is there now: one that was replaced while we waited is let go and the
+    new one locked instead.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:  # bounded by LOCK_WAIT
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            raise UsersFileError(f"no users file {path} ('wsfiles user add' creates one)") from None
+        except OSError as e:
+            raise UsersFileError(f"cannot write users file {path}: {e.strerror}") from None
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise UsersFileError(
+                            f"users file {path} stays locked by another 'wsfiles user'"
+                            f" command (waited {LOCK_WAIT:g} s)"
+                        ) from None
+                    time.sleep(0.02)
+            held = os.fstat(fd)
+            try:
+                there = os.stat(path)
+            except FileNotFoundError:
+                there = None
+            if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # replaced meanwhile: lock the new one
+        if time.monotonic() > deadline:
+            raise UsersFileError(f"users file {path} keeps being replaced; try again")
+
+
+def _replace_file(path: str, text: str, old: os.stat_result) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``.
+
+    A server reading the file sees the old version or the new, never half
+    of one.  The mode (0600 for a new file) and, when allowed, the owner are
+    kept, so a server running as another user can still read it.
+    """
+    folder = os.path.dirname(path) or "."
+    try:
+        fd, temp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise UsersFileError(f"cannot write users file {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fchmod(f.fileno(), stat.S_IMODE(old.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.fchown(f.fileno(), old.st_uid, old.st_gid)
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise UsersFileError(f"cannot write users file {path}: {e.strerror}") from None
+    with contextlib.suppress(OSError):  # the rename itself, on disk
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def editing(path: str, *, create: bool = False) -> Iterator[UsersText]:
+    """Change the users file: locked against other commands, replaced atomically.
+
+    The body changes the ``UsersText`` it is given; on a clean exit the file
+    is rewritten (temp file, fsync, rename) while still locked, so two
+    commands at once cannot lose each other's change.  ``create``: a missing
+    file is created (mode 0600).  Running servers see the new file within a
+    second (they stat it).
+    """
+    path = os.path.realpath(path)  # a symlink (config management) stays a symlink
+    existed = os.path.exists(path)
+    fd = _open_locked(path, create)
+    try:
+        held = os.fstat(fd)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsersFileError(f"cannot read users file {path}: not UTF-8 text") from None
+        document = UsersText(text, path)
+        try:
+            yield document
+        except BaseException:
+            if not existed and not raw:  # made just now, for nothing
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            raise
+        _replace_file(path, document.render(), held)
+    finally:
+        os.close(fd)  # (the lock goes with it)
+
+
+def add_user(path: str, name: str, settings: dict[str, str] | None = None) -> str:
+    """Add ``name`` with a fresh random token; return the token.
+
+    Creates the file with mode 0600 if it does not exist.
+    """
+    check_client_name(name)
+    token_id, secret, hashed = new_credential()
+    with editing(path, create=True) as users:
+        if users.has(name):
+            raise UsersFileError(f"user {name!r} already exists in {users.path}")
+        users.put(name, token_id, hashed, settings or {})
     return f"{token_id}.{secret}"
 
 
@@ -225,16 +494,27 @@ def _release(counter: Counter[str], key: str) -> None:
 class UserDirectory:
     """Authenticates tokens against a users file.
 
-    The file is re-read when its modification time changes, so
-    ``wsfiles user add`` takes effect without a restart.  A file that
+    The file is re-read when it changes (its inode, times or size), so
+    ``wsfiles user`` commands take effect without a restart.  A file that
     becomes unreadable or malformed keeps the last good version in force.
     Tokens that verified are remembered (``VerifiedTokens``) until the file
     changes; checks of one token already running are shared, not repeated.
+    A user whose ``expires`` has passed is refused as if removed; the moment
+    it passes counts as a change of the file (``reload``).
     """
 
-    def __init__(self, path: str, cache_size: int = VERIFIED_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        path: str,
+        cache_size: int = VERIFIED_CACHE_SIZE,
+        now: Callable[[], float] = time.time,
+    ) -> None:
         self.path = path
+        #: Wall-clock time: expiries are dates.
+        self._now = now
         self._entries = read_users_file(path)
+        self._by_name = {entry.name: entry for entry in self._entries.values()}
+        self._next_expiry = self._first_expiry_after(now())
         self._stamp = self._file_stamp()
         self._verified = VerifiedTokens(cache_size)
         #: Bumped whenever the users in force change: a check that began
@@ -252,12 +532,18 @@ class UserDirectory:
         self.scrypt_checks = 0
         self.scrypt_skipped = 0
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[int, ...] | None:
+        # The inode too: a command renames a new file over the old one, and two
+        # versions of the same size can share a coarse timestamp.
         try:
             st = os.stat(self.path)
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        return (st.st_ino, st.st_dev, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+
+    def _first_expiry_after(self, now: float) -> float | None:
+        ahead = [e.expires for e in self._entries.values() if e.expires and e.expires > now]
+        return min(ahead, default=None)
 
     def _refresh(self) -> None:
         stamp = self._file_stamp()
@@ -267,9 +553,20 @@ class UserDirectory:
             self._entries = read_users_file(self.path)
         except UsersFileError as e:
             _log.error("keeping the previous users: {error}", error=str(e))
+        self._by_name = {entry.name: entry for entry in self._entries.values()}
+        self._next_expiry = self._first_expiry_after(self._now())
         self._stamp = stamp
         self._verified.clear()
         self._generation += 1
+
+    def _expire(self) -> None:
+        """An expiry that passed changes the users in force, as an edit would."""
+        if self._next_expiry is None:
+            return
+        now = self._now()
+        if now >= self._next_expiry:
+            self._next_expiry = self._first_expiry_after(now)
+            self._generation += 1
 
     @property
     def generation(self) -> int:
@@ -277,27 +574,38 @@ class UserDirectory:
         return self._generation
 
     def reload(self) -> int:
-        """Re-read the file if it changed (a stat); return the generation in force."""
+        """Re-read the file if it changed (a stat); return the generation in force.
+
+        The generation also moves when a user's expiry passes, so a caller
+        checking once a second notices an expiry within a second.
+        """
         self._refresh()
+        self._expire()
         return self._generation
 
     def credential_of(self, name: str) -> tuple[str, str] | None:
-        """The token id and hash ``name`` signs in with now; None once removed.
+        """The token id and hash ``name`` signs in with now; None once removed or expired.
 
         A connection remembers the credential it was admitted with: when this
-        no longer matches (the user was removed or its token rotated), it ends.
+        no longer matches (the user was removed, its token rotated or
+        expired), it ends.  Other settings may change without ending it.
         """
-        for entry in self._entries.values():
-            if entry.name == name:
-                return (entry.token_id, entry.hashed)
-        return None
+        entry = self._by_name.get(name)
+        if entry is None or entry.expired(self._now()):
+            return None
+        return (entry.token_id, entry.hashed)
 
     def _entry_named(self, name: str) -> UserEntry | None:
         self._refresh()
-        for entry in self._entries.values():
-            if entry.name == name:
-                return entry
-        return None
+        return self._by_name.get(name)
+
+    def permissions_of(self, name: str) -> UserEntry | None:
+        """``name``'s line as in force now (a stat first): ``read_only``,
+        ``max_size``; None once removed or expired (its channels are closing)."""
+        entry = self._entry_named(name)
+        if entry is None or entry.expired(self._now()):
+            return None
+        return entry
 
     def quota_of(self, name: str) -> int | None:
         """This client's own quota in bytes; None when the default applies.
@@ -330,8 +638,8 @@ class UserDirectory:
         self._refresh()
         token_id, dot, secret = token.partition(".")
         entry = self._entries.get(token_id) if dot else None
-        if entry is None:
-            return succeed(None)
+        if entry is None or entry.expired(self._now()):
+            return succeed(None)  # (no scrypt for an expired token either)
         digest = self._verified.digest(token)
         if self._verified.matches(digest, entry):
             return succeed(entry.name)
@@ -360,7 +668,12 @@ class UserDirectory:
                 _release(by_address, address)
             # The users file may have changed meanwhile: the line must still be in force.
             current = self._entries.get(entry.token_id)
-            good = ok is True and current is not None and current.hashed == entry.hashed
+            good = (
+                ok is True
+                and current is not None
+                and current.hashed == entry.hashed
+                and not current.expired(self._now())
+            )
             name = current.name if good and current is not None else None
             if good and generation == self._generation:
                 self._verified.remember(digest, entry)
