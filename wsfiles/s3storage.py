@@ -94,6 +94,11 @@ _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 #: request carrying a body gets SECONDS_PER_MIB more per MiB of it.
 REQUEST_TIMEOUT = 10.0
 SECONDS_PER_MIB = 4.0
+#: Object metadata holding a stored file's SHA-256 (hex), written at commit
+#: (a rename's copy keeps it: the default x-amz-metadata-directive is COPY).
+SHA256_META = "x-amz-meta-sha256"
+#: The largest object a single server-side copy may write (S3's CopyObject).
+COPY_LIMIT = 5 * 1024**3
 
 
 class _UnsignedPayloadSigner(S3SigV4Auth):
@@ -201,17 +206,28 @@ class S3Client:
         self.track(body.ended)
         response.deliverBody(body)
 
-    def stream(self, key: str, first: int, last: int | None) -> Deferred:
-        """A ranged GET whose body the caller reads with ``deliver``."""
+    def stream(
+        self, key: str, first: int, last: int | None, if_match: str | None = None
+    ) -> Deferred:
+        """A ranged GET whose body the caller reads with ``deliver``; with
+        ``if_match`` (an S3 ETag), only of that version of the object."""
         return self.track(
-            self._within_deadline(Deferred.fromCoroutine(self._stream(key, first, last)), 0)
+            self._within_deadline(
+                Deferred.fromCoroutine(self._stream(key, first, last, if_match)), 0
+            )
         )
 
-    async def _stream(self, key: str, first: int, last: int | None) -> Any:
+    async def _stream(self, key: str, first: int, last: int | None, if_match: str | None) -> Any:
         url = self.url(key)
         span = f"bytes={first}-" + ("" if last is None else str(last))
-        signed = self._headers("GET", url, None, {"Range": span})
+        extra = {"Range": span}
+        if if_match is not None:
+            extra["If-Match"] = if_match
+        signed = self._headers("GET", url, None, extra)
         response = await self._agent.request(b"GET", url.encode(), signed, None)
+        if response.code == 412:
+            await _read_all(response)
+            raise StorageFailure("the file was replaced while it was being opened")
         if response.code not in (200, 206):
             await _read_all(response)
             raise StorageFailure(f"the object store answered {response.code}")
@@ -247,6 +263,14 @@ class S3Client:
 def _header(response: Any, name: str) -> str | None:
     values = response.headers.getRawHeaders(name)  # str in, str out
     return values[0] if values else None
+
+
+def _stored_sha256(response: Any) -> str | None:
+    """The SHA-256 an object's metadata records (SHA256_META), if well formed."""
+    value = (_header(response, SHA256_META) or "").strip().lower()
+    if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
 
 
 def _xml_escape(text: str) -> str:
@@ -723,6 +747,11 @@ class S3Folder:
         return Deferred.fromCoroutine(usage_now())
 
     async def _stat(self, name: str) -> FileInfo:
+        info, _ = await self._head(name)
+        return info
+
+    async def _head(self, name: str) -> tuple[FileInfo, Any]:
+        """The file's FileInfo, and the HEAD response (its metadata, its ETag)."""
         try:
             response, _ = await self._client.send("HEAD", self._prefix + name)
         except NotFound:
@@ -731,7 +760,7 @@ class S3Folder:
             raise
         modified = _header(response, "Last-Modified")
         mtime = parsedate_to_datetime(modified).timestamp() if modified else 0.0
-        return FileInfo(name, int(_header(response, "Content-Length") or 0), mtime)
+        return FileInfo(name, int(_header(response, "Content-Length") or 0), mtime), response
 
     def stat(self, name: str) -> Deferred:
         async def stat_now() -> FileInfo:
@@ -794,10 +823,13 @@ class S3Folder:
     def open_download(self, name: str, offset: int = 0, length: int | None = None) -> Deferred:
         async def open_it() -> S3Download:
             await self._settle_moves()
-            info = await self._stat(name)
+            info, response = await self._head(name)
             if offset > info.size:
                 raise ValueError(f"offset {offset} is beyond the size {info.size}")
-            return S3Download(self._client, self._prefix + name, info.size, offset, length)
+            download = S3Download(self._client, self._prefix + name, info.size, offset, length)
+            download.stored_sha256 = _stored_sha256(response)
+            download.version = _header(response, "ETag")
+            return download
 
         return Deferred.fromCoroutine(open_it())
 
@@ -1099,7 +1131,9 @@ class S3Upload:
     async def _send_part(self, part: bytes) -> None:
         try:
             if self._upload_id is None:
-                _, body = await self._client.send("POST", self._key, params={"uploads": ""})
+                _, body = await self._client.send(
+                    "POST", self._key, params={"uploads": ""}, headers=self._declared_meta()
+                )
                 self._upload_id = ElementTree.fromstring(body).findtext(f"{_NS}UploadId")
                 self._client.live_uploads[str(self._upload_id)] = self._key
                 if self._aborted:  # aborted while the upload was being created
@@ -1124,6 +1158,33 @@ class S3Upload:
 
     def commit(self) -> Deferred:
         return Deferred.fromCoroutine(self._commit())
+
+    def _declared_meta(self) -> dict[str, str]:
+        """A declared SHA-256 goes into the object's metadata from the start (the
+        object only appears once the bytes have been checked against it)."""
+        return {SHA256_META: self._expected.lower()} if self._expected is not None else {}
+
+    async def _record_digest(self, digest: str, etag: str | None) -> None:
+        """Give a completed multipart object without a declared hash its SHA-256
+        (SHA256_META): copied onto itself with new metadata, if it is still the
+        object we wrote (``etag``).  The file is stored either way; without the
+        record it just has no strong HTTP ETag (logged)."""
+        if self._size > COPY_LIMIT or etag is None:
+            return
+        source = f"/{self._client.bucket}/{quote(self._key, safe='/~')}"
+        try:
+            await self._client.send(
+                "PUT",
+                self._key,
+                headers={
+                    "x-amz-copy-source": source,
+                    "x-amz-copy-source-if-match": etag,
+                    "x-amz-metadata-directive": "REPLACE",
+                    SHA256_META: digest,
+                },
+            )
+        except (NotFound, StorageFailure) as e:
+            _log.warn("could not record the SHA-256 of {key!r}: {error}", key=self._key, error=e)
 
     @property
     def _marker(self) -> str:
@@ -1166,11 +1227,14 @@ class S3Upload:
             except Exception:
                 self.abort()
                 raise
+        completed: str | None = None
         try:
             if self._upload_id is None:
-                await self._client.send("PUT", self._key, body=self._take_buffer())
+                await self._client.send(
+                    "PUT", self._key, body=self._take_buffer(), headers={SHA256_META: digest}
+                )
             else:
-                await self._complete()
+                completed = await self._complete()
                 self._done_with_upload()
                 if self._record_key is None:
                     marker = self._marker
@@ -1179,12 +1243,22 @@ class S3Upload:
                         "drop an upload marker",
                     )
             self._completed = True
+            if self._upload_id is not None and self._key == self._target and not self._expected:
+                await self._record_digest(digest, completed)
             if self._key != self._target:  # a resumable upload's staging object
                 if not self._hash_complete:
                     digest = await self._hash_object(self._key)
                     self._check(digest)
                 source = f"/{self._client.bucket}/{quote(self._key, safe='/~')}"
-                await self._client.send("PUT", self._target, headers={"x-amz-copy-source": source})
+                await self._client.send(
+                    "PUT",
+                    self._target,
+                    headers={
+                        "x-amz-copy-source": source,
+                        "x-amz-metadata-directive": "REPLACE",
+                        SHA256_META: digest,
+                    },
+                )
                 await self._client.send("DELETE", self._key, expect=(204, 200))
                 if self._record_key is not None:
                     await self._client.send("DELETE", self._record_key, expect=(204, 200))
@@ -1206,7 +1280,8 @@ class S3Upload:
         await finished
         return digest.hexdigest()
 
-    async def _complete(self) -> None:
+    async def _complete(self) -> str | None:
+        """Complete the multipart upload; the new object's S3 ETag."""
         if self._buffered:
             await self._send_part(self._take_buffer())
         parts = "".join(
@@ -1219,6 +1294,7 @@ class S3Upload:
         )
         if b"<Error>" in answer:  # S3 may fail a completion with a 200
             raise StorageFailure(f"the object store refused the upload: {answer[:200]!r}")
+        return ElementTree.fromstring(answer).findtext(f"{_NS}ETag") if answer else None
 
     def interrupt(self) -> Deferred:
         """Cut: a resumable upload keeps its stored parts (the buffer is lost)."""
@@ -1356,12 +1432,16 @@ class S3Download(StreamEnd):
         self._done: Deferred | None = None
         self._body: _Body | None = None
         self._remaining = self.length
+        #: The SHA-256 the object's metadata records (None: not recorded).
+        self.stored_sha256: str | None = None
+        #: The object's S3 ETag when it was opened: the GET reads that version only.
+        self.version: str | None = None
 
     def prefix_sha256(self) -> Deferred:
         async def hash_prefix() -> Any:
             digest = hashlib.sha256()
             if self.offset:
-                response = await self._client.stream(self._key, 0, self.offset - 1)
+                response = await self._client.stream(self._key, 0, self.offset - 1, self.version)
                 finished: Deferred = Deferred()
                 self._client.deliver(response, _Hasher(digest, finished))  # streamed
                 await finished
@@ -1380,7 +1460,7 @@ class S3Download(StreamEnd):
 
         async def start() -> None:
             last = self.offset + self.length - 1 if self.offset + self.length < self.size else None
-            response = await self._client.stream(self._key, self.offset, last)
+            response = await self._client.stream(self._key, self.offset, last, self.version)
             self._body = _Body(self)
             self._client.deliver(response, self._body)
             if self._done is None:  # stopped while the GET was on its way

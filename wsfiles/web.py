@@ -23,6 +23,7 @@ from wsfiles.admission import HttpPool, forwarded_client, host_allowed, origin_a
 from wsfiles.channels import ChannelBook
 from wsfiles.command import CommandChannelFactory
 from wsfiles.config import Settings
+from wsfiles.httpfiles import FilesResource
 from wsfiles.metrics import Metrics, MetricsPage
 from wsfiles.pairing import PairingRegistry
 from wsfiles.shares import ShareResource, ShareService, ShareSettings, redact_share_uri
@@ -447,6 +448,7 @@ class WsfilesSite(server.Site):
         root.putChild(b"file", GuardedWebSocketResource(self.file_factory, origins))
         root.putChild(b"healthz", HealthPage(storage, settings.min_free, self.shared_health))
         root.putChild(b"whoami", WhoAmIPage(self.command_factory))
+        root.putChild(b"files", FilesResource(self.command_factory))
         root.putChild(b"s", ShareResource(self.shares))
         if settings.metrics_on_main_listener:
             root.putChild(b"metrics", MetricsPage(self.metrics))
