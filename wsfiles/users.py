@@ -261,7 +261,8 @@ FORMAT_HELP = (
     "# NAME TOKEN_ID HASH [quota=SIZE|none] [quota_files=N|none] [max_size=SIZE]"
     " [read_only=yes] [expires=YYYY-MM-DDTHH:MM:SSZ]; see docs/configuration.md"
 )
-#: How long a command waits for another one's lock on the file.
+#: How long a command waits for another one's lock on the file (seconds;
+#: ``$WSFILES_USERS_LOCK_WAIT`` changes it).
 LOCK_WAIT = 10.0
 
 
@@ -323,7 +324,10 @@ def _open_locked(path: str, create: bool) -> int:
     new one locked instead.
     """
     flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
-    deadline = time.monotonic() + LOCK_WAIT
+    wait = LOCK_WAIT
+    with contextlib.suppress(ValueError):
+        wait = float(os.environ.get("WSFILES_USERS_LOCK_WAIT", LOCK_WAIT))
+    deadline = time.monotonic() + wait
     while True:  # bounded by LOCK_WAIT
         try:
             fd = os.open(path, flags, 0o600)
@@ -340,7 +344,7 @@ def _open_locked(path: str, create: bool) -> int:
                     if time.monotonic() > deadline:
                         raise UsersFileError(
                             f"users file {path} stays locked by another 'wsfiles user'"
-                            f" command (waited {LOCK_WAIT:g} s)"
+                            f" command (waited {wait:g} s)"
                         ) from None
                     time.sleep(0.02)
             held = os.fstat(fd)
