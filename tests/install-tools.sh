@@ -26,6 +26,7 @@ need ceph-mon ceph-mon
 need ceph-osd ceph-osd
 need haproxy haproxy
 need redis-server redis-server
+need wget wget
 
 [ -z "$missing" ] && exit 0
 echo "installing Debian packages:$missing" >&2
