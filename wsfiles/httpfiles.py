@@ -463,7 +463,7 @@ async def _stream(
             _log.warn("a download of {path!r} failed: {error}", path=path, error=e)
         response.close()
         transport = request.transport
-        if not gone[0] and transport is not None:
+        if not (e.consumer_gone or gone[0]) and transport is not None:
             transport.abortConnection()  # the client sees a short body, never a wrong one
         return Served(status, response.sent, complete=False)
     response.close()
