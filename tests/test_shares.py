@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 import treq
-from conftest import start_server
+from conftest import BIN, run_process, start_server
 from e2e_helpers import within
 from twisted.internet import reactor
 
@@ -103,32 +103,6 @@ async def refused(client: Any, **command: Any) -> tuple[str, str]:
 
 def basic(password: str, user: str = "") -> dict[str, str]:
     return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
-
-@pytest.fixture(autouse=True)
-def _stand_in_for_httpfiles(monkeypatch):
-    """TEMPORARY until wsfiles.httpfiles lands: the whole file, no Range."""
-    import importlib.util
-
-    if importlib.util.find_spec("wsfiles.httpfiles") is None:
-        import hashlib
-
-        from conftest import _BytesConsumer
-
-        import wsfiles.shares
-
-        async def serve(request, folder, path, service):
-            download = await folder.open_download(path)
-            sink = _BytesConsumer()
-            try:
-                await download.stream_to(sink, hashlib.sha256())
-            finally:
-                download.close()
-            request.setHeader(b"content-length", str(download.size).encode())
-            request.write(sink.getvalue())
-            request.finish()
-
-        monkeypatch.setattr(wsfiles.shares, "serve_shared_file", serve)
 
 
 # -- the ops -----------------------------------------------------------------------
@@ -346,3 +320,169 @@ def test_logs_show_a_share_id_cut_to_a_prefix():
     share_id = "AbCdEfGhIjKlMnOpQrStUvWx"
     assert redact_share_uri(f"/s/{share_id}/a.txt".encode()) == "/s/AbCdEf…/a.txt".encode()
     assert redact_share_uri(b"/files/x") == b"/files/x"
+
+
+# -- downloads: Range, limits, curl and wget against twistd, S3 ---------------------------
+
+
+@pytest.mark.every_backend
+@pytest_twisted.ensureDeferred
+async def test_a_shared_file_downloads_whole_and_in_ranges_on_every_backend(server_factory):
+    srv = await server_factory()
+    data = os.urandom(300_000)
+    await srv.put("photos/big.bin", data)
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="photos/big.bin", max_downloads=3)
+    url = http_base(srv) + shared["url"]
+
+    status, headers, body = await fetch(url)
+    assert status == 200 and body == data
+    assert headers.getRawHeaders("content-disposition")[0].startswith("attachment")
+    assert "big.bin" in headers.getRawHeaders("content-disposition")[0]
+    etag = headers.getRawHeaders("etag")[0]
+    status, headers, body = await fetch(url, headers={"Range": "bytes=1000-1999", "If-Range": etag})
+    assert status == 206 and body == data[1000:2000]
+    assert headers.getRawHeaders("content-range") == ["bytes 1000-1999/300000"]
+    assert (await fetch(url, "HEAD"))[0] == 200  # HEAD does not count
+    assert (await fetch(url))[2] == data  # the third GET
+    status, _, body = await fetch(url)
+    assert status == 410 and b"used up" in body
+    listed = (await ask(client, op="shares"))["shares"]
+    assert [(s["downloads"], s["max_downloads"]) for s in listed] == [(3, 3)]
+
+    # A folder share on this backend: its page, and a file below it.
+    folder = await ask(client, op="share", path="photos")
+    page = (await fetch(http_base(srv) + folder["url"]))[2].decode()
+    assert f'href="{folder["url"]}/big.bin"' in page
+    status, _, body = await fetch(
+        http_base(srv) + folder["url"] + "/big.bin", headers={"Range": "bytes=-10"}
+    )
+    assert status == 206 and body == data[-10:]
+
+
+@pytest.mark.skipif(CURL is None or WGET is None, reason="needs curl and wget")
+@pytest_twisted.ensureDeferred
+async def test_curl_and_wget_download_a_link_the_cli_made_and_it_dies_on_unshare(
+    twistd_factory, tmp_path
+):
+    srv = await twistd_factory()
+    data = os.urandom(200_000)
+    client = await within(connect(srv.url, subprotocols=COMMAND_SUBPROTOCOLS))
+    try:
+        await within(client.upload("report.bin", __import__("io").BytesIO(data)))
+    finally:
+        await within(client.close())
+    wsfiles_cli = str(BIN / "wsfiles")
+    code, out, err = await run_process(
+        [wsfiles_cli, "share", srv.url, "report.bin", "--expires", "2h", "--max-downloads", "3"]
+    )
+    assert code == 0, err
+    link = out.strip()
+    host = srv.url.split("://")[1]
+    assert link.startswith(f"http://{host}/s/") and "until" in err and "3 downloads" in err
+    share_id = link.rsplit("/", 1)[1]
+
+    code, headers_out, _ = await run_process(
+        [CURL, "-sS", "-r", "100-199", "-o", str(tmp_path / "piece"), "-D", "-", link]
+    )
+    assert code == 0 and headers_out.startswith("HTTP/1.1 206")
+    assert (tmp_path / "piece").read_bytes() == data[100:200]
+    (tmp_path / "partial.bin").write_bytes(data[:5000])  # an interrupted download
+    code, _, err = await run_process(
+        [WGET, "-q", "-c", "-O", str(tmp_path / "partial.bin"), link], cwd=tmp_path
+    )
+    assert code == 0, err
+    assert (tmp_path / "partial.bin").read_bytes() == data
+    code, out, _ = await run_process([CURL, "-sS", "-OJ", link], cwd=tmp_path)
+    assert code == 0 and (tmp_path / "report.bin").read_bytes() == data  # -J: its own name
+    code, out, _ = await run_process([CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}", link])
+    assert out == "410"  # the 4th GET of 3
+
+    code, out, err = await run_process([wsfiles_cli, "shares", srv.url])
+    assert code == 0, err
+    assert share_id in out and "3/3 downloads" in out and "report.bin" in out
+    code, out, err = await run_process([wsfiles_cli, "unshare", srv.url, link])
+    assert (code, out, err) == (0, "", "")
+    code, out, _ = await run_process([CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}", link])
+    assert out == "404"
+    code, _, err = await run_process([wsfiles_cli, "unshare", srv.url, share_id])
+    assert code == 1 and err.startswith("wsfiles unshare: not_found:")
+
+    # A password from stdin; curl sends it with -u.
+    process_out = await run_process_with_input(
+        [wsfiles_cli, "share", srv.url, "report.bin", "--password-stdin"], b"open sesame\n"
+    )
+    assert process_out[0] == 0, process_out
+    locked = process_out[1].strip()
+    code, out, _ = await run_process([CURL, "-sS", "-o", "/dev/null", "-w", "%{http_code}", locked])
+    assert out == "401"
+    code, out, _ = await run_process(
+        [CURL, "-sS", "-u", ":open sesame", "-o", str(tmp_path / "locked"), locked]
+    )
+    assert code == 0 and (tmp_path / "locked").read_bytes() == data
+
+    await srv.stop()
+    assert share_id not in srv.output  # logs show a prefix only
+    lines = [line for line in srv.output.splitlines() if "share" in line or "/s/" in line]
+    assert any(f"share {share_id[:6]}…" in line for line in lines), lines
+
+
+async def run_process_with_input(argv: list[str], data: bytes) -> tuple[int, str, str]:
+    """``argv`` with ``data`` on its stdin: (exit code, stdout, stderr)."""
+    from conftest import spawn_process
+
+    process, proto = spawn_process(argv)
+    process.write(data)
+    process.closeStdin()
+    code = await within(proto.ended, 60)
+    return code, proto.out.decode(), proto.err.decode()
+
+
+# -- several instances: Redis ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_with_redis_every_instance_sees_shares_and_links_fail_closed_without_it(
+    redis_server, tmp_path
+):
+    root = tmp_path / "shared-disk"
+    a = await start_server(root, redis=redis_server.url)
+    b = await start_server(root, redis=redis_server.url)
+    states = [srv.site.command_factory.redis for srv in (a, b)]
+    try:
+        for state in states:
+            state.start()
+            await within(state.link.when_up())
+        await a.put("a.txt", b"shared by a")
+        on_a, on_b = await connect12(a), await connect12(b)
+        shared = await ask(on_a, op="share", path="a.txt", max_downloads=2)
+        once = await ask(on_a, op="share", path="a.txt")
+        assert not (root / ".wsfiles-shares.json").exists()  # in Redis, not the file
+
+        assert (await fetch(http_base(b) + shared["url"]))[2] == b"shared by a"
+        assert (await fetch(http_base(a) + shared["url"]))[0] == 200
+        assert (await fetch(http_base(b) + shared["url"]))[0] == 410  # counted across
+        listed = (await ask(on_b, op="shares"))["shares"]
+        assert [(s["share"], s["downloads"]) for s in listed] == [
+            (shared["share"], 2),
+            (once["share"], 0),
+        ]
+        await ask(on_b, op="unshare", share=once["share"])  # revoked on b...
+        assert (await fetch(http_base(a) + once["url"]))[0] == 404  # ...dead on a at once
+
+        live = await ask(on_a, op="share", path="a.txt")
+        redis_server.stop()
+        for state in states:
+            await within(state.link.when_down())
+        for srv in (a, b):
+            status, headers, body = await fetch(http_base(srv) + live["url"])
+            assert status == 503 and b"unavailable" in body
+            assert headers.getRawHeaders("retry-after") == ["5"]
+        code, message = await refused(on_a, op="share", path="a.txt")
+        assert code == "unavailable" and "Redis" in message
+        assert (await refused(on_b, op="shares"))[0] == "unavailable"
+    finally:
+        for srv in (a, b):
+            await srv.stop()
+        for state in states:
+            await within(state.stop())
