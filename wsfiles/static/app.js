@@ -367,6 +367,7 @@ function connected(connection, hello) {
   $("#app").hidden = false;
   if (wasHidden && document.activeElement && document.activeElement.closest("#login")) $("#drop").focus();
   for (const waiter of link.waiters.splice(0)) waiter.resolve(connection);
+  refreshShares();
 }
 
 function lost(connection, code) {
@@ -625,6 +626,7 @@ function entryRow(file) {
   const actions = document.createElement("td");
   actions.className = "actions";
   const buttons = folder ? [] : [["Download", "download", () => download(path)]];
+  buttons.push(["Share…", "share", () => shareDialog(path, folder)]);
   buttons.push(["Rename", "rename", () => rename(path)]);
   if (view.folders) buttons.push(["Move…", "move", () => moveDialog(path, folder)]);
   buttons.push(["Delete", "delete", () => (folder ? removeFolder(path) : remove(path))]);
@@ -1343,3 +1345,169 @@ document.addEventListener("dragover", (event) => event.preventDefault());
 document.addEventListener("drop", (event) => event.preventDefault());
 
 connectLoop();
+
+// -- share links (docs/protocol.md, "Share links") ------------------------------------
+// "Share…" makes a link anyone can download with, for a time; the list below the
+// files shows this client's links, each with Copy link and Revoke.
+
+const SHARE_CHOICES = [[3600, "1 hour"], [86400, "1 day"], [7 * 86400, "7 days"], [30 * 86400, "30 days"]];
+const sharing = { path: null, folder: false, opener: null, limits: { default: 86400, max: 30 * 86400 } };
+
+function shareUrl(share) { return location.origin + share.url; }
+function shareName(share) { return share.path === "" ? TOP : share.path; }
+
+function untilText(seconds) {
+  return new Date(seconds * 1000).toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+// One choice per duration the server allows, the server's default preselected.
+function fillExpiryChoices() {
+  const select = $("#share-expires");
+  const { default: preferred, max } = sharing.limits;
+  const choices = SHARE_CHOICES.filter(([seconds]) => seconds <= max);
+  if (!choices.some(([seconds]) => seconds === preferred)) choices.push([preferred, humanDuration(preferred)]);
+  if (!choices.some(([seconds]) => seconds === max)) choices.push([max, humanDuration(max) + " (the longest)"]);
+  choices.sort((a, b) => a[0] - b[0]);
+  select.replaceChildren(...choices.map(([seconds, text]) => {
+    const option = document.createElement("option");
+    option.value = String(seconds);
+    option.textContent = text;
+    option.selected = seconds === preferred;
+    return option;
+  }));
+}
+
+function humanDuration(seconds) {
+  for (const [unit, size] of [["day", 86400], ["hour", 3600], ["minute", 60]]) {
+    if (seconds % size === 0) { const n = seconds / size; return n + " " + unit + (n === 1 ? "" : "s"); }
+  }
+  return seconds + " seconds";
+}
+
+function shareDialog(path, isFolder) {
+  sharing.path = path;
+  sharing.folder = isFolder;
+  sharing.opener = document.activeElement;
+  $("#share-title").textContent = "Share " + (isFolder ? "folder " : "") + "“" + baseName(path) + "”";
+  fillExpiryChoices();
+  $("#share-max").value = "";
+  $("#share-password").value = "";
+  $("#share-result").hidden = true;
+  $("#share-copy").hidden = true;
+  $("#share-create").hidden = false;
+  $("#share-status").textContent = "";
+  $("#share-dialog").showModal();
+  $("#share-expires").focus();
+}
+
+async function createShare() {
+  const message = { op: "share", path: sharing.path, expires: Number($("#share-expires").value) };
+  const max = $("#share-max").value.trim();
+  if (max) {
+    if (!/^[1-9][0-9]*$/.test(max)) {
+      $("#share-status").textContent = "The download limit must be a whole number of at least 1.";
+      $("#share-max").focus();
+      return;
+    }
+    message.max_downloads = Number(max);
+  }
+  const password = $("#share-password").value;
+  if (password) message.password = password;
+  $("#share-create").disabled = true;
+  $("#share-status").textContent = "Creating the link…";
+  try {
+    const reply = await (await ready()).request(message);
+    $("#share-url").value = shareUrl(reply);
+    $("#share-result").hidden = false;
+    $("#share-create").hidden = true;
+    $("#share-copy").hidden = false;
+    $("#share-status").textContent = "Link created; it works until " + untilText(reply.expires_at) + ".";
+    $("#share-copy").focus();
+    refreshShares();
+  } catch (error) {
+    $("#share-status").textContent = "Sharing failed: " + describe(error);
+  } finally {
+    $("#share-create").disabled = false;
+  }
+}
+
+// The clipboard needs a secure context (https, or localhost); elsewhere the
+// link is selected for the person to copy.
+async function copyLink(url, status, field) {
+  try {
+    await navigator.clipboard.writeText(url);
+    status("Link copied.");
+  } catch {
+    if (field) { field.focus(); field.select(); }
+    status(field ? "Copy the selected link (Ctrl+C)." : "Copying failed; the link is " + url);
+  }
+}
+
+async function refreshShares() {
+  if (link.state !== "connected" || !link.connection) return;
+  let reply;
+  try {
+    reply = await link.connection.request({ op: "shares" });
+  } catch (error) {
+    if (error.code === "unknown_op") { $("#shares").hidden = true; return; }  // an older server
+    showError("shares", "Listing your share links failed: " + describe(error));
+    return;
+  }
+  clearError("shares");
+  sharing.limits = { default: reply.default_expires, max: reply.max_expires };
+  renderShares(reply.shares);
+}
+
+function renderShares(shares) {
+  $("#shares").hidden = false;
+  $("#no-shares").hidden = shares.length > 0;
+  $("#share-list").replaceChildren(...shares.map((share) => {
+    const item = document.createElement("li");
+    item.dataset.share = share.share;
+    const what = document.createElement("span");
+    what.className = "what";
+    what.textContent = shareName(share) + (share.kind === "folder" ? " (folder)" : "");
+    const when = document.createElement("span");
+    when.className = "when muted";
+    const limit = share.max_downloads ? share.downloads + " of " + share.max_downloads : String(share.downloads);
+    when.textContent = "until " + untilText(share.expires_at) + " · " + limit + " downloads"
+      + (share.password ? " · password" : "");
+    const buttons = document.createElement("span");
+    buttons.className = "buttons";
+    const copy = makeButton("Copy link", () => copyLink(shareUrl(share), (text) => { $("#shares-status").textContent = text; }),
+      "Copy link to " + shareName(share));
+    copy.dataset.action = "copy";
+    const revoke = makeButton("Revoke", () => revokeShare(share, item), "Revoke the link to " + shareName(share));
+    revoke.dataset.action = "revoke";
+    buttons.append(copy, revoke);
+    item.append(what, when, buttons);
+    return item;
+  }));
+}
+
+async function revokeShare(share, item) {
+  const next = item.nextElementSibling || item.previousElementSibling;
+  if (await act("share:" + share.share, "Revoking the link to “" + shareName(share) + "”",
+    { op: "unshare", share: share.share })) {
+    await refreshShares();
+    const focus = next && next.dataset.share
+      ? $("#share-list li[data-share=" + JSON.stringify(next.dataset.share) + "] button[data-action='revoke']")
+      : null;
+    (focus || $("#shares-title")).focus();
+  }
+}
+
+$("#shares-title").tabIndex = -1;  // focus lands here once the last link is revoked
+$("#share-copy").addEventListener("click", () => copyLink($("#share-url").value,
+  (text) => { $("#share-status").textContent = text; }, $("#share-url")));
+// Create link is the form's default button: Enter in a field creates the
+// link (once); only Close (or Escape) closes the dialog.
+$("#share-dialog form").addEventListener("submit", (event) => {
+  if (event.submitter === $("#share-close")) return;
+  event.preventDefault();
+  if (!$("#share-create").hidden && !$("#share-create").disabled) createShare();
+});
+$("#share-dialog").addEventListener("close", () => {
+  $("#shares-status").textContent = "";
+  if (sharing.opener && sharing.opener.isConnected) sharing.opener.focus();
+});
