@@ -578,3 +578,54 @@ async def test_the_sweep_finishes_an_interrupted_folder_rename(s3_store, monkeyp
     assert _keys(store, ".wsfiles-moves/") == []
     assert _keys(store, "src/") == []
     assert sorted(_keys(store, "dst/")) == sorted(f"dst/{name}" for name in TREE)
+
+
+def _count_listings(store: Store, monkeypatch: Any) -> list[int]:
+    """Count the store's list requests (ListObjectsV2) from now on: one cell."""
+    client = store.storage.client
+    real_send = client.send
+    count = [0]
+
+    def send(method: str, key: str = "", *args: Any, params: Any = None, **kw: Any) -> Any:
+        if method == "GET" and params and "list-type" in params:
+            count[0] += 1
+        return real_send(method, key, *args, params=params, **kw)
+
+    monkeypatch.setattr(client, "send", send)
+    return count
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_each_page_of_a_folder_of_dashed_names_costs_the_same(
+    s3_store, monkeypatch, recursive
+):
+    # The store lists keys "log/..." after "log-00001.txt" though a listing
+    # sorts them before it: a page must not read to the end of the folder to
+    # rule out a folder "log" (quadratic in the pages a client reads).
+    store = s3_store
+    names = [f"log-{i:05d}.txt" for i in range(40)]
+    for name in names:
+        store.plant(name, b"x")
+    names.append("log-00019-b.txt")
+    store.plant("log-00019-b.txt", b"x")
+    store.plant("log-00019/inner", b"y")  # a folder in doubt that does exist
+    inside = ["log-00019", "log-00019/inner"] if recursive else ["log-00019"]
+    expected = sorted(names + inside, key=path_key)
+    store.storage.client.list_page = 2
+    requests = _count_listings(store, monkeypatch)
+    found: list[str] = []
+    costs: list[int] = []
+    cursor = None
+    for _ in range(30):  # bounded: 9 pages of 5
+        before = requests[0]
+        page = await store.folder.entries("", recursive, cursor, 5)
+        costs.append(requests[0] - before)
+        found += [entry.name for entry in page[:5]]
+        if len(page) <= 5:
+            break
+        cursor = page[4].name
+    assert found == expected
+    # Three store pages of 2 for the 6 entries a page needs, a probe or two for
+    # the folders in doubt, the move journals once: never more, wherever it is.
+    assert max(costs) <= 6, costs

@@ -526,21 +526,18 @@ def _page_entries(rel: str, item: _Object) -> list[Entry]:
     return []
 
 
-def _is_final(key: tuple[str, ...], last: str, start: int) -> bool:
-    """Whether an entry of ``path_key`` ``key`` is in its final place once the
-    store has listed every key up to ``last`` (both relative to the listed
-    folder; keys of the scan share ``last[:start]``).
+def _folders_in_doubt(last: str, start: int) -> list[str]:
+    """The folders whose keys the store lists after ``last`` although they may
+    sort before it in a listing (``path_key``), shortest first (``last`` and
+    the folders relative to the listed folder; keys of the scan share
+    ``last[:start]``).
 
     The store sorts keys as strings, a listing by path segments; they differ
-    only where '/' meets a character below it.  A key after ``last`` has a
-    larger path_key, except keys below a folder F whose name is a prefix of a
-    segment of ``last`` followed by such a character (``last`` "a b/c", F
-    "a"): those come later in the store but sort from F on.
+    only where '/' meets a character below it: keys below a folder F whose
+    name is a prefix of ``last`` followed by such a character (``last``
+    "a b/c", F "a") come later in the store but sort from F on.
     """
-    for i in range(max(start, 1), len(last)):
-        if last[i] in _BEFORE_SLASH:
-            return key < path_key(last[:i])
-    return key <= path_key(last)
+    return [last[:i] for i in range(max(start, 1), len(last)) if last[i] in _BEFORE_SLASH]
 
 
 @implementer(IFolder)
@@ -691,6 +688,7 @@ class S3Folder:
         depth = max(1, MAX_PATH_DEPTH - (path.count("/") + 1 if path else 0))
         wanted = limit + 1
         found: dict[str, Entry] = {}
+        probed: dict[str, bool] = {}  # folders in doubt (_is_final): whether they exist
 
         def ordered() -> list[Entry]:
             return sorted(found.values(), key=lambda entry: path_key(entry.name))
@@ -713,8 +711,8 @@ class S3Folder:
                     continue
                 last = page[-1].key[len(base) :]
                 kept = ordered()
-                if len(kept) >= wanted and _is_final(
-                    path_key(kept[wanted - 1].name), last, len(within)
+                if len(kept) >= wanted and await self._is_final(
+                    path_key(kept[wanted - 1].name), last, len(within), base, probed
                 ):
                     return kept[:wanted]
                 if len(kept) > 4 * wanted:  # what sorts after the first `wanted` is not needed
@@ -728,6 +726,27 @@ class S3Folder:
             if kind is None:
                 raise NotFound(path)
         return ordered()[:wanted]
+
+    async def _is_final(
+        self, key: tuple[str, ...], last: str, start: int, base: str, probed: dict[str, bool]
+    ) -> bool:
+        """Whether an entry of ``path_key`` ``key`` is in its final place once the
+        store has listed every key up to ``last`` (relative to ``base``; keys of
+        the scan share ``last[:start]``): no key still to come sorts before it.
+
+        Only keys below a folder in doubt (``_folders_in_doubt``) can; one that
+        does not exist is ruled out by one request (cached in ``probed`` for the
+        listing), rather than by reading on past it: for names like
+        ``log-00001.txt`` that would read to the end of the folder on every page.
+        """
+        for folder in _folders_in_doubt(last, start):
+            if key < path_key(folder):
+                return True  # sorts before all of this folder's keys, and longer ones'
+            if folder not in probed:
+                probed[folder] = await self._has_below(base[len(self._prefix) :] + folder)
+            if probed[folder]:
+                return False  # its keys come later and may sort before ``key``
+        return key <= path_key(last)
 
     def usage(self) -> Deferred:
         async def usage_now() -> tuple[int, int]:
