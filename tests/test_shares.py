@@ -174,6 +174,11 @@ async def test_a_client_sees_and_revokes_only_its_own_shares(tmp_path):
         # bob's own "mine.txt" does not exist: a share names the sharer's file.
         assert (await refused(b, op="share", path="mine.txt"))[0] == "not_found"
         assert (await fetch(http_base(srv) + shared["url"], "HEAD"))[0] == 200
+        from wsfiles.users import editing
+
+        with editing(str(users)) as text:  # what 'wsfiles user remove alice' does
+            text.remove("alice")
+        assert (await fetch(http_base(srv) + shared["url"], "HEAD"))[0] == 404  # at once
     finally:
         await srv.stop()
 
