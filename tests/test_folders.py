@@ -295,9 +295,15 @@ async def test_quotas_count_the_whole_tree_folders_included(server_factory):
         # Files and folders: a 5th entry of any kind is refused...
         assert await refused(client, op="save", name="c/two.bin", size=1) == "quota_exceeded"
         assert await refused(client, op="mkdir", path="d") == "quota_exceeded"
+        # Folders made on the way count: a move into x/y would add two.
+        assert (
+            await refused(client, op="rename", name="a/b/one.bin", to="x/y/one.bin")
+            == "quota_exceeded"
+        )
+        await ask(client, op="rename", name="a/b/one.bin", to="c/one.bin")  # adds none
         # ...but replacing a file changes neither count.
-        await within(client.upload("a/b/one.bin", b"y" * 900))
-        assert await srv.read("a/b/one.bin") == b"y" * 900
+        await within(client.upload("c/one.bin", b"y" * 900))
+        assert await srv.read("c/one.bin") == b"y" * 900
     finally:
         await client.close()
 
@@ -326,3 +332,30 @@ async def test_folders_created_on_the_way_are_announced_where_they_appear(server
     finally:
         await watcher.close()
         await maker.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_folder_cannot_move_where_its_tree_would_pass_the_path_limits(client12):
+    deep = "/".join(["d"] * 20)
+    await within(client12.upload(deep + "/f.bin", b"x" * 1000))
+    await ask(client12, op="mkdir", path="/".join(["e"] * 12), parents=True)
+    target = "/".join(["e"] * 12) + "/d"  # 12 + 21 levels: past 32
+    assert await refused(client12, op="rename", name="d", to=target) == "invalid_move"
+    assert await client12.srv.read(deep + "/f.bin") == b"x" * 1000  # nothing moved
+    assert (await client12.srv.storage.folder(None).usage())[0] == 1000  # still counted
+    await ask(client12, op="rename", name="d", to="e/d")  # within the limits: fine
+    assert await client12.srv.read("e/" + deep + "/f.bin") == b"x" * 1000
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_1_1_channel_can_neither_move_nor_overwrite_a_folder_it_cannot_see(server_factory):
+    srv = await server_factory()
+    await srv.put("docs/inner.txt", b"i")
+    client = await within(connect(srv.url))
+    try:
+        assert await refused(client, op="rename", name="docs", to="other") == "not_found"
+        # Refused before any data is sent, not as storage_error at commit.
+        assert await refused(client, op="save", name="docs", size=5) == "exists"
+        assert await srv.read("docs/inner.txt") == b"i"
+    finally:
+        await client.close()

@@ -96,7 +96,9 @@ class Harness:
         self.sent.append(message)
         waiter = self._waiting.pop(message["op"], None)
         if waiter is not None:
-            waiter.callback(message)
+            # On the next turn, as a real peer's answer would come: the session
+            # finishes what it was doing before the test reacts.
+            reactor.callLater(0, waiter.callback, message)
 
     def _close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
@@ -346,11 +348,16 @@ def test_no_idle_timeout_while_a_transfer_runs(tmp_path):
     h.session.close()
 
 
-def test_an_upload_that_trickles_below_min_rate_is_stalled_and_frees_its_quota(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_an_upload_that_trickles_below_min_rate_is_stalled_and_frees_its_quota(tmp_path):
     ledger = QuotaLedger(1000, lambda _: None)
     h = Harness(tmp_path, quota=ledger, stall_timeout=30, min_rate=10)  # 300 bytes per 30 s
+    offered = h.reply("channel")  # the quota is checked in a thread (the folder's usage)
     h.command(op="save", name="a", size=900, id=4)
+    await offered
+    ready = h.reply("ready")
     h.attach()
+    await ready
     h.session.file_message_begin(h.channel, True)
     h.session.file_frame_begin(h.channel, 900)
     assert ledger.reserved("anonymous") == 900
@@ -504,28 +511,37 @@ def test_commands_waiting_for_a_reader_end_unanswered_when_the_channel_closes(h)
     assert h.session._unfinished == 0  # and nothing is left waiting
 
 
-def test_quota_counts_replacements_and_uploads_in_flight(tmp_path):
+async def _answer_to(h: Harness, answer: str, **command: Any) -> dict[str, Any]:
+    """Send ``command``; its ``answer`` (quota checks read the tree in a thread)."""
+    waiting = h.reply(answer)
+    h.command(**command)
+    return await waiting
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_counts_replacements_and_uploads_in_flight(tmp_path):
     ledger = QuotaLedger(100, lambda _: None)
     h = Harness(tmp_path, quota=ledger)
     with open(f"{h.root}/old", "wb") as f:
         f.write(b"o" * 60)
-    h.command(op="save", name="new", size=41, id=1)
-    assert h.sent[-1]["code"] == "quota_exceeded"
-    h.command(op="save", name="old", size=100, id=2)  # replacing: only the difference
-    assert h.ops[-1] == "channel"
+    refused = await _answer_to(h, "error", op="save", name="new", size=41, id=1)
+    assert refused["code"] == "quota_exceeded"
+    # Replacing: only the difference counts.
+    await _answer_to(h, "channel", op="save", name="old", size=100, id=2)
+    ready = h.reply("ready")
     h.attach()
-    assert h.ops[-1] == "ready"
+    await ready
     assert ledger.reserved("anonymous") == 100
-    h.command(op="save", name="other", size=1, id=3)  # the reservation holds
-    assert h.sent[-1]["code"] == "quota_exceeded"
+    refused = await _answer_to(h, "error", op="save", name="other", size=1, id=3)
+    assert refused["code"] == "quota_exceeded"  # the reservation holds
     h.session.close()
     assert ledger.reserved("anonymous") == 0
 
 
-def test_quota_can_be_reached_exactly(tmp_path):
+@pytest_twisted.ensureDeferred
+async def test_quota_can_be_reached_exactly(tmp_path):
     h = Harness(tmp_path, quota=QuotaLedger(100, lambda _: None))
-    h.command(op="save", name="all", size=100)
-    assert h.ops[-1] == "channel"
+    await _answer_to(h, "channel", op="save", name="all", size=100)
     h.session.close()
 
 

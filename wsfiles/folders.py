@@ -85,3 +85,30 @@ def check_move(name: str, to: str) -> None:
     """A folder cannot move into itself or below itself."""
     if to != name and is_within(to, name):
         raise ProtocolError(errors.INVALID_MOVE, f"cannot move {name!r} into itself ({to!r})")
+
+
+#: Entries read at a time while measuring a folder about to move.
+_EXTENT_PAGE = 10_000
+
+
+async def check_move_fits(folder: IFolder, name: str, to: str) -> None:
+    """Moving folder ``name`` to ``to`` must keep every path in it within the
+    path limits; else a tree could be pushed deeper than anything the server
+    lists, counts against quotas, or can remove (docs/protocol.md, Paths)."""
+    deepest, longest, cursor = 0, 0, None
+    for _ in range(10**6):  # bounded: each round reads the next page, or ends
+        page = await folder.entries(name, True, cursor, _EXTENT_PAGE)
+        for entry in page[:_EXTENT_PAGE]:
+            deepest = max(deepest, entry.name.count("/") + 1)
+            longest = max(longest, len(entry.name.encode("utf-8")) + 1)
+        if len(page) <= _EXTENT_PAGE:
+            break
+        cursor = page[_EXTENT_PAGE - 1].name
+    depth = to.count("/") + 1 + deepest
+    length = len(to.encode("utf-8")) + longest
+    if depth > MAX_PATH_DEPTH or length > MAX_PATH_BYTES:
+        raise ProtocolError(
+            errors.INVALID_MOVE,
+            f"moving {name!r} to {to!r} would make paths deeper than {MAX_PATH_DEPTH} folders"
+            f" or longer than {MAX_PATH_BYTES} bytes",
+        )

@@ -104,6 +104,15 @@ def listing_bytes(names: Iterable[str]) -> int:
     return sum(len(json.dumps(name).encode()) + _ENTRY_OVERHEAD for name in names)
 
 
+async def _missing_folders(folder: IFolder, path: str) -> int:
+    """How many folders above ``path`` do not exist yet (a save or move makes them)."""
+    missing, parent = 0, parent_of(path)
+    while parent and await folder.kind(parent) is None:  # bounded by the path's depth
+        missing += 1
+        parent = parent_of(parent)
+    return missing
+
+
 class EntryLimits:
     """How many files a folder may hold and how long its listing may grow.
 
@@ -128,33 +137,37 @@ class EntryLimits:
             return self.max_files
         return None if override == NO_QUOTA else override
 
-    async def check(self, client: str, folder: IFolder, name: str) -> None:
-        """Raise quota_exceeded if a new file ``name`` would not fit."""
-        if await folder.kind(name) is not None:
+    async def check(self, client: str, folder: IFolder, name: str, *, moving: bool = False) -> None:
+        """Raise quota_exceeded if a new entry ``name`` would not fit.
+
+        Folders made on the way to it count too; ``moving``: the entry exists
+        elsewhere and only those folders are new (a rename).
+        """
+        if not moving and await folder.kind(name) is not None:
             return  # a replacement: the counts do not change
+        new = await _missing_folders(folder, name) + (0 if moving else 1)
         creating = {n for n, count in self._creating.get(client, {}).items() if count}
-        creating.add(name)
+        creating.discard(name)  # held by this save itself: counted in ``new``
         max_files = self.max_files_of(client)
-        if max_files is not None:
+        if max_files is not None and new:
             _, entries = await folder.usage()
-            total = entries + len(creating)
+            total = entries + len(creating) + new
             if total > max_files:
                 raise ProtocolError(
                     errors.QUOTA_EXCEEDED,
-                    f"a new file would make {total} files and folders;"
-                    f" this folder may hold {max_files}",
+                    f"this would make {total} files and folders; this folder may hold {max_files}",
                 )
         parent = parent_of(name)
         try:
             siblings = await folder.entries(parent, False, None, _LISTING_PROBE)
         except NotFound:
             siblings = []  # the save will create the folder
-        names = {entry.name for entry in siblings}
+        names = {entry.name for entry in siblings} | {name.rpartition("/")[2]}
         names |= {n.rpartition("/")[2] for n in creating if parent_of(n) == parent}
         if len(siblings) > _LISTING_PROBE or listing_bytes(names) > self.max_listing:
             raise ProtocolError(
                 errors.QUOTA_EXCEEDED,
-                f"a new file would make this folder's listing longer than {self.max_listing}"
+                f"this would make a folder's listing longer than {self.max_listing}"
                 " bytes; remove files or use shorter names",
             )
 

@@ -486,8 +486,12 @@ class CommandSession:
         max_size = self._account()[1]
         if size > max_size:
             raise ProtocolError(errors.TOO_LARGE, f"{size} bytes is over the limit of {max_size}")
-        if self.folders and await self.folder.kind(name) == "folder":
-            raise IsAFolder(name)  # a parent that is a file: NotAFolder, from kind
+        if await self.folder.kind(name) == "folder":  # a parent that is a file: NotAFolder
+            if not self.folders:  # refused now, not after the data at commit
+                raise ProtocolError(
+                    errors.EXISTS, f"{name!r} is taken by a folder (protocol 1.2 shows folders)"
+                )
+            raise IsAFolder(name)
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
         if self.entry_limits is not None:
@@ -522,6 +526,12 @@ class CommandSession:
         to = self._check_name(message.get("to"))
         overwrite = _flag_field(message, "overwrite")
         folders.check_move(name, to)
+        if self.folders and await self.folder.kind(name) == "folder":
+            await folders.check_move_fits(self.folder, name, to)
+        if self.folders and self.entry_limits is not None and parent_of(to) != parent_of(name):
+            await self.entry_limits.check(self.client, self.folder, to, moving=True)
+        elif not self.folders and await self._is_folder_11(name):
+            raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}")  # unseen in 1.1
         made = await self._missing_ancestor(to)
         try:
             await self.folder.rename(name, to, overwrite)
@@ -550,6 +560,12 @@ class CommandSession:
             outermost = [parent]
             parent = parent_of(parent)
         return outermost
+
+    async def _is_folder_11(self, name: str) -> bool:
+        """Whether a 1.1 channel's name is a folder there: 1.1 cannot see folders."""
+        with contextlib.suppress(NotFound, NotAFolder):
+            return await self.folder.kind(name) == "folder"
+        return False
 
     async def _is_folder(self, *paths: str) -> bool:
         """Whether any of ``paths`` is a folder (to word a refusal)."""
@@ -770,9 +786,10 @@ class CommandSession:
         if self._file_channel is not None:
             return self._file_channel
         ticket = self.registry.issue(self)
-        self._channel_waiter = Deferred()
+        waiter = self._channel_waiter = Deferred()
+        # Held locally: sending may re-enter (a close) and clear the attribute.
         self._send({"op": "channel", "url": f"/file?ticket={ticket}"}, request_id)
-        return await self._channel_waiter
+        return await waiter
 
     async def _run_get(
         self,
@@ -868,8 +885,8 @@ class CommandSession:
                 ready: dict[str, Any] = {"op": "ready"}
                 if resume:
                     ready["offset"] = upload.offset
+                self._stall.start()  # armed before the client hears it may send
                 self._send(ready, request_id)
-                self._stall.start()
                 digest = await receive.done
             finally:
                 record.moved = receive.received

@@ -249,6 +249,10 @@ class IStorage(Interface):
         """Bytes free for new files (NaN when unknown)."""
 
 
+#: Entries a listing may gather on the reactor thread (a client's page);
+#: larger reads (quota probes) and whole trees run in a thread.
+_PAGE_ON_REACTOR = 1000
+
 _OPEN_TO_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 
@@ -551,7 +555,7 @@ class LocalFolder:
                 os.close(fd)
             return found
 
-        if recursive:  # a whole tree: off the reactor thread
+        if recursive or limit > _PAGE_ON_REACTOR:  # a tree, or a big probe: off the reactor
             return _in_thread(entries_now)
         return _guarded(entries_now)
 
@@ -604,7 +608,7 @@ class LocalFolder:
             finally:
                 os.close(fd)
 
-        return _guarded(usage_now)
+        return _in_thread(usage_now)  # a whole tree: off the reactor thread
 
     def _open_regular(self, name: str) -> tuple[int, os.stat_result]:
         folder_fd, leaf = self._parent_and_leaf(name)
