@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, interfaces, reactor
 from zope.interface import implementer
 
+from wsfiles.s3storage import MOVE_STALE_AFTER
 from wsfiles.storage import (
     Exists,
     IsAFolder,
@@ -551,17 +553,44 @@ async def test_a_move_left_by_a_dead_instance_is_finished_and_a_live_ones_left_a
 
     other = _s3_store(store.rgw, store.bucket)  # another instance of the cluster
     try:
-        alive = {first: True}
+        alive: dict[str, bool | None] = {first: True}
         other.storage.share_instance("other", lambda i: defer.succeed(alive.get(i)))
         await other.folder.kind("src")  # the mover is alive: its move is its own
         assert sorted(_keys(store, "")) == before
-        alive[first] = False  # it died (its Redis liveness key expired)
-        assert await other.folder.kind("src") is None
+        # A save below the source after the move began is not part of the move.
+        await put(other.folder, "src/later.txt", b"saved later")
+        alive[first] = None  # Redis is down: nobody can tell, and the journal is fresh
+        await other.folder.kind("src")
+        assert sorted(_keys(store, "")) == sorted([*before, "src/later.txt"])
+        # Nobody rewrote the journal for longer than a live mover would leave it.
+        other.storage.moves.clock = lambda: time.time() + MOVE_STALE_AFTER + 60
+        assert await other.folder.kind("src") == "folder"
         assert _keys(store, ".wsfiles-moves/") == []
+        assert _keys(store, "src/") == ["src/later.txt"]
         for name, data in TREE.items():
             assert await get(other.folder, f"dst/{name}") == data
     finally:
         await other.storage.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_whose_move_is_abandoned():
+    from wsfiles.s3storage import _Moves
+
+    class Client:
+        instance_id = "me"
+
+    moves = _Moves(Client())  # type: ignore[arg-type]
+    now = time.time()
+    fresh, stale = now - 10, now - MOVE_STALE_AFTER - 10
+    assert await moves.abandoned({"instance": "me"}, fresh)  # ours: it failed
+    for answer, expected in [(True, False), (False, True)]:
+        moves.instance_alive = lambda i, answer=answer: defer.succeed(answer)
+        assert await moves.abandoned({"instance": "x"}, fresh) is expected
+    for alive in (None, lambda i: defer.succeed(None)):  # no Redis; Redis down
+        moves.instance_alive = alive
+        assert not await moves.abandoned({"instance": "x"}, fresh)
+        assert await moves.abandoned({"instance": "x"}, stale)
 
 
 @pytest.mark.timeout(300)

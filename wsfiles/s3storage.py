@@ -87,6 +87,12 @@ UPLOADS = "@uploads/"
 MOVES = ".wsfiles-moves"
 #: Server-side copies a folder rename has under way at once.
 COPIES_AT_ONCE = 16
+#: A move's journal is rewritten at least this often (seconds) while it runs
+#: (after each page, and after a batch of copies once this long has passed)...
+MOVE_HEARTBEAT = 60.0
+#: ...so one of another instance whose liveness nobody can tell (no Redis, or
+#: Redis down) is taken for abandoned once it has not changed for this long.
+MOVE_STALE_AFTER = 300.0
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 #: Seconds the object store has to answer a request before it is abandoned
 #: (StorageFailure): a store that accepts connections and never answers
@@ -311,13 +317,21 @@ class _Moves:
         self.moving: set[str] = set()
         self.checked: set[str] = set()
         self.instance_alive: InstanceAlive | None = None
+        self.clock: Callable[[], float] = time.time
 
-    async def abandoned(self, record: dict[str, Any]) -> bool:
-        """Whether no live process is carrying out the move of ``record``."""
+    async def abandoned(self, record: dict[str, Any], written: float) -> bool:
+        """Whether no live process is carrying out the move of ``record``, whose
+        journal was last written at ``written`` (the store's clock).  When
+        nobody can tell (no Redis, or Redis down), a journal that has not
+        changed for MOVE_STALE_AFTER: a live mover rewrites it more often, and
+        running one move twice at once could overwrite a file saved meanwhile."""
         instance = record.get("instance")
-        if instance == self.client.instance_id or self.instance_alive is None:
-            return True  # ours (failed, or an earlier run's), or a lone instance
-        return await self.instance_alive(str(instance)) is not True
+        if instance == self.client.instance_id:
+            return True  # ours: it failed (or is an earlier run's)
+        alive = None if self.instance_alive is None else await self.instance_alive(str(instance))
+        if alive is None:
+            return self.clock() - written > MOVE_STALE_AFTER
+        return not alive
 
 
 @implementer(IStorage)
@@ -391,7 +405,7 @@ class S3Storage:
                 if key.split("/")[1:2] == [MOVES] and key not in self.moves.moving:
                     client_prefix = key[: key.index("/") + 1]
                     mover = S3Folder(self.client, client_prefix, self.settling, self.moves)
-                    await mover._resume_move(key)  # a folder rename left unfinished
+                    await mover._resume_move(key, stamp)  # a folder rename left unfinished
                     continue
                 if f"/{PARTIAL}/" not in f"/{key}" or not key.endswith(".json"):
                     continue
@@ -1001,15 +1015,27 @@ class S3Folder:
         """Move every key below ``name/`` to ``to/``.
 
         The journal ``PREFIX.wsfiles-moves/ID.json`` (from, to, instance,
-        moved) is written before the first copy and removed after the last
-        delete; while it exists the move is unfinished, and the next operation
-        on this client's folder (or a sweep) carries it out to the end.
+        moved, cutoff) is written before the first copy and removed after the
+        last delete; while it exists the move is unfinished, and the next
+        operation on this client's folder (or a sweep) carries it out to the
+        end.  Only keys no newer than the journal's first write (``cutoff``, the
+        store's clock) move: a file saved below ``name`` after the move began
+        stays there, as it would after an (atomic) rename of a local folder,
+        also when an interrupted move is finished later.
         """
         journal = f"{self._prefix}{MOVES}/{uuid.uuid4().hex}.json"
-        record = {"from": name, "to": to, "instance": self._client.instance_id, "moved": 0}
+        record: dict[str, Any] = {
+            "from": name,
+            "to": to,
+            "instance": self._client.instance_id,
+            "moved": 0,
+        }
         self._moves.moving.add(journal)  # before a sweep could see it
         try:
             await self._client.send("PUT", journal, body=json.dumps(record).encode())
+            async for page in self._pages(journal, max_keys=1):
+                if page and page[0].key == journal:
+                    record["cutoff"] = page[0].mtime
         except BaseException:
             self._moves.moving.discard(journal)
             raise
@@ -1020,9 +1046,19 @@ class S3Folder:
         try:
             source = f"{self._prefix}{record['from']}/"
             target = f"{self._prefix}{record['to']}/"
-            for _ in range(3):  # and again for keys saved below the source meanwhile
+            cutoff = float(record.get("cutoff", float("inf")))
+            written = time.monotonic()
+
+            async def write_journal() -> None:
+                nonlocal written
+                await self._client.send("PUT", journal, body=json.dumps(record).encode())
+                written = time.monotonic()
+
+            moved = 0
+            for _ in range(3):  # and again for keys the store listed late
                 moved = 0
-                async for page in self._pages(source):
+                async for listed in self._pages(source):
+                    page = [item for item in listed if item.mtime <= cutoff]
                     for i in range(0, len(page), COPIES_AT_ONCE):
                         await _all(
                             *(
@@ -1030,12 +1066,23 @@ class S3Folder:
                                 for item in page[i : i + COPIES_AT_ONCE]
                             )
                         )
+                        if time.monotonic() - written > MOVE_HEARTBEAT:
+                            await write_journal()  # still alive (see _Moves.abandoned)
+                    if not page:
+                        continue
                     await self._delete_keys([item.key for item in page])
                     moved += len(page)
                     record["moved"] = int(record.get("moved", 0)) + len(page)
-                    await self._client.send("PUT", journal, body=json.dumps(record).encode())
+                    await write_journal()
                 if not moved:
                     break
+            if moved:
+                _log.warn(
+                    "the move of {source!r} to {target!r} ended with keys still arriving "
+                    "below the source: they stay there",
+                    source=record["from"],
+                    target=record["to"],
+                )
             await self._client.send("DELETE", journal, expect=(200, 204, 404))
         except BaseException:
             # Left unfinished: the next operation on this folder looks again.
@@ -1059,18 +1106,21 @@ class S3Folder:
             async for page in self._pages(f"{self._prefix}{MOVES}/"):
                 for item in page:
                     if item.key not in self._moves.moving:
-                        await self._resume_move(item.key)
+                        await self._resume_move(item.key, item.mtime)
         except BaseException:
             self._moves.checked.discard(self._prefix)
             raise
 
-    async def _resume_move(self, journal: str) -> None:
-        """Carry out the move of ``journal`` unless a live instance is doing it."""
+    async def _resume_move(self, journal: str, written: float) -> None:
+        """Carry out the move of ``journal`` (last written at ``written``, the
+        store's clock) unless a live instance is doing it.  A journal without a
+        cutoff (its move failed before reading it back) moves the keys no newer
+        than the journal: nothing the client saved after the failure."""
         record = await self._read_record(journal)
         if record is None or not {"from", "to"} <= record.keys():
             await self._client.send("DELETE", journal, expect=(200, 204, 404))
             return
-        if not await self._moves.abandoned(record):
+        if not await self._moves.abandoned(record, written):
             self._moves.checked.discard(self._prefix)  # look again later
             return
         _log.info(
@@ -1079,6 +1129,7 @@ class S3Folder:
             target=record["to"],
         )
         record["instance"] = self._client.instance_id
+        record.setdefault("cutoff", written)
         await self._carry_out(journal, record)
         await self._keep_folder(parent_of(str(record["from"])))
 
