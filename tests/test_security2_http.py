@@ -15,8 +15,10 @@ from conftest import TEARDOWN_TIMEOUT, TwistdServer, _TwistdProtocol, handshake_
 from e2e_helpers import MiB, within
 from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.python import usage
-from twisted.web import static
+from twisted.web import resource, server, static
+from zope.interface import implementer
 
 from wsfiles.admission import HttpPolicy, HttpPool
 from wsfiles.client import connect
@@ -203,6 +205,62 @@ async def test_a_response_is_timed_by_the_stall_rule_not_the_handshake_deadline(
     await within(server_side(srv, gone).lost, 30)  # never read: cut by the stall rule
     assert gone.responses == []
     await close_all([slow, gone])
+
+
+@implementer(IPushProducer)
+class _Endless:
+    """A push producer that writes a chunk whenever it is resumed, as a file
+    download does: resuming it refills the buffer and pauses it again at once."""
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.paused = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        while not self.paused and not self.request.finished and not self.request._disconnected:
+            self.request.write(b"x" * 65536)
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+
+class _EndlessPage(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request: Any) -> Any:
+        producer = _Endless(request)
+        request.registerProducer(producer, True)
+        producer.resumeProducing()
+        return server.NOT_DONE_YET
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_streamed_response_that_stops_being_read_after_a_while_is_cut(server_factory):
+    """A producer-fed response is paused and resumed as the client reads; once
+    the client stops for good the stall rule still applies (the deadline armed
+    by the pause inside a resume used to be cancelled right after)."""
+    srv = await server_factory(stall_timeout=1.0)
+    srv.site.resource.putChild(b"endless", _EndlessPage())
+    peer = await open_peer(srv.url)
+    host = srv.url.split("://", 1)[1]
+    read_some: defer.Deferred = defer.Deferred()
+    original = peer.dataReceived
+
+    def then_stop(data: bytes) -> None:
+        original(data)
+        if peer._received > 4 * MiB and not read_some.called:
+            peer.transport.pauseProducing()  # the client stops reading for good
+            read_some.callback(None)
+
+    peer.dataReceived = then_stop  # type: ignore[method-assign]
+    peer.transport.write(get("/endless", host))
+    await within(read_some, 30)
+    await within(server_side(srv, peer).lost, 15)  # cut by the stall rule
+    await close_all([peer])
 
 
 # -- the pool of HTTP connections (item 1) ---------------------------------------

@@ -308,9 +308,14 @@ class _DeadlineHTTPChannel(http.HTTPChannel):
             self._arm(self._connections.settings.stall_timeout, "response stalled")
 
     def resumeProducing(self) -> None:
-        super().resumeProducing()
+        # Cancel first: resuming refills the buffer and may pause again at once,
+        # which re-arms the stall deadline (cancelling after would disarm it).
         if self._phase == "response" and self._deadline is not None:
             self._deadline.cancel()
+        super().resumeProducing()
+        if self._phase == "response" and self._deadline is not None:
+            if self._deadline.armed:
+                return  # paused again: still stalled for now
             if self._flushing and not self._handlingRequest:
                 self._flushing = False  # the answer has left: wait for the next request
                 self._await_request(first=False)
