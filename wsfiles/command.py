@@ -250,6 +250,7 @@ class CommandChannelProtocol(TrackedChannel, WebSocketServerProtocol):
             bucket=factory.buckets.take(self._bucket_key),
             folders=self._folders,
             permissions=self._permissions(),
+            shares=factory.shares,
         )
         self.session.draining = factory.draining  # a stop began during the handshake
         _log.info("client {client} connected from {peer}", client=client, peer=self.peer)
@@ -474,6 +475,8 @@ class CommandChannelFactory(WebSocketServerFactory):
         self.book = book
         #: Set when the service begins a graceful stop.
         self.draining = False
+        #: The site's share links (set by WsfilesSite), handed to each session.
+        self.shares: Any = None
         quota_override = users.quota_of if users else lambda _: None
         self.buckets = ClientBuckets(settings.rate_limit, clock)
         self.entry_limits = EntryLimits(

@@ -188,10 +188,13 @@ class CommandSession:
         bucket: TokenBucket | None = None,
         folders: bool = False,
         permissions: Callable[[], UserEntry | None] | None = None,
+        shares: Any = None,
     ) -> None:
         self.client = client
         #: Protocol 1.2 (the client offered ``wsfiles.v1.2``): paths and folders.
         self.folders = folders
+        #: The site's share links (shares.ShareService); None: no share ops.
+        self.shares = shares
         self.folder = folder
         self._changes = changes
         self._folder_key = folder_key

@@ -28,7 +28,6 @@ import os
 import re
 import secrets
 import tempfile
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -476,10 +475,6 @@ class PasswordChecks:
 
 # -- the service -----------------------------------------------------------------
 
-#: Each site's service, found from a command session through its registry
-#: (sessions share their site's PairingRegistry).
-_services: weakref.WeakKeyDictionary[Any, ShareService] = weakref.WeakKeyDictionary()
-
 
 class ShareService:
     """One site's shares: the store, the policy, the counters."""
@@ -521,10 +516,6 @@ class ShareService:
         """--redis: shares live in Redis, seen by every instance."""
         self.store = RedisShareStore(link, self.clock)
 
-    def attach(self, registry: object) -> None:
-        """Make this the service of the sessions that use ``registry``."""
-        _services[registry] = self
-
     def counted(self, outcome: str) -> None:
         if self.outcomes is not None:
             self.outcomes.labels(outcome).inc()
@@ -538,7 +529,7 @@ class ShareService:
 
 
 def _service(session: CommandSession) -> ShareService:
-    service = _services.get(session.registry)
+    service = session.shares
     if service is None:
         raise ProtocolError(errors.UNKNOWN_OP, "this server has no share links")
     return service

@@ -445,7 +445,7 @@ class WsfilesSite(server.Site):
         )
         if redis is not None:
             self.shares.use_redis(redis.link)
-        self.shares.attach(self.registry)
+        self.command_factory.shares = self.shares  # each command session gets it
         root = resource.Resource()
         add_web_client(root)
         origins = settings.allow_origins
