@@ -522,6 +522,38 @@ async def http_get(url: str) -> tuple[int, bytes]:
     return int(head.split(b" ", 2)[1]), body
 
 
+async def http_request(
+    server_url: str,
+    path: str,
+    method: str = "GET",
+    token: str | None = None,
+    version: str = "1.1",
+    **headers: str,
+) -> tuple[int, dict[str, list[str]], bytes]:
+    """One request to the server at ``server_url`` (ws:// or http://) with
+    Connection: close: (status, headers by lower-case name, body).  Header
+    arguments use ``_`` for ``-`` (``if_range="..."``); ``token`` goes in
+    ``Authorization: Bearer``."""
+    host_port = server_url.split("://", 1)[1].split("/", 1)[0]
+    host, port = host_port.rsplit(":", 1)
+    sent = {"Host": host_port, "Connection": "close"}
+    sent.update({name.replace("_", "-"): value for name, value in headers.items()})
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    lines = [f"{method} {path} HTTP/{version}", *(f"{k}: {v}" for k, v in sent.items())]
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
+    peer = await endpoints.connectProtocol(endpoint, _WholeResponse(request))
+    data = await _with_timeout(peer.lost, TEARDOWN_TIMEOUT)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    received: dict[str, list[str]] = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        received.setdefault(name.strip().lower(), []).append(value.strip())
+    return int(status_line.split(" ", 2)[1]), received, body
+
+
 async def handshake_status(ws_url: str, path: str, headers: dict | None = None) -> int:
     """The HTTP status a WebSocket opening handshake to ``path`` gets."""
     host, port = ws_url.split("://", 1)[1].rsplit(":", 1)

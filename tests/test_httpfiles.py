@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import _WholeResponse, add_user_with_cli, run_process, spawn_process
+from conftest import add_user_with_cli, http_request, run_process, spawn_process
 from e2e_helpers import MiB, blob, sha256, within
-from twisted.internet import endpoints, reactor, task
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
@@ -27,25 +27,9 @@ from wsfiles.users import UserDirectory, add_user
 async def fetch(
     srv: Any, path: str, method: str = "GET", token: str | None = None, **headers: str
 ) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers by lower-case name, body) of one request, over
-    HTTP/1.1 with Connection: close; the connection is closed when it returns."""
-    host_port = srv.url.split("://", 1)[1]
-    host, port = host_port.rsplit(":", 1)
-    sent = {"Host": host_port, "Connection": "close"}
-    sent.update({name.replace("_", "-"): value for name, value in headers.items()})
-    if token is not None:
-        sent["Authorization"] = f"Bearer {token}"
-    request = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in sent.items())
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
-    peer = await endpoints.connectProtocol(endpoint, _WholeResponse((request + "\r\n").encode()))
-    data = await within(peer.lost)
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    received = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        received[name.strip().lower()] = value.strip()
-    return int(lines[0].split(" ", 2)[1]), received, body
+    """(status, headers by lower-case name, body) of one HTTP/1.1 request."""
+    status, received, body = await http_request(srv.url, path, method, token, **headers)
+    return status, {name: values[-1] for name, values in received.items()}, body
 
 
 NAME = 'dossier/été "1".bin'

@@ -13,33 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest_twisted
-from conftest import _WholeResponse, handshake_status
-from twisted.internet import defer, endpoints, reactor
+from conftest import handshake_status, http_request
+from twisted.internet import defer
 
 from wsfiles.admission import Limits
 from wsfiles.users import CHECKS_PER_TOKEN_ID, SCRYPT_AT_ONCE, UserDirectory, add_user
 
 
 async def whoami(srv: Any, token: str | None = None, path: str = "/whoami", **headers: str):
-    """(status, JSON body, headers by lower-case name) of ``GET /whoami``, over
-    HTTP/1.0 with Connection: close; the connection is closed when it returns."""
-    host_port = srv.url.split("://", 1)[1]
-    host, port = host_port.rsplit(":", 1)
-    sent = {"Host": host_port, "Connection": "close"}
-    sent.update({name.replace("_", "-"): value for name, value in headers.items()})
-    if token is not None:
-        sent["Authorization"] = f"Bearer {token}"
-    request = f"GET {path} HTTP/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in sent.items())
-    endpoint = endpoints.TCP4ClientEndpoint(reactor, host, int(port))
-    peer = await endpoints.connectProtocol(endpoint, _WholeResponse((request + "\r\n").encode()))
-    data = await peer.lost
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    received: dict[str, list[str]] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        received.setdefault(name.strip().lower(), []).append(value.strip())
-    return int(lines[0].split(" ", 2)[1]), json.loads(body), received
+    """(status, JSON body, headers by lower-case name) of ``GET /whoami`` over HTTP/1.0."""
+    status, received, body = await http_request(
+        srv.url, path, token=token, version="1.0", **headers
+    )
+    return status, json.loads(body), received
 
 
 def users_with(tmp_path: Path, *names: str) -> tuple[UserDirectory, dict[str, str], Path]:
