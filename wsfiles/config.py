@@ -53,3 +53,5 @@ class Settings:
     #: --redis URL: share changed events, quotas and per-client connection
     #: counts with other instances; None: this instance alone.
     redis: str | None = None
+    #: Seconds a download URL of the ``download`` op works (wsfiles/downloads.py).
+    download_ticket_ttl: float = 300.0

@@ -26,7 +26,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsfiles import errors, folders, shares
+from wsfiles import downloads, errors, folders, shares
 from wsfiles.admission import TokenBucket
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
@@ -606,6 +606,8 @@ class CommandSession:
         "share": shares.share_command,
         "unshare": shares.unshare_command,
         "shares": shares.shares_command,
+        # Download URLs for the browser's download manager (wsfiles/downloads.py).
+        "download": downloads.download_command,
     }
     #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
     _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir}

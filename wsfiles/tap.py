@@ -60,6 +60,7 @@ SECONDS_OPTIONS = [
     ("rate-limit", "50", "Commands per second per command channel (bursts of the same size)."),
     ("partial-ttl", "86400", "Seconds an interrupted resumable upload is kept for resuming."),
     ("grace", "30", "On SIGTERM, seconds transfers in flight get to finish."),
+    ("download-ticket-ttl", "300", "Seconds a download URL from the 'download' op works."),
 ]
 COUNT_OPTIONS = [
     ("max-connections", "4096", "Command channels open at once, in total."),
@@ -352,6 +353,7 @@ class Options(usage.Options):
             instance_id=self["instance-id"],
             trusted_proxies=tuple(self["trusted-proxy"]),
             redis=self["redis"],
+            download_ticket_ttl=self["download-ticket-ttl"],
         )
 
 

@@ -23,6 +23,7 @@ from wsfiles.admission import HttpPool, forwarded_client, host_allowed, origin_a
 from wsfiles.channels import ChannelBook
 from wsfiles.command import CommandChannelFactory
 from wsfiles.config import Settings
+from wsfiles.downloads import DownloadResource, DownloadTickets, redact_ticket_uri
 from wsfiles.httpfiles import FilesResource
 from wsfiles.metrics import Metrics, MetricsPage
 from wsfiles.pairing import PairingRegistry
@@ -98,7 +99,7 @@ class _RedactedRequest:
     def __init__(self, request: server.Request) -> None:
         self._request = request
         path, question, _ = request.uri.partition(b"?")
-        self.uri = redact_share_uri(path) + (b"?<redacted>" if question else b"")
+        self.uri = redact_ticket_uri(redact_share_uri(path)) + (b"?<redacted>" if question else b"")
 
     def getHeader(self, name: bytes) -> bytes | None:
         """A Referer naming a share link is cut like the URI (share IDs are secrets)."""
@@ -455,6 +456,9 @@ class WsfilesSite(server.Site):
         root.putChild(b"whoami", WhoAmIPage(self.command_factory))
         root.putChild(b"files", FilesResource(self.command_factory))
         root.putChild(b"s", ShareResource(self.shares))
+        self.downloads = DownloadTickets(self.command_factory)
+        self.shares.downloads = self.downloads  # sessions reach it with their shares
+        root.putChild(b"d", DownloadResource(self.downloads))
         if settings.metrics_on_main_listener:
             root.putChild(b"metrics", MetricsPage(self.metrics))
         super().__init__(root, logFormatter=redacting_log_formatter, reactor=clock)
