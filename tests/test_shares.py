@@ -491,3 +491,83 @@ async def test_with_redis_every_instance_sees_shares_and_links_fail_closed_witho
             await srv.stop()
         for state in states:
             await within(state.stop())
+
+
+# -- review fixes: who a link belongs to, guesses in flight, one way in ------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_link_dies_when_its_owner_is_re_added_or_rotated(tmp_path):
+    from wsfiles.users import UserDirectory, editing
+
+    users = tmp_path / "users"
+    alice = add_user(str(users), "alice")
+    srv = await start_server(tmp_path / "root", users=UserDirectory(str(users)))
+    try:
+        client = await connect12(srv, alice)
+        await within(client.upload("doc.txt", b"alice's"))
+        shared = await ask(client, op="share", path="doc.txt")
+        url = http_base(srv) + shared["url"]
+        assert (await fetch(url, "HEAD"))[0] == 200
+        with editing(str(users)) as text:  # 'wsfiles user rotate alice': a new token
+            _, _, settings = text.fields("alice")
+            text.put("alice", "00ff00ff00ff00ff", "scrypt$2$1$1$00$00", settings)
+        assert (await fetch(url, "HEAD"))[0] == 404  # a leaked token's links die with it
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_anonymous_link_stops_when_the_server_gets_users(tmp_path):
+    """ROOT is the anonymous folder; with users it holds every user's folder,
+    so a link made anonymously must not open it."""
+    from wsfiles.users import UserDirectory
+
+    root = tmp_path / "root"
+    srv = await start_server(root)
+    try:
+        client = await connect12(srv)
+        shared = await ask(client, op="share", path="")
+        assert (await raw_get(srv, shared["url"]))[0] == 200
+    finally:
+        await srv.stop()
+    users = tmp_path / "users"
+    add_user(str(users), "alice")
+    (root / "alice").mkdir()
+    (root / "alice" / "secret.txt").write_bytes(b"alice's")
+    srv = await start_server(root, users=UserDirectory(str(users)))
+    try:
+        assert (await raw_get(srv, shared["url"]))[0] == 404
+        assert (await raw_get(srv, shared["url"] + "/alice/secret.txt"))[0] == 404
+    finally:
+        await srv.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_passwords_sent_at_once_are_all_counted(server_factory):
+    from twisted.internet import defer
+
+    srv = await server_factory()
+    await srv.put("secret.txt", b"s")
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="secret.txt", password="right one")
+    url = http_base(srv) + shared["url"]
+    srv.site.shares.passwords.by_address = AddressBuckets(5 / 60, 5, Frozen())
+    burst = await within(
+        defer.gatherResults(
+            [defer.ensureDeferred(fetch(url, "HEAD", basic("x"))) for _ in range(10)]
+        )
+    )
+    statuses = sorted(status for status, _, _ in burst)
+    assert statuses.count(401) == 5 and statuses.count(429) == 5  # not ten scrypt checks
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_share_link_has_one_way_in(server_factory):
+    srv = await server_factory()
+    await srv.put("a.txt", b"x")
+    client = await connect12(srv)
+    shared = await ask(client, op="share", path="a.txt")
+    encoded = shared["url"].replace("/s/", "/%73/", 1)  # the access log would show it whole
+    assert (await raw_get(srv, encoded))[0] == 404
+    assert (await raw_get(srv, shared["url"]))[0] == 200

@@ -127,6 +127,8 @@ class Share:
     max_downloads: int | None = None
     downloads: int = 0
     password: str | None = None  # scrypt$N$r$p$SALT$HASH
+    #: The owner's token id when it shared: another token, another owner.
+    token_id: str | None = None
 
     def public(self) -> dict[str, Any]:
         """What the owner is told (never the password's hash)."""
@@ -171,6 +173,8 @@ class FileShareStore:
         self.path = path
         self._clock = clock
         self._shares: dict[str, Share] = {}
+        self._saving = False
+        self._waiting: list[Deferred] = []
         if path is not None:
             self._load(path)
 
@@ -191,17 +195,58 @@ class FileShareStore:
             return
         self._shares = {share.id: share for share in shares}
 
-    def _save(self) -> None:
-        if self.path is None:
-            return
+    def _snapshot(self) -> str:
+        """The live shares as the file holds them (taken on the reactor thread)."""
         now = self._clock.seconds()
         live = [asdict(s) for s in self._shares.values() if s.expires > now]
+        return json.dumps({"version": 1, "shares": live})
+
+    def _save(self) -> None:
+        """Write now: a revocation must be on disk before it is answered."""
+        if self.path is not None:
+            self._write(self._snapshot())
+            if self._saving:  # the save in flight holds an older snapshot: one more
+                self._waiting.append(Deferred())
+
+    def _save_soon(self) -> Deferred:
+        """Save in a thread, one save at a time; fires once a save that holds
+        this change is on disk.  Changes that come during a save are written
+        by the next one, so a link requested many times a second costs a
+        rewrite per save, not one each, and none on the reactor thread."""
+        waiter: Deferred = Deferred()
+        if self.path is None:
+            waiter.callback(None)
+            return waiter
+        self._waiting.append(waiter)
+        if not self._saving:
+            self._start_save()
+        return waiter
+
+    def _start_save(self) -> None:
+        self._saving = True
+        covered, self._waiting = self._waiting, []
+        d = threads.deferToThread(self._write, self._snapshot())
+
+        def done(result: Any) -> None:
+            self._saving = False
+            for waiter in covered:
+                waiter.callback(None)
+            if self._waiting:
+                self._start_save()
+
+        d.addErrback(
+            lambda f: _log.failure("share links: could not save {path}", f, path=self.path)
+        )
+        d.addBoth(done)
+
+    def _write(self, text: str) -> None:
+        assert self.path is not None
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=".wsfiles-shares-", dir=folder)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"version": 1, "shares": live}, f)
+                f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(temp, self.path)  # mkstemp made it 0600
@@ -219,7 +264,7 @@ class FileShareStore:
 
     async def add(self, share: Share) -> None:
         self._shares[share.id] = share
-        self._save()
+        await self._save_soon()
 
     async def get(self, share_id: str) -> Share | None:
         share = self._live(share_id)
@@ -246,7 +291,8 @@ class FileShareStore:
         if share.max_downloads is not None and share.downloads >= share.max_downloads:
             return USED_UP
         share.downloads += 1
-        self._save()
+        if share.max_downloads is not None:
+            self._save_soon()  # only a limit needs the count to survive a restart
         return COUNTED
 
 
@@ -318,6 +364,7 @@ def _from_fields(flat: list[str]) -> Share:
         max_downloads=number("max_downloads", int),
         downloads=number("downloads", int) or 0,
         password=data.get("password") or None,
+        token_id=data.get("token_id") or None,
     )
 
 
@@ -422,6 +469,10 @@ class AddressBuckets:
     def empty(self, key: str) -> bool:
         return self._bucket(key).tokens < 1
 
+    def give_back(self, key: str) -> None:
+        bucket = self._bucket(key)
+        bucket.tokens = min(self.burst, bucket.tokens + 1)
+
     def __len__(self) -> int:
         return len(self._buckets)
 
@@ -449,9 +500,19 @@ class PasswordChecks:
         self.by_address = AddressBuckets(PASSWORD_ATTEMPTS / 60, PASSWORD_ATTEMPTS, clock)
         self.by_share = AddressBuckets(4 * PASSWORD_ATTEMPTS / 60, 4 * PASSWORD_ATTEMPTS, clock)
 
-    def throttled(self, share: Share, address: str) -> bool:
-        """Too many wrong passwords lately: refuse without checking."""
-        return self.by_address.empty(address) or self.by_share.empty(share.id)
+    def take(self, share: Share, address: str) -> bool:
+        """Take a guess from both budgets before checking (so checks in flight
+        count); False, taking nothing: too many wrong passwords lately."""
+        if self.by_address.empty(address) or self.by_share.empty(share.id):
+            return False
+        self.by_address.take(address)
+        self.by_share.take(share.id)
+        return True
+
+    def refund(self, share: Share, address: str) -> None:
+        """The guess was right: it costs nothing."""
+        self.by_address.give_back(address)
+        self.by_share.give_back(share.id)
 
     async def check(self, share: Share, password: str, address: str) -> bool:
         assert share.password is not None
@@ -467,9 +528,6 @@ class PasswordChecks:
             self._good[digest] = hashed
             while len(self._good) > 1024:
                 self._good.popitem(last=False)
-        else:
-            self.by_address.take(address)
-            self.by_share.take(share.id)
         return bool(ok)
 
 
@@ -521,11 +579,26 @@ class ShareService:
             self.outcomes.labels(outcome).inc()
 
     def owner_gone(self, share: Share) -> bool:
-        """The share's client was removed from the users file: its links die."""
-        if self.users is None or share.folder is None:
-            return False
+        """The share's client is gone, so are its links: removed from the users
+        file, its token rotated (a link made with a leaked token dies with it), the
+        name added again for someone else; and a link made by the anonymous client
+        of a server that now has users (its folder, ROOT, holds every user's),
+        or by a user of one that now has none."""
+        if self.users is None:
+            return share.folder is not None
+        if share.folder is None:
+            return True
         self.users.reload()
-        return self.users.credential_of(share.owner) is None
+        credential = self.users.credential_of(share.owner)
+        return credential is None or credential[0] != share.token_id
+
+
+def _token_id(service: ShareService, owner: str) -> str | None:
+    """The token id ``owner`` signs in with now (None without users)."""
+    if service.users is None:
+        return None
+    credential = service.users.credential_of(owner)
+    return credential[0] if credential is not None else None
 
 
 def _service(session: CommandSession) -> ShareService:
@@ -594,6 +667,7 @@ async def share_command(session: CommandSession, message: dict[str, Any], reques
             expires=now + expires,
             max_downloads=max_downloads,
             password=hashed,
+            token_id=_token_id(service, owner),
         )
         await service.store.add(share)
     except StoreUnavailable as e:
@@ -709,6 +783,11 @@ class ShareResource(resource.Resource):
         self.service = service
 
     def render_GET(self, request: server.Request) -> Any:
+        if not request.path.startswith(b"/s/"):
+            # Reached as /%73/ID: Twisted decodes a segment before routing, but
+            # the access log's redaction of IDs reads the raw path.  One way in.
+            request.setResponseCode(404)
+            return b"not found\n"
         Deferred.fromCoroutine(self._answer(request))
         return server.NOT_DONE_YET
 
@@ -840,14 +919,16 @@ class ShareResource(resource.Resource):
         given = _basic_password(request)
         if given is None:
             raise _Refused(401, "this share link needs its password", "password_needed", ask)
-        if checks.throttled(share, address):
+        if not checks.take(share, address):
             raise _Refused(
                 429,
                 "too many wrong passwords; wait a minute",
                 "password_throttled",
                 {b"retry-after": b"60"},
             )
-        if not await checks.check(share, given, address):
+        if await checks.check(share, given, address):
+            checks.refund(share, address)
+        else:
             _log.info(
                 "share {share}: wrong password from {address}",
                 share=short(share.id),
