@@ -162,6 +162,8 @@ class Transfer:
     client_cpu: float
     #: CPU used by everything else on the machine (other jobs skew the figures).
     other_cpu: float
+    #: Shown after the figures (the durable write says how long its fsync took).
+    note: str = ""
 
     def describe(self, size: int) -> str:
         per_gib = GIB / size
@@ -169,6 +171,7 @@ class Transfer:
             f"{size / self.seconds / MB:8.1f} MB/s  {self.seconds:6.2f} s"
             f"   CPU s/GiB: server {self.server_cpu * per_gib:5.2f},"
             f" client {self.client_cpu * per_gib:5.2f}, others {self.other_cpu * per_gib:5.2f}"
+            + (f"  ({self.note})" if self.note else "")
         )
 
 
@@ -347,7 +350,8 @@ def limit_run(argv: list[str], timeout: float) -> Transfer:
         raise RuntimeError(f"bench/_limits.py {argv[0]} failed: {done.stderr.strip()[-2000:]}")
     figures = json.loads(done.stdout.splitlines()[-1])
     whole = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
-    return Transfer(figures["seconds"], figures["cpu"], 0.0, max(0.0, busy - whole))
+    note = f"fsync {figures['fsync_seconds']:.2f} s of it" if "fsync_seconds" in figures else ""
+    return Transfer(figures["seconds"], figures["cpu"], 0.0, max(0.0, busy - whole), note)
 
 
 def durable_write_round(setup: Setup) -> dict[str, Transfer]:
