@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -383,9 +384,10 @@ class HealthPage(resource.Resource):
 
         def unhealthy(failure: Failure) -> None:
             reason = str(failure.value)
-            if reason != self._failing:
+            kind = re.sub(r"\d+", "N", reason)  # "12345 bytes free" is one reason
+            if kind != self._failing:
                 _log.warn("health check failed: {reason}", reason=reason)
-                self._failing = reason
+                self._failing = kind
             answer(503, {"status": "unavailable", "reason": str(failure.value)})
 
         self._storage.check(self._min_free).addCallbacks(healthy, unhealthy)
