@@ -59,6 +59,9 @@ def add_web_client(root: resource.Resource) -> None:
     root.putChild(b"", PageFile(os.path.join(STATIC, "index.html"), "text/html; charset=utf-8"))
     root.putChild(b"app.js", PageFile(os.path.join(STATIC, "app.js"), "text/javascript"))
     root.putChild(b"app.css", PageFile(os.path.join(STATIC, "app.css"), "text/css"))
+    for script in (b"sha256.js", b"hash-worker.js"):  # the page's hashing (a Web Worker)
+        path = os.path.join(STATIC, script.decode())
+        root.putChild(script, PageFile(path, "text/javascript"))
     root.putChild(b"favicon.svg", PageFile(os.path.join(STATIC, "favicon.svg"), "image/svg+xml"))
 
 

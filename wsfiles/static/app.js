@@ -3,8 +3,14 @@
 // elsewhere.
 "use strict";
 
-const CHUNK = 256 * 1024;            // one File.slice() per binary message
-const HIGH_WATER = 4 * 1024 * 1024;  // pause while the socket buffers more than this
+// bench/browser.py may override the upload tuning for one tab (sessionStorage
+// "wsfiles-tuning", JSON: {"chunk": bytes, "highWater": bytes, "verify": false}).
+const TUNING = (() => {
+  try { return JSON.parse(sessionStorage.getItem("wsfiles-tuning")) || {}; } catch (error) { return {}; }
+})();
+const CHUNK = TUNING.chunk || 256 * 1024;           // one File.slice() per binary message
+const HIGH_WATER = TUNING.highWater || 4 * 1024 * 1024;  // pause while the socket buffers more than this
+const VERIFY = TUNING.verify !== false;            // hash uploads and compare with the server's ack
 const RETRIES = 5;                   // failures in a row on one live connection before an upload gives up
 const BACKOFF_FIRST = 500;           // ms before the second attempt to reconnect...
 const BACKOFF_CAP = 4000;            // ...doubling up to this: a few seconds at most
@@ -44,6 +50,7 @@ const MESSAGES = {
   invalid_move: "A folder cannot be moved into itself.",
   too_many: "Too many files at once.",
   disconnected: "The connection to the server was lost.",
+  file_changed: "The file changed on the server after the download began; download it again.",
   login_needed: "You are not logged in.",
 };
 
@@ -720,10 +727,33 @@ class TransferItem {
       humanSize(speed) + "/s · " + humanTime((this.total - done) / speed) + " left";
   }
 
-  finish(text) {
+  finish(text, sha256) {
     this.state("done", text);
     this.bar.value = 1;
+    if (sha256) this.element.title = "SHA-256 " + sha256;
     setTimeout(() => this.element.remove(), 5000);
+  }
+
+  // The upload is stored; the page's own hash is still being computed.
+  verifying(share) {
+    this.element.className = "active";
+    this.bar.value = share;
+    this.stats.textContent = "stored · verifying SHA-256… " + Math.floor(share * 100) + "%";
+  }
+
+  // The browser's download manager has the download (its progress is there):
+  // what the server says the file is stays in view until dismissed.
+  handedOver(reply) {
+    this.state("done", "");
+    this.bar.hidden = true;  // the browser shows the download's progress, not the page
+    const text = document.createElement("span");
+    text.textContent = "sent to your browser's downloads · " + humanSize(reply.size);
+    const digest = document.createElement("span");
+    digest.className = "digest";
+    digest.textContent = reply.sha256 ? "SHA-256 " + reply.sha256
+      : "no SHA-256 recorded on the server for this file";
+    this.stats.replaceChildren(text, digest);
+    this.buttons.append(makeButton("Dismiss", () => this.dismiss(), "Dismiss the download of " + this.name));
   }
 
   fail(reason, retry) {
@@ -811,6 +841,13 @@ function upload(file, item, target) {
 // lost connection for as long as it takes to reconnect, and on a live
 // connection up to RETRIES times in a row.
 async function uploadResuming(file, item, target) {
+  const hashing = VERIFY ? hashBlob(file) : null;  // the whole file, whatever a resume sends
+  try { await verify(await uploadStored(file, item, target), hashing, item); }
+  finally { if (hashing) hashing.cancel(); }
+}
+
+// The ack of the upload, once the server has stored it.
+async function uploadStored(file, item, target) {
   let failures = 0, previous = null;
   for (;;) {
     const connection = await connectionFor(item, previous === null ? undefined :
@@ -818,9 +855,7 @@ async function uploadResuming(file, item, target) {
     if (connection !== previous) failures = 0;
     previous = connection;
     try {
-      await uploadOnce(connection, file, item, target);
-      item.finish("uploaded");
-      return;
+      return await uploadOnce(connection, file, item, target);
     } catch (error) {
       if (error.code === "disconnected" || !connection.live) {
         continue;
@@ -881,6 +916,100 @@ async function sendSlices(connection, file, offset, item) {
   }
 }
 
+// Verification: the SHA-256 of the file as this page read it (hashed in a
+// worker while the slices go out) against the one in the server's ack, the
+// hash of what it stored. A mismatch is an error: the file changed while it
+// was read, or bytes were damaged on the way.
+async function verify(ack, hashing, item) {
+  if (!hashing) { item.finish("uploaded"); return; }
+  if (!ack.sha256) { item.finish("uploaded (not verified: the server sent no SHA-256)"); return; }
+  hashing.onProgress = (done) => item.verifying(done / Math.max(1, ack.size));
+  item.verifying(hashing.done / Math.max(1, ack.size));
+  let ours;
+  try { ours = await hashing.promise; }
+  catch (error) { item.finish("uploaded (not verified: " + describe(error) + ")"); return; }
+  if (ours !== ack.sha256) {
+    throw new Error("verification failed: the server stored SHA-256 " + ack.sha256.slice(0, 16) +
+      "…, but the file this page read has " + ours.slice(0, 16) +
+      "… (it changed while it was sent, or was damaged on the way); upload it again");
+  }
+  item.finish("uploaded · SHA-256 verified", ours);
+}
+
+// -- hashing in a worker (sha256.js, hash-worker.js) ------------------------------------
+
+const hasher = { worker: null, jobs: new Map(), next: 1 };
+
+function hashWorker() {
+  if (hasher.worker) return hasher.worker;
+  const worker = new Worker("hash-worker.js");
+  worker.onmessage = (event) => {
+    const { id, done, hex, error } = event.data;
+    const job = hasher.jobs.get(id);
+    if (!job) return;
+    if (done !== undefined) { job.done = done; if (job.onProgress) job.onProgress(done); return; }
+    hasher.jobs.delete(id);
+    if (hex !== undefined) job.resolve(hex);
+    else job.reject(new Error("hashing failed: " + error));
+  };
+  worker.onerror = (event) => {
+    event.preventDefault();
+    for (const job of hasher.jobs.values()) job.reject(new Error("hashing is not available here"));
+    hasher.jobs.clear();
+    hasher.worker = null;
+  };
+  hasher.worker = worker;
+  return worker;
+}
+
+// The SHA-256 (hex) of a Blob or File, read and hashed off the main thread:
+// {promise, done (bytes hashed so far), onProgress, cancel()}.
+function hashBlob(blob) {
+  const id = hasher.next++;
+  const job = { done: 0, onProgress: null };
+  job.promise = new Promise((resolve, reject) => { job.resolve = resolve; job.reject = reject; });
+  job.promise.catch(() => {});  // (awaited, or not, by its owner)
+  job.cancel = () => {
+    if (hasher.jobs.delete(id) && hasher.worker) hasher.worker.postMessage({ id, cancel: true });
+  };
+  try {
+    hashWorker().postMessage({ id, blob });
+    hasher.jobs.set(id, job);
+  } catch (error) {
+    job.reject(error);
+  }
+  return job;
+}
+
+// Downloads go to the browser's own download manager: the page asks for a
+// short-lived download URL (the "download" op, docs/protocol.md "Download
+// tickets") and follows it as a link. Full speed, the browser's progress,
+// pause and resume (Range), and nothing of the file in the page.
+function download(name) {
+  const item = new TransferItem("download", name);
+  const run = async () => {
+    item.waiting("asking the server for a download link…");
+    try {
+      const connection = await connectionFor(item);
+      const reply = await patiently(connection, { op: "download", name });
+      const anchor = document.createElement("a");
+      anchor.href = reply.url;
+      anchor.download = baseName(name);
+      document.body.append(anchor);
+      anchor.click();
+      anchor.remove();
+      item.handedOver(reply);
+    } catch (error) {
+      if (error.code === "unknown_op") downloadInPieces(name, item);  // an older server
+      else item.fail(describe(error), HOPELESS.includes(error.code) ? null : run);
+    }
+  };
+  run();
+}
+
+// The WebSocket pieces path is used only with a server that has no "download"
+// op (older than the page): the pieces come over the file channel, each checked
+// against its range_sha256, and are saved as one file.
 // Downloads come in pieces (protocol 1.1 "pieces"): a WebSocket message reaches
 // the page only whole, so one message per file would cost the browser memory
 // in proportion to the file (measured in Chromium 156 by bench/browser.py: about
@@ -912,6 +1041,13 @@ async function getPiece(connection, name, offset, item) {
   }
   if (blob === null || blob.size !== sent.length) {
     throw new ProtocolError({ code: "channel_closed", message: "short download" });
+  }
+  if (VERIFY && sent.range_sha256) {
+    let ours = null;
+    try { ours = await hashBlob(blob).promise; } catch (error) { /* no worker: not checked */ }
+    if (ours !== null && ours !== sent.range_sha256) {
+      throw new Error("verification failed: bytes " + offset + "… arrived damaged (SHA-256 mismatch)");
+    }
   }
   return { blob, size: sent.size };
 }
@@ -948,8 +1084,7 @@ async function downloadTarget() {
   };
 }
 
-function download(name) {
-  const item = new TransferItem("download", name);
+function downloadInPieces(name, item) {
   const run = () => queue(item, () => downloadOnce(name, item), run);
   run();
 }
@@ -987,7 +1122,7 @@ async function downloadOnce(name, item) {
   anchor.click();
   anchor.remove();
   setTimeout(() => { URL.revokeObjectURL(anchor.href); target.remove(); }, 60000);
-  item.finish("downloaded");
+  item.finish(VERIFY ? "downloaded · SHA-256 of each piece verified" : "downloaded");
 }
 
 // -- rename, move, delete, new folder ----------------------------------------------------
