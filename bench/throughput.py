@@ -28,7 +28,12 @@ In one run it:
    before; then the physical limits (bench/_limits.py): one Python process
    copying the same file to the same disk and fsyncing it (the durable write
    rate) and moving as many bytes over a loopback TCP connection (the loopback
-   copy rate).  wsfiles uses the project's client (``wsfiles.client``, on the
+   copy rate).  ``--warmup`` rounds (default 1) come first and are shown
+   but not counted: the first time each process writes into memory the VM
+   has handed back to its host costs it 1.8-2.3 CPU s per GiB (free page
+   reporting; docs/performance.md): in two runs here without a warm-up the
+   first round's durable write was 2.7-3.3x slower than the next ones, and
+   wsfiles' upload up to 2.5x.  wsfiles uses the project's client (``wsfiles.client``, on the
    Twisted reactor of this process, malloc tuned as the ``wsfiles`` command
    does it unless ``--untuned``); every downloaded copy's SHA-256 is checked
    against the source;
@@ -376,18 +381,22 @@ BLOCKING: dict[str, Callable[[Setup], dict[str, Transfer]]] = {
 }
 
 
-async def measure(setup: Setup, order: list[str], runs: int, reactor: Any) -> list[Round]:
+async def measure(
+    setup: Setup, order: list[str], runs: int, warmup: int, reactor: Any
+) -> list[Round]:
+    """``warmup`` rounds, then ``runs`` counted ones; each round runs ``order`` once."""
     rounds = []
     size = setup.source.stat().st_size
-    for number in range(1, runs + 1):
+    for number in range(1 - warmup, runs + 1):
         result: Round = {}
         for name in order:
             if name == "wsfiles":
                 result[name] = await wsfiles_round(setup, reactor)
             else:
                 result[name] = await threads.deferToThread(BLOCKING[name], setup)
-        rounds.append(result)
-        print(f"run {number}:", flush=True)
+        if number >= 1:
+            rounds.append(result)
+        print(f"run {number}:" if number >= 1 else "warm-up (not counted):", flush=True)
         for name in order:
             for direction, transfer in result[name].items():
                 if name == LOOPBACK_COPY and direction == "download":
@@ -580,6 +589,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--runs", type=int, default=1, help="repetitions, interleaved; the median counts"
     )
     parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="uncounted rounds first, so every process has touched its memory (1)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=300.0, help="seconds allowed per transfer (300)"
     )
     parser.add_argument(
@@ -590,6 +605,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be 0 or more")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     return args
@@ -660,7 +677,9 @@ def main(argv: list[str]) -> int:
             order = [*contenders, *LIMITS]
             print(f"order of each run: {', '.join(order)}", flush=True)
             try:
-                rounds = run_on_reactor(lambda reactor: measure(setup, order, args.runs, reactor))
+                rounds = run_on_reactor(
+                    lambda reactor: measure(setup, order, args.runs, args.warmup, reactor)
+                )
             except BaseException:
                 for server in servers.values():
                     print(server.recent_output(), file=sys.stderr)
