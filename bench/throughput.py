@@ -33,10 +33,10 @@ In one run it:
    has handed back to its host costs it 1.8-2.3 CPU s per GiB (free page
    reporting; docs/performance.md): in two runs here without a warm-up the
    first round's durable write was 2.7-3.3x slower than the next ones, and
-   wsfiles' upload up to 2.5x.  wsfiles uses the project's client (``wsfiles.client``, on the
-   Twisted reactor of this process, malloc tuned as the ``wsfiles`` command
-   does it unless ``--untuned``); every downloaded copy's SHA-256 is checked
-   against the source;
+   wsfiles' upload up to 2.5x.  wsfiles uses the project's client
+   (``wsfiles.client``, on the Twisted reactor of this process, malloc tuned
+   as the ``wsfiles`` command does it unless ``--untuned``); every downloaded
+   copy's SHA-256 is checked against the source;
 4. reads each server's peak resident set (VmHWM in /proc/PID/status)
    after the last transfer, before stopping it;
 5. prints, per direction and contender, the median of the runs: MB/s and the
