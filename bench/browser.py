@@ -21,11 +21,16 @@ In one invocation it:
 4. starts headless Chromium (flags from /work/shared/FIELD-NOTES.md, a fresh
    profile in the temporary folder) and drives the page at ``/`` over the
    DevTools protocol as a person would: it picks the file in the file input
-   (``DOM.setFileInputFiles``; the page sends 256 KiB ``File.slice()``s as a
-   protocol 1.1 ``chunked`` save, paced by ``bufferedAmount``), then clicks the
-   file's Download button with a real mouse event (the page receives the file as
-   one WebSocket message, a Blob, and hands it to the browser's download
-   manager through an object URL, which it revokes 60 s later);
+   (``DOM.setFileInputFiles``; the page sends ``File.slice()``s as a
+   protocol 1.1 ``chunked`` save, paced by ``bufferedAmount``, while a Web
+   Worker hashes the file for the ack check), once per upload variant
+   (``--upload-variants``: slice size, high-water mark, verification on or
+   off, set through the page's sessionStorage "wsfiles-tuning", which the
+   page reads as each upload starts; from the second on, the page asks
+   whether to replace the file and is answered Replace), then clicks the
+   file's Download button with a real mouse event (the page asks for a
+   download ticket and follows its URL: the browser's own download manager
+   fetches ``/d/TICKET/NAME``);
 5. checks the SHA-256 of the uploaded file on the server's disk and of the file
    Chromium saved against the source's;
 6. prints MB/s each way for the page and for the Python client, and the page's
@@ -43,7 +48,8 @@ the DevTools protocol itself, over ``--remote-debugging-pipe``, and enables
 only Page, Runtime and Performance.
 
 Upload time runs from handing the file to the file input until the page shows
-the upload finished (after the server's ``ack``: stored and fsynced).
+the upload finished (after the server's ``ack``: stored and fsynced, and, with
+verification, the page's own SHA-256 compared with it).
 Download time runs from the click until Chromium reports the file written
 (``Browser.downloadProgress`` completed); the time until the page had the
 whole Blob is shown as well.  Page state is polled every 50 ms.
@@ -146,6 +152,15 @@ RELEASE_POLL_SECONDS = 1.0
 SMALL_FILE = 512 * 2**20
 #: A transfer passes when the page's memory rises by less than this share of the file.
 FLAT_SHARE = 0.25
+#: The page's upload tuning (sessionStorage "wsfiles-tuning") by name; the
+#: page's defaults are 256 KiB slices, a 4 MiB bufferedAmount mark, verified.
+UPLOAD_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "no-verify": {"verify": False},
+    "1M-slices": {"chunk": 1 << 20, "highWater": 16 << 20},
+    "64K-slices": {"chunk": 64 << 10, "highWater": 1 << 20},
+    "256K-slices-16M-mark": {"highWater": 16 << 20},
+}
 
 
 # -- files ---------------------------------------------------------------
@@ -514,11 +529,12 @@ class Chromium:
 
 # -- the page ---------------------------------------------------------------
 
-#: The finished transfer item with this label: its stats text ("uploaded",
-#: "downloaded", "failed"), or null while it runs.
+#: The finished transfer item with this label: its stats text ("uploaded ·
+#: SHA-256 verified", "sent to your browser's downloads ..."), or null while it runs.
 FINISHED_JS = """(label) => {
-    for (const item of document.querySelectorAll('#transfers li.done')) {
-        if (item.querySelector('.label').textContent === label)
+    const kind = label.startsWith("↑") ? "upload" : "download", name = label.slice(2);
+    for (const item of document.querySelectorAll('#transfers li.done, #transfers li.failed')) {
+        if (item.dataset.kind === kind && item.dataset.name === name)
             return item.querySelector('.stats').textContent;
     }
     return null;
@@ -657,7 +673,7 @@ class PageDriver:
             start()
             outcome = self.wait_finished(label, phase, started)
             phase.received_seconds = time.perf_counter() - started
-            if outcome not in ("uploaded", "downloaded"):
+            if not outcome.startswith(("uploaded", "downloaded", "sent to your browser")):
                 raise RuntimeError(f"{label}: the page says {outcome!r}")
             if finish is not None:
                 finish()
@@ -676,14 +692,15 @@ class PageDriver:
 
 def browser_round(
     url: str, source: Path, work: Path, timeout: float, options: argparse.Namespace
-) -> tuple[PagePhase, PagePhase, Path]:
+) -> tuple[dict[str, PagePhase], PagePhase, Path]:
     """Upload then download ``source`` through the page; return both phases and the saved file."""
     memory = ChromiumMemory()
     downloads = work / "downloads"
     downloads.mkdir()
     chromium = Chromium(work / "profile", downloads, [])
     try:
-        with Watchdog(memory, 2 * timeout + options.release_wait + 120) as watchdog:
+        budget = (1 + len(options.upload_variants)) * timeout + options.release_wait + 120
+        with Watchdog(memory, budget) as watchdog:
             phases = drive_page(chromium, memory, url, source, timeout, options)
         if watchdog.fired:
             raise TimeoutError("the browser part overran its budget")
@@ -707,7 +724,7 @@ def drive_page(
     source: Path,
     timeout: float,
     options: argparse.Namespace,
-) -> tuple[PagePhase, PagePhase, Path]:
+) -> tuple[dict[str, PagePhase], PagePhase, Path]:
     version = chromium.send("Browser.getVersion")["product"]
     context: dict[str, str] = {}
     if options.incognito:  # what Playwright's browser.new_context() makes
@@ -742,9 +759,29 @@ def drive_page(
         flush=True,
     )
 
-    up = driver.transfer("↑ " + PAGE_FILE, lambda: driver.set_input_file("#picker", source))
     size = source.stat().st_size
-    print(f"page up            {size / up.seconds / MB:8.1f} MB/s  {up.seconds:6.2f} s", flush=True)
+    uploads: dict[str, PagePhase] = {}
+    for variant in options.upload_variants:
+        tuning = UPLOAD_VARIANTS[variant]
+        stored = json.dumps(json.dumps(tuning))  # read by the page as the upload starts
+        driver.evaluate(f"sessionStorage.setItem('wsfiles-tuning', {stored})")
+
+        driver.evaluate("document.querySelectorAll('#transfers li').forEach((e) => e.remove())")
+
+        def pick() -> None:
+            driver.set_input_file("#picker", source)
+            if uploads:  # the file is there from the last variant: the page asks first
+                replace = "#transfers li.asking button"
+                if not driver.wait_for(f"() => !!document.querySelector({replace!r})", None, 30):
+                    raise TimeoutError("the page did not ask whether to replace the file")
+                driver.evaluate(f"document.querySelector({replace!r}).click()")
+
+        phase = driver.transfer("↑ " + PAGE_FILE, pick)
+        uploads[variant] = phase
+        print(
+            f"page up {variant:24} {size / phase.seconds / MB:8.1f} MB/s  {phase.seconds:6.2f} s",
+            flush=True,
+        )
 
     saved: list[Path] = []
 
@@ -769,12 +806,12 @@ def drive_page(
     down = driver.transfer("↓ " + PAGE_FILE, lambda: driver.click(selector), saved_by_browser)
     print(
         f"page down          {size / down.seconds / MB:8.1f} MB/s  {down.seconds:6.2f} s"
-        f"  (whole Blob in the page after {down.received_seconds:.2f} s)",
+        f"  (handed to the download manager after {down.received_seconds:.2f} s)",
         flush=True,
     )
     if options.release_wait > 0:
         driver.wait_released(down, size, options.release_wait)
-    return up, down, saved[0]
+    return uploads, down, saved[0]
 
 
 # -- the Python client baseline ------------------------------------------------
@@ -874,7 +911,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="enable the DevTools Network domain on the page (as Playwright does), to see its cost",
     )
+    parser.add_argument(
+        "--upload-variants",
+        default="default,no-verify",
+        help="comma-separated upload tunings, run in this order (the first is the page's"
+        f" figure): {', '.join(UPLOAD_VARIANTS)} (default: default,no-verify)",
+    )
     args = parser.parse_args(argv)
+    args.upload_variants = [v.strip() for v in args.upload_variants.split(",") if v.strip()]
+    unknown = [v for v in args.upload_variants if v not in UPLOAD_VARIANTS]
+    if unknown or not args.upload_variants:
+        parser.error(f"--upload-variants: unknown {unknown}; known: {', '.join(UPLOAD_VARIANTS)}")
     if not args.timeout > 0:
         parser.error("--timeout must be positive")
     return args
@@ -910,7 +957,7 @@ def main(argv: list[str]) -> int:
                 print(verify_copy("python client download", copy, expected))
                 copy.unlink()
                 (root / PYTHON_FILE).unlink()
-                up, down, saved = browser_round(
+                uploads, down, saved = browser_round(
                     f"http://{LOOPBACK}:{server.port}/", source, work, args.timeout, args
                 )
             except BaseException:
@@ -927,7 +974,16 @@ def main(argv: list[str]) -> int:
                 f"note: below {SMALL_FILE // 2**20} MiB the page's fixed working memory"
                 " (tens of MB) weighs more than the file: the flat verdicts mean little"
             )
-        for label, phase, python_s in (("upload", up, py_up), ("download", down, py_down)):
+        up = uploads[args.upload_variants[0]]
+        for variant, phase in uploads.items():
+            print_result(
+                f"browser upload [{variant}] MB/s (page / python client)",
+                f"{size / phase.seconds / MB:.1f} MB/s vs {size / py_up / MB:.1f} MB/s"
+                f" = {py_up / phase.seconds:.3g}x",
+                "none (same-run baseline)",
+                None,
+            )
+        for label, phase, python_s in (("download", down, py_down),):
             print_result(
                 f"browser {label} MB/s (page / python client)",
                 f"{size / phase.seconds / MB:.1f} MB/s vs {size / python_s / MB:.1f} MB/s"

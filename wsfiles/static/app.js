@@ -3,14 +3,19 @@
 // elsewhere.
 "use strict";
 
-// bench/browser.py may override the upload tuning for one tab (sessionStorage
-// "wsfiles-tuning", JSON: {"chunk": bytes, "highWater": bytes, "verify": false}).
-const TUNING = (() => {
-  try { return JSON.parse(sessionStorage.getItem("wsfiles-tuning")) || {}; } catch (error) { return {}; }
-})();
-const CHUNK = TUNING.chunk || 256 * 1024;           // one File.slice() per binary message
-const HIGH_WATER = TUNING.highWater || 4 * 1024 * 1024;  // pause while the socket buffers more than this
-const VERIFY = TUNING.verify !== false;            // hash uploads and compare with the server's ack
+let CHUNK = 256 * 1024;             // one File.slice() per binary message
+let HIGH_WATER = 4 * 1024 * 1024;   // pause while the socket buffers more than this
+let VERIFY = true;                  // hash uploads (and pieces) and compare with the server's
+// bench/browser.py may change these for one tab (sessionStorage "wsfiles-tuning",
+// JSON {"chunk": bytes, "highWater": bytes, "verify": false}), read as each upload starts.
+function applyTuning() {
+  let tuning = {};
+  try { tuning = JSON.parse(sessionStorage.getItem("wsfiles-tuning")) || {}; } catch (error) { /* defaults */ }
+  CHUNK = tuning.chunk || 256 * 1024;
+  HIGH_WATER = tuning.highWater || 4 * 1024 * 1024;
+  VERIFY = tuning.verify !== false;
+}
+applyTuning();
 const RETRIES = 5;                   // failures in a row on one live connection before an upload gives up
 const BACKOFF_FIRST = 500;           // ms before the second attempt to reconnect...
 const BACKOFF_CAP = 4000;            // ...doubling up to this: a few seconds at most
@@ -841,6 +846,7 @@ function upload(file, item, target) {
 // lost connection for as long as it takes to reconnect, and on a live
 // connection up to RETRIES times in a row.
 async function uploadResuming(file, item, target) {
+  applyTuning();
   const hashing = VERIFY ? hashBlob(file) : null;  // the whole file, whatever a resume sends
   try { await verify(await uploadStored(file, item, target), hashing, item); }
   finally { if (hashing) hashing.cancel(); }
