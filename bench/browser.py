@@ -74,11 +74,12 @@ memory is tens of MB, so the verdict means something for large files only
 excused: the WebSocket API delivers a message whole, and a download is one
 message by protocol.
 
-Known flake, unexplained: in 3 of 9 default (1 GiB) runs on the shared
-development machine, Chromium canceled the download at once (0 bytes,
-``Browser.downloadProgress`` state ``canceled``) after the page had the whole
-Blob and clicked its link; the page cannot see that and says "downloaded".
-The benchmark then fails, printing Chromium's log and MemAvailable.
+Downloads now go through a ``/d/`` ticket URL and Chromium's own download
+manager (protocol ``download`` op), so no Blob or object URL holds the file;
+the pieces path this benchmark once measured is used only against servers
+without ``download``.  A download Chromium cancels (``Browser.downloadProgress``
+state ``canceled``) still fails the benchmark, printing Chromium's log and
+MemAvailable.
 
 MB means 10^6 bytes throughout.  Only 127.0.0.1 is used; every wait has a
 bound (a watchdog kills this benchmark's Chromium if the browser part outlives
@@ -611,9 +612,8 @@ class PageDriver:
     def wait_released(self, phase: PagePhase, size: int, bound: float) -> None:
         """Time until all of Chromium is back within FLAT_SHARE of the file over "before".
 
-        The page revokes a download's object URL 60 s after the download, so
-        its Blob may stay alive until then.  Polls once a second (with a
-        garbage collection in the page), for at most ``bound`` seconds.
+        Polls once a second (with a garbage collection in the page), for at
+        most ``bound`` seconds.
         """
         phase.release_bound = bound
         started = time.perf_counter()
