@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from wsfiles import changes
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
 from wsfiles.pairing import PairingRegistry
@@ -612,4 +613,41 @@ def test_commands_behind_a_waiting_one_are_answered_in_order(tmp_path):
     ]
     session.text_received(b'{"op": "bad", "id": 3}')  # nothing before it: answered at once
     assert sent[-1]["id"] == 3
+    session.close()
+
+
+def test_list_is_read_once_per_change(tmp_path):
+    """``list`` answers from the folder's cached listing until a change is heard
+    (any session's, through the hub); a file another program puts in the folder
+    shows once the cache's LISTING_TTL has passed."""
+    clock = Clock()
+    storage = LocalStorage(str(tmp_path / "root"))
+    hub = ChangeHub(storage, clock)
+    replies: list[dict[str, Any]] = []
+    session = CommandSession(
+        "anonymous",
+        storage.folder(None),
+        PairingRegistry(clock, channel_timeout=5),
+        Settings(max_size=1000),
+        replies.append,
+        send_raw=lambda payload: replies.append(json.loads(payload)),
+        clock=clock,
+        close_connection=lambda code, reason: None,
+        changes=hub,
+    )
+    session.start()
+
+    def listed(request_id: Any) -> list[str]:
+        session.text_received(json.dumps({"op": "list", "id": request_id}).encode())
+        assert replies[-1]["op"] == "list" and replies[-1]["id"] == request_id
+        return [f["name"] for f in replies[-1]["files"]]
+
+    assert listed(1) == []
+    (tmp_path / "root" / "a").write_bytes(b"x")
+    assert listed("two") == []  # the cached listing, with this request's id
+    hub.changed(None)  # what a save, delete or rename announces, before its reply
+    assert listed(3) == ["a"]
+    (tmp_path / "root" / "b").write_bytes(b"x")
+    clock.advance(changes.LISTING_TTL)
+    assert listed(4) == ["a", "b"]
     session.close()

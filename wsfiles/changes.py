@@ -19,6 +19,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from wsfiles.names import is_within
 from wsfiles.storage import IStorage, NotAFolder, NotFound
 
 _log = Logger()
@@ -36,6 +37,86 @@ FolderListener = Callable[[str, bytes], None]
 
 _Key = tuple[str | None, str]  # (client folder, path inside it)
 
+#: How long a cached ``list`` reply may be served with no change heard.  Changes
+#: made through wsfiles (on this instance, or on another one through Redis)
+#: drop it at once; this bounds how long a change that another program makes
+#: in a local folder (or that another instance makes while Redis is away)
+#: takes to show in ``list``.  docs/performance.md, "Issue 18's levers".
+LISTING_TTL = 1.0
+#: Cached listings together keep at most this many bytes (the oldest go first);
+#: a bigger listing is not cached.
+LISTING_CACHE_BYTES = 32 * 1024 * 1024
+LISTING_CACHE_LARGEST = 4 * 1024 * 1024
+
+#: (client folder, folder path, what was asked: "1.1", or "1.2 LIMIT")
+_ListingKey = tuple[str | None, str, str]
+
+
+class ListingCache:
+    """Encoded ``list`` replies (without their id), kept until their folder changes.
+
+    A folder's listing is read and JSON-encoded once per change instead of
+    once per ``list``.  ``changed(folder, path)`` drops every listing the
+    change can alter: the folder's own, its ancestors' (the folder's mtime is
+    in its parent's; on S3 a folder exists while something is below it) and
+    those below it (a folder moved or removed there).  A listing
+    read while any change was heard is not kept: it may predate the change.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        ttl: float | None = None,
+        budget: int | None = None,
+    ) -> None:
+        self._clock = clock
+        self._ttl = LISTING_TTL if ttl is None else ttl
+        self._budget = LISTING_CACHE_BYTES if budget is None else budget
+        self._bytes = 0
+        #: In insertion order: the oldest first.
+        self._entries: dict[_ListingKey, tuple[float, bytes]] = {}
+        self._by_folder: dict[str | None, set[_ListingKey]] = {}
+        #: Counts the changes heard: a listing read across one is not kept.
+        self.generation = 0
+
+    def get(self, key: _ListingKey) -> bytes | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if self._clock.seconds() >= entry[0]:
+            self._drop(key)
+            return None
+        return entry[1]
+
+    def put(self, key: _ListingKey, payload: bytes, generation: int) -> None:
+        """Keep ``payload``, read since ``generation`` (taken before reading)."""
+        if generation != self.generation or len(payload) > min(LISTING_CACHE_LARGEST, self._budget):
+            return
+        self._drop(key)
+        self._entries[key] = (self._clock.seconds() + self._ttl, payload)
+        self._by_folder.setdefault(key[0], set()).add(key)
+        self._bytes += len(payload)
+        while self._bytes > self._budget:  # bounded: each round drops one
+            self._drop(next(iter(self._entries)))
+
+    def changed(self, folder: str | None, path: str) -> None:
+        self.generation += 1
+        keys = self._by_folder.get(folder)
+        if not keys:
+            return
+        for key in [key for key in keys if _related(key[1], path)]:
+            self._drop(key)
+
+    def _drop(self, key: _ListingKey) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is None:
+            return
+        self._bytes -= len(entry[1])
+        keys = self._by_folder[key[0]]
+        keys.discard(key)
+        if not keys:
+            del self._by_folder[key[0]]
+
 
 class ChangeHub:
     def __init__(self, storage: IStorage, clock: IReactorTime) -> None:
@@ -46,6 +127,8 @@ class ChangeHub:
         self._pending: dict[_Key, IDelayedCall] = {}
         self._listing: set[_Key] = set()
         self._again: set[_Key] = set()
+        #: ``list`` replies, dropped by every change heard here.
+        self.listings = ListingCache(clock)
 
     def subscribe(self, folder: str | None, listener: Any, *, folders: bool = False) -> None:
         """Hear of ``folder``'s changes: as 1.1 events, or (``folders``) 1.2 ones."""
@@ -70,7 +153,9 @@ class ChangeHub:
 
     def changed(self, folder: str | None, path: str = "") -> None:
         """Folder ``path`` of client folder ``folder`` changed; its listeners hear
-        about it shortly, once."""
+        about it shortly, once.  Its cached listings go at once (before the
+        reply to the command that made the change)."""
+        self.listings.changed(folder, path)
         if not self.has_listeners(folder):
             return
         key = (folder, path)
@@ -121,6 +206,12 @@ class ChangeHub:
         self._pending.clear()
 
 
+def _related(listed: str, changed: str) -> bool:
+    """Whether a change of folder ``changed`` can alter the listing of ``listed``:
+    one of them holds the other (or they are the same)."""
+    return not listed or not changed or is_within(listed, changed) or is_within(changed, listed)
+
+
 def _encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event).encode("utf-8")
 
@@ -131,5 +222,3 @@ def _deliver(listeners: list[Any], payload: bytes, *path: str) -> None:
             listener(*path, payload)
         except Exception:  # one broken connection must not starve the others
             _log.failure("could not send a changed event")
-
-

@@ -56,7 +56,7 @@ from twisted.python.failure import Failure
 
 from wsfiles import errors
 from wsfiles.admission import ConnectionSlots, Limits
-from wsfiles.changes import ChangeHub
+from wsfiles.changes import ChangeHub, ListingCache
 from wsfiles.errors import ProtocolError
 from wsfiles.quota import QuotaLedger, Reservation, bytes_kept
 from wsfiles.storage import IFolder, IStorage
@@ -591,6 +591,12 @@ class RedisChangeBus:
         self._ops: set[Deferred] = set()
         link.on_events_up.append(self._resubscribe)
         link.on_message.append(self._received)
+
+    @property
+    def listings(self) -> ListingCache:
+        """Cached ``list`` replies: dropped by changes made here and by those
+        heard from other instances (through ``hub.changed``)."""
+        return self.hub.listings
 
     def channel(self, folder: str | None) -> str:
         return f"{self._link.prefix}changed:{ANONYMOUS_CHANNEL if folder is None else folder}"

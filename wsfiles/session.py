@@ -439,11 +439,48 @@ class CommandSession:
         await self._reporting_errors(lambda: handler(self, message, request_id), request_id)
 
     async def _list(self, message: dict[str, Any], request_id: RequestId) -> None:
-        if self.folders:
-            self._send(await folders.listing(self.folder, message), request_id)
+        """A listing, from the cache when the folder has not changed since it
+        was last read (wsfiles.changes.ListingCache)."""
+        cache = self._changes.listings if self._changes is not None else None
+        key = self._listing_key(message) if cache is not None else None
+        if cache is None or key is None:
+            self._send(await self._read_listing(message), request_id)
             return
+        payload = cache.get(key)
+        if payload is None:
+            generation = cache.generation
+            reply = await self._read_listing(message)
+            payload = json.dumps(reply).encode("utf-8")
+            if reply.get("path", "") == key[1]:  # cached under the path it answers
+                cache.put(key, payload, generation)
+        if self.closed:
+            return
+        if request_id is not None:  # the cached reply is the same for every id
+            payload = b'%s, "id": %s}' % (payload[:-1], json.dumps(request_id).encode("utf-8"))
+        self._send_raw(payload)
+
+    async def _read_listing(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.folders:
+            return await folders.listing(self.folder, message)
         files = await self.folder.list()
-        self._send({"op": "list", "files": [info.as_json() for info in files]}, request_id)
+        return {"op": "list", "files": [info.as_json() for info in files]}
+
+    def _listing_key(self, message: dict[str, Any]) -> tuple[str | None, str, str] | None:
+        """The cache key of a plain listing (1.1, or a 1.2 folder's first page);
+        None for anything else (a tree, a later page, a field to refuse)."""
+        if not self.folders:
+            return (self._folder_key, "", "1.1")
+        path = message.get("path", "")
+        limit = message.get("limit", folders.MAX_LIST)
+        if (
+            not isinstance(path, str)
+            or message.get("recursive", False) is not False
+            or message.get("cursor") not in (None, "")
+            or type(limit) is not int
+            or limit < 1
+        ):
+            return None
+        return (self._folder_key, path, f"1.2 {min(limit, folders.MAX_LIST)}")
 
     async def _stat(self, name: str) -> FileInfo:
         try:

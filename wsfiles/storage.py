@@ -272,6 +272,10 @@ CHECKPOINT_BYTES = 32 * 1024 * 1024
 WRITE_BATCH = 1024 * 1024
 #: ...and the sender is asked to wait while more than this is unwritten.
 MAX_IN_FLIGHT = 8 * 1024 * 1024
+#: The writer thread starts the write-back of what it has written every this
+#: many bytes (Linux: sync_file_range), so the fsync before ``ack`` waits only
+#: for the tail; 0 turns it off.  docs/performance.md, "Issue 18's levers".
+WRITEBACK_EVERY = 8 * 1024 * 1024
 #: All uploads of a LocalStorage together may hold this many bytes accepted
 #: but not yet written (batches being filled plus batches handed to writers);
 #: past it, uploads that send more wait until the total is half of it.
@@ -785,6 +789,36 @@ class LocalFolder:
 _RENAME_NOREPLACE = 1
 
 
+_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back, do not wait
+
+
+def _find_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_sync_file_range = _find_sync_file_range()
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes at ``offset`` to disk, without waiting
+    (thread).  Where sync_file_range is missing, fdatasync: it waits, but the
+    final fsync then has only the tail left."""
+    if _sync_file_range is None:
+        os.fdatasync(fd)
+        return
+    if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
+        error = ctypes.get_errno()
+        if error in (errno.ENOSYS, errno.EINVAL, errno.ESPIPE):
+            return  # not supported here: the final fsync does it all
+        raise OSError(error, os.strerror(error))
+
+
 def _rename_noreplace(
     source_fd: int, name: str, target_fd: int, to: str, is_folder: bool = False
 ) -> None:
@@ -1047,6 +1081,7 @@ class LocalUpload:
         self.offset = offset
         self._accepted = offset  # bytes given to write()
         self._stored = offset  # bytes the thread has written
+        self._written_back = offset  # bytes whose write-back has started
         self._checkpointed = offset
         self._batch: list[bytes] = []
         self._batch_bytes = 0
@@ -1120,6 +1155,9 @@ class LocalUpload:
                 view = view[os.write(fd, view) :]
             self._sha256.update(chunk)
             self._stored += len(chunk)
+        if WRITEBACK_EVERY and self._stored - self._written_back >= WRITEBACK_EVERY:
+            _start_writeback(fd, self._written_back, self._stored - self._written_back)
+            self._written_back = self._stored
 
     def _written(self, size: int) -> None:
         self._in_flight -= size

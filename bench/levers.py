@@ -1,0 +1,256 @@
+"""Issue 18's upload levers, A/B in one run: each variant against the same run's baseline.
+
+Usage: python bench/levers.py [--size 1G] [--runs 5]
+
+Variants (interleaved: A, B, C, ..., A, B, C, ...; medians of the runs; the
+first round is a warm-up, shown but not counted):
+
+- ``base``: the server without early write-back, the client's tuned 1 MiB
+  upload frames (what 7102228 did);
+- ``frames-256k``/``frames-128k``/``frames-64k``: the same server, the client
+  sending smaller upload frames;
+- ``writeback``: the server starting write-back every WRITEBACK_EVERY bytes
+  with sync_file_range (wsfiles/storage.py), 1 MiB frames;
+- ``fdatasync``: the same with the fallback (fdatasync) instead.
+
+With ``--list``: the listing cache instead.  ``list`` round trips on one
+command channel (bench/connections.py's lean client and its request), one at
+a time and pipelined, alternately against a server with the cache (``cache``)
+and one with it off (``no-cache``: wsfiles.changes.LISTING_TTL = 0, so every
+``list`` reads and encodes the folder again), and a bare Autobahn echo (the
+ratio bench/connections.py reports); ``--files N`` files in the folder.
+
+Each server is a ``twistd wsfiles`` started through a small wrapper that sets
+``wsfiles.storage`` knobs before twistd runs, so the variants differ only in
+that.  Printed per variant: MB/s and CPU seconds per GiB of the server, the
+client (this process) and everything else; then each median as a ratio
+against ``base``.  Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from _common import (
+    GIB,
+    LOOPBACK,
+    MB,
+    ServerProcess,
+    announced,
+    bounded,
+    header,
+    make_source,
+    run_on_reactor,
+    run_script,
+    size_argument,
+    twistd_wsfiles,
+)
+from throughput import Stopwatch, Transfer
+
+import wsfiles.client
+from wsfiles.client import WsfilesError, connect
+from wsfiles.tuning import tune_malloc
+
+FILE_NAME = "lever.bin"
+CONNECT_TIMEOUT = 30.0
+
+#: Server knobs per server variant: Python run in the server before twistd.
+SERVER_SETUP = {
+    "off": "import wsfiles.storage as s; s.WRITEBACK_EVERY = 0",
+    "sync_file_range": "import wsfiles.storage as s; assert s._sync_file_range is not None",
+    "fdatasync": "import wsfiles.storage as s; s._sync_file_range = None",
+}
+#: Variant: (server, upload frame size).
+VARIANTS = {
+    "base": ("off", 1024 * 1024),
+    "frames-256k": ("off", 256 * 1024),
+    "frames-128k": ("off", 128 * 1024),
+    "frames-64k": ("off", 64 * 1024),
+    "writeback": ("sync_file_range", 1024 * 1024),
+    "fdatasync": ("fdatasync", 1024 * 1024),
+}
+
+
+def server_argv(setup: str, root: Path, size: int) -> list[str]:
+    twistd = twistd_wsfiles(root, "--max-size", "2G" if size <= 2 * GIB else str(size))
+    code = (
+        f"import sys; {setup}; from twisted.scripts.twistd import run;"
+        " sys.argv = sys.argv[1:]; run()"
+    )
+    return [sys.executable, "-c", code, *twistd]
+
+
+async def upload(server: ServerProcess, source: Path, frame: int, reactor: Any) -> Transfer:
+    wsfiles.client.upload_frame_size = lambda: frame  # read at each upload
+    client = await bounded(
+        connect(f"ws://{LOOPBACK}:{server.port}", reactor=reactor), CONNECT_TIMEOUT, reactor
+    )
+    watch = Stopwatch(server.pid)
+    try:
+        with contextlib.suppress(WsfilesError):  # not_found the first time
+            await bounded(client.delete(FILE_NAME), CONNECT_TIMEOUT, reactor)
+        with source.open("rb") as f:
+            watch.start()
+            await bounded(client.upload(FILE_NAME, f), 600.0, reactor)
+            return watch.stop()
+    finally:
+        await bounded(client.close(), CONNECT_TIMEOUT, reactor)
+
+
+async def measure(
+    servers: dict[str, ServerProcess], source: Path, variants: list[str], runs: int, reactor: Any
+) -> dict[str, list[Transfer]]:
+    size = source.stat().st_size
+    results: dict[str, list[Transfer]] = {name: [] for name in variants}
+    for number in range(0, runs + 1):
+        print("warm-up (not counted):" if number == 0 else f"run {number}:", flush=True)
+        for name in variants:
+            server, frame = VARIANTS[name]
+            transfer = await upload(servers[server], source, frame, reactor)
+            if number:
+                results[name].append(transfer)
+            print(f"  {name:12} {transfer.describe(size)}", flush=True)
+    return results
+
+
+LIST_SERVERS = {
+    "no-cache": "import wsfiles.changes as c; c.LISTING_TTL = 0.0",
+    "cache": "import wsfiles.changes",
+}
+
+
+def list_main(args: argparse.Namespace) -> int:
+    import connections
+
+    connections.OFFERED_SUBPROTOCOL = "wsfiles.v1.2" if args.protocol == "1.2" else None
+    options = argparse.Namespace(seconds=args.seconds, window=128)
+    with tempfile.TemporaryDirectory(prefix="wsfiles-levers-list-") as temp:
+        work = Path(temp)
+        users = work / "users"
+        (token,) = connections.make_users(users, ["bench0"])
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for name, setup in LIST_SERVERS.items():
+                folder = work / name / "bench0"
+                folder.mkdir(parents=True)
+                for number in range(args.files):
+                    (folder / f"file-{number:05}.txt").write_bytes(b"x" * number)
+                argv = server_argv(setup, work / name, GIB)
+                argv += ["--users", str(users), "--rate-limit", str(connections.RATE_LIMIT)]
+                servers[name] = stack.enter_context(ServerProcess(name, argv))
+            echo_argv = [sys.executable, connections.__file__, "--echo-server"]
+            servers["echo"] = stack.enter_context(
+                ServerProcess("echo", echo_argv, ready=connections.ECHO_READY)
+            )
+
+            async def run(reactor: Any) -> dict[str, list[tuple[float, float]]]:
+                rates: dict[str, list[tuple[float, float]]] = {name: [] for name in servers}
+                for number in range(1, args.runs + 1):
+                    print(f"run {number}:", flush=True)
+                    for name, server in servers.items():
+                        path, key = ("/", None) if name == "echo" else ("/command", token)
+                        one, piped = await connections.round_trips(
+                            reactor, server.port, server.pid, path, key, options
+                        )
+                        rates[name].append((one.per_second, piped.per_second))
+                        print(one.line(f"{name} one at a time"))
+                        print(piped.line(f"{name} pipelined"), flush=True)
+                return rates
+
+            rates = run_on_reactor(run, args.runs * len(servers) * 4 * (args.seconds + 30))
+    print(f"\n{args.files} files, protocol {args.protocol}; medians of {args.runs} runs")
+    print(
+        "| server | lists/s one at a time | vs no-cache | vs echo"
+        " | pipelined | vs no-cache | vs echo |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    median = {
+        name: [statistics.median(r[i] for r in runs) for i in (0, 1)]
+        for name, runs in rates.items()
+    }
+    for name in servers:
+        one, piped = median[name]
+        print(
+            f"| {name} | {one:,.0f} | {one / median['no-cache'][0]:.2f}x"
+            f" | {one / median['echo'][0]:.2f}x | {piped:,.0f}"
+            f" | {piped / median['no-cache'][1]:.2f}x | {piped / median['echo'][1]:.2f}x |"
+        )
+    return 0
+
+
+def report(size: int, results: dict[str, list[Transfer]]) -> None:
+    per_gib = GIB / size
+
+    def medians(name: str) -> tuple[float, float, float, float]:
+        runs = results[name]
+        return (
+            size / statistics.median(t.seconds for t in runs) / MB,
+            statistics.median(t.server_cpu for t in runs) * per_gib,
+            statistics.median(t.client_cpu for t in runs) * per_gib,
+            statistics.median(t.other_cpu for t in runs) * per_gib,
+        )
+
+    base = medians("base")
+    print(
+        "\n| variant | upload MB/s | vs base | CPU s/GiB server / client / others"
+        " | server CPU vs base |"
+    )
+    print("|---|---|---|---|---|")
+    for name in results:
+        rate, server, client, others = medians(name)
+        print(
+            f"| {name} | {rate:.1f} | {rate / base[0]:.2f}x"
+            f" | {server:.2f} / {client:.2f} / {others:.2f} | {server / base[1]:.2f}x |"
+        )
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=size_argument, default=GIB, help="upload size (default 1G)")
+    parser.add_argument("--runs", type=int, default=5, help="counted rounds (default 5)")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, from: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--list", action="store_true", help="measure the listing cache instead")
+    parser.add_argument("--files", type=int, default=0, help="--list: files in the folder (0)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="--list: per figure (2)")
+    parser.add_argument("--protocol", choices=["1.1", "1.2"], default="1.1", help="--list")
+    args = parser.parse_args(argv)
+    if args.list:
+        header()
+        return list_main(args)
+    variants = [name for name in args.variants.split(",") if name]
+    if "base" not in variants or any(name not in VARIANTS for name in variants):
+        parser.error(f"--variants: 'base' and names from {', '.join(VARIANTS)}")
+    header()
+    tune_malloc()  # as the wsfiles command does
+    with tempfile.TemporaryDirectory(prefix="wsfiles-levers-") as temp:
+        work = Path(temp)
+        source = work / "source.bin"
+        with announced(f"writing a {args.size}-byte source file"):
+            make_source(source, args.size)
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for setup in dict.fromkeys(VARIANTS[name][0] for name in variants):
+                root = work / f"{setup}-root"
+                root.mkdir()
+                servers[setup] = stack.enter_context(
+                    ServerProcess(setup, server_argv(SERVER_SETUP[setup], root, args.size))
+                )
+            results = run_on_reactor(
+                lambda reactor: measure(servers, source, variants, args.runs, reactor)
+            )
+    report(args.size, results)
+    return 0
+
+
+if __name__ == "__main__":
+    run_script(main)
