@@ -47,6 +47,7 @@ async def test_hello_names_the_features(server):
         set(client.hello["features"])
         == set(FEATURES)
         == {"resume", "range", "checksum", "delete", "rename", "changed", "chunked", "pieces"}
+        | {"share", "download"}
     )
 
 

@@ -159,6 +159,8 @@ def test_hello_first(h):
             "changed",
             "chunked",
             "pieces",
+            "share",
+            "download",
         ],
         "client": "anonymous",
         "max_size": 1000,

@@ -58,7 +58,18 @@ from wsfiles.users import UserEntry
 
 PROTOCOL_VERSION = 1
 #: What this server supports beyond protocol 1.0 (announced in ``hello``).
-FEATURES = ("resume", "range", "checksum", "delete", "rename", "changed", "chunked", "pieces")
+FEATURES = (
+    "resume",
+    "range",
+    "checksum",
+    "delete",
+    "rename",
+    "changed",
+    "chunked",
+    "pieces",
+    "share",  # share links (docs/protocol.md, "Share links")
+    "download",  # download tickets for plain-HTTP downloads (/d/)
+)
 #: WebSocket close codes for a file channel the server gives up on.
 CLOSE_POLICY = 1008  # a stalled transfer
 CLOSE_MESSAGE_TOO_BIG = 1009  # more data than allowed
