@@ -10,7 +10,7 @@ first round is a warm-up, shown but not counted):
 - ``frames-256k``/``frames-128k``/``frames-64k``: the same server, the client
   sending smaller upload frames;
 - ``writeback``: the server starting write-back every WRITEBACK_EVERY bytes
-  with sync_file_range (wsfiles/storage.py), 1 MiB frames;
+  with sync_file_range (wsfiles/storage/local.py), 1 MiB frames;
 - ``fdatasync``: the same with the fallback (fdatasync) instead.
 
 With ``--list``: the listing cache instead.  ``list`` round trips on one
@@ -62,9 +62,9 @@ CONNECT_TIMEOUT = 30.0
 
 #: Server knobs per server variant: Python run in the server before twistd.
 SERVER_SETUP = {
-    "off": "import wsfiles.storage as s; s.WRITEBACK_EVERY = 0",
-    "sync_file_range": "import wsfiles.storage as s; assert s._sync_file_range is not None",
-    "fdatasync": "import wsfiles.storage as s; s._sync_file_range = None",
+    "off": "import wsfiles.storage.local as s; s.WRITEBACK_EVERY = 0",
+    "sync_file_range": "import wsfiles.storage.local as s; assert s._sync_file_range is not None",
+    "fdatasync": "import wsfiles.storage.local as s; s._sync_file_range = None",
 }
 #: Variant: (server, upload frame size).
 VARIANTS = {

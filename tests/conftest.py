@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from wsfiles.client import WsfilesClient, connect
 from wsfiles.config import Settings
-from wsfiles.storage import LocalStorage
+from wsfiles.storage.local import LocalStorage
 from wsfiles.users import UserDirectory
 from wsfiles.web import WsfilesSite
 
@@ -199,7 +199,7 @@ async def start_s3_server(rgw: Any, root: Path, **settings: Any) -> InProcessSer
     import secrets
     import xml.etree.ElementTree as ElementTree
 
-    from wsfiles.s3storage import S3Client, S3Storage
+    from wsfiles.storage.s3 import S3Client, S3Storage
 
     bucket = "wsfiles-" + secrets.token_hex(6)
     rgw.create_bucket(bucket)

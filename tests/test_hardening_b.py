@@ -49,9 +49,9 @@ from wsfiles.storage import (
     IFolder,
     IStorage,
     IUpload,
-    LocalStorage,
     StorageFailure,
 )
+from wsfiles.storage.local import LocalStorage
 from wsfiles.users import UserDirectory, add_user
 from wsfiles.web import WsfilesSite
 
@@ -996,7 +996,7 @@ def test_session_answers_anything_and_stays_in_its_folder(script, seed_files):
             (root / name).write_bytes(fuzz_content(300))
         before = snapshot(base, root)
         synchronous = SimpleNamespace(deferToThread=_sync_deferToThread)
-        with mock.patch("wsfiles.storage.threads", synchronous):
+        with mock.patch("wsfiles.storage.local.threads", synchronous):
             driver = SessionDriver(root)
             hello = driver.sent[0]
             assert hello["op"] == "hello"

@@ -20,7 +20,7 @@ from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.logger import globalLogPublisher
 
-from wsfiles.storage import LocalStorage
+from wsfiles.storage.local import LocalStorage
 from wsfiles.users import UserDirectory, add_user
 
 

@@ -61,6 +61,7 @@ def test_wheel_ships_plugin_and_package_but_not_tests(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/wsfiles_plugin.py" in names
     assert "wsfiles/tap.py" in names
+    assert "wsfiles/storage/local.py" in names and "wsfiles/storage/s3.py" in names
     assert not any(n.startswith("tests/") for n in names)
     assert "twisted/__init__.py" not in names
     assert "twisted/plugins/__init__.py" not in names

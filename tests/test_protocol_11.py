@@ -513,7 +513,7 @@ async def test_after_a_crash_a_resume_offers_only_what_was_durable(twistd_factor
     from twisted.internet import task
 
     from wsfiles.client import connect
-    from wsfiles.storage import CHECKPOINT_BYTES
+    from wsfiles.storage.local import CHECKPOINT_BYTES
 
     srv = await twistd_factory()
     data = os.urandom(CHECKPOINT_BYTES + 16 * 1024 * 1024)

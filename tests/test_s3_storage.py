@@ -18,7 +18,7 @@ from twisted.internet import defer, endpoints, reactor
 
 from wsfiles.client import WsfilesError
 from wsfiles.config import Settings
-from wsfiles.s3storage import PART_SIZE, S3Client, S3Storage
+from wsfiles.storage.s3 import PART_SIZE, S3Client, S3Storage
 from wsfiles.web import WsfilesSite
 
 pytestmark = pytest.mark.timeout(300)  # the first test pays for installing and starting Ceph

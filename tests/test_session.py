@@ -19,7 +19,7 @@ from wsfiles.config import Settings
 from wsfiles.pairing import PairingRegistry
 from wsfiles.quota import QuotaLedger
 from wsfiles.session import CommandSession
-from wsfiles.storage import LocalStorage
+from wsfiles.storage.local import LocalStorage
 from wsfiles.streaming import DOWNLOAD_FRAME
 
 

@@ -13,14 +13,8 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.defer import Deferred
 
-from wsfiles.storage import (
-    UPLOAD_BUFFER,
-    IFolder,
-    IStorage,
-    LocalStorage,
-    NotFound,
-    StorageFailure,
-)
+from wsfiles.storage import IFolder, IStorage, NotFound, StorageFailure
+from wsfiles.storage.local import UPLOAD_BUFFER, LocalStorage
 from wsfiles.streaming import SEND_BUFFER
 
 KiB = 1024

@@ -16,17 +16,17 @@ import pytest_twisted
 from twisted.internet import defer, interfaces, reactor
 from zope.interface import implementer
 
-from wsfiles.s3storage import MOVE_STALE_AFTER
 from wsfiles.storage import (
     Exists,
     IsAFolder,
-    LocalStorage,
     NotAFolder,
     NotEmpty,
     NotFound,
     StorageFailure,
     path_key,
 )
+from wsfiles.storage.local import LocalStorage
+from wsfiles.storage.s3 import MOVE_STALE_AFTER
 
 pytestmark = pytest.mark.every_backend
 
@@ -64,7 +64,7 @@ def store(backend, tmp_path):
 def _s3_store(rgw: Any, bucket: str | None = None) -> Store:
     """CLIENT's folder in a bucket of the Ceph RGW (a fresh bucket unless given:
     another S3Storage on the same bucket is another instance, or a restart)."""
-    from wsfiles.s3storage import S3Client, S3Storage
+    from wsfiles.storage.s3 import S3Client, S3Storage
 
     if bucket is None:
         bucket = "wsfiles-" + secrets.token_hex(6)
@@ -575,7 +575,7 @@ async def test_a_move_left_by_a_dead_instance_is_finished_and_a_live_ones_left_a
 
 @pytest_twisted.ensureDeferred
 async def test_whose_move_is_abandoned():
-    from wsfiles.s3storage import _Moves
+    from wsfiles.storage.s3 import _Moves
 
     class Client:
         instance_id = "me"

@@ -26,7 +26,7 @@ from wsfiles.redisstate import RedisAddress
 from wsfiles.shares import OPTIONS as SHARE_OPTIONS
 from wsfiles.shares import settings_from_options as share_settings
 from wsfiles.sizes import parse_size
-from wsfiles.storage import LocalStorage
+from wsfiles.storage.local import LocalStorage
 from wsfiles.systemd import notify
 from wsfiles.users import UserDirectory, UsersFileError
 from wsfiles.web import WsfilesSite
@@ -160,7 +160,7 @@ def _s3_keys(path: str | None) -> tuple[str, str]:
 def _storage(options: Options, reactor: Any) -> Any:
     if options["storage"] == "s3":
         try:
-            from wsfiles.s3storage import S3Client, S3Storage
+            from wsfiles.storage.s3 import S3Client, S3Storage
         except ImportError as e:
             raise usage.UsageError(
                 f"--storage s3 needs botocore ({e}): pip install 'wsfiles[s3]'"

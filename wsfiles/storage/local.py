@@ -1,9 +1,6 @@
-"""The storage boundary: an interface, and the local-folder implementation.
+"""The local-folder backend (wsfiles.storage's interface on a file system).
 
-Protocols and command handling only ever talk to ``IStorage`` and the
-objects it hands out, so another backend (the object store in s3storage.py)
-fits without touching them.  Every operation that may wait returns a
-Deferred.  The local backend writes, hashes, fsyncs and renames uploads in a
+The local backend writes, hashes, fsyncs and renames uploads in a
 thread; quick metadata operations (list, stat, open, delete, rename) run
 inline on the reactor thread.
 
@@ -38,215 +35,39 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer, interfaces, threads
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from wsfiles.names import MAX_PATH_DEPTH, is_valid_file_name
+from wsfiles.storage import (
+    PARTIAL_FOLDER,
+    TEMP_FOLDER,
+    ChecksumMismatch,
+    Entry,
+    Exists,
+    FileInfo,
+    FolderInfo,
+    IDownload,
+    IFolder,
+    IsAFolder,
+    IStorage,
+    IUpload,
+    KnownDigest,
+    NotAFolder,
+    NotEmpty,
+    NotFound,
+    StorageFailure,
+    SymlinkInPath,
+    path_key,
+)
 from wsfiles.streaming import DOWNLOAD_FRAME, FileStreamer, StreamFailed
 
-TEMP_FOLDER = ".wsfiles-tmp"
-PARTIAL_FOLDER = ".wsfiles-partial"
-
 _log = Logger()
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """One entry of a listing, as the protocol sends it."""
-
-    name: str
-    size: int
-    mtime: float
-
-    def as_json(self) -> dict[str, object]:
-        return {"name": self.name, "size": self.size, "mtime": self.mtime}
-
-    def as_entry(self) -> dict[str, object]:
-        """A protocol 1.2 listing entry."""
-        return {"name": self.name, "type": "file", "size": self.size, "mtime": self.mtime}
-
-
-@dataclass(frozen=True)
-class FolderInfo:
-    """A folder in a protocol 1.2 listing."""
-
-    name: str
-    mtime: float
-
-    def as_entry(self) -> dict[str, object]:
-        return {"name": self.name, "type": "folder", "mtime": self.mtime}
-
-
-Entry = FileInfo | FolderInfo
-
-
-def path_key(path: str) -> tuple[str, ...]:
-    """Sort key of the recursive listing order: depth-first, each folder before its
-    contents, siblings in code-point order ("a", "a/b", "a-c")."""
-    return tuple(path.split("/"))
-
-
-class NotFound(Exception):
-    """No regular file by that name in the client's folder."""
-
-
-class SymlinkInPath(NotFound):
-    """A path goes through a symlink: never followed, so nothing is there."""
-
-
-class NotAFolder(Exception):
-    """A path goes through, or names, a file where a folder is needed."""
-
-
-class IsAFolder(Exception):
-    """A path names a folder where a file is needed."""
-
-
-class NotEmpty(Exception):
-    """A folder to remove still has entries (and ``recursive`` was not asked)."""
-
-
-class Exists(Exception):
-    """The target name is taken (a rename without overwrite)."""
-
-
-class StorageFailure(Exception):
-    """The backend could not do what was asked (disk full, permissions...)."""
-
-
-class ChecksumMismatch(Exception):
-    """The upload's SHA-256 is not the one the client declared."""
-
-
-class IDownload(Interface):
-    """An opened file, ready to be streamed to a consumer."""
-
-    size = Attribute("The file's total size.")
-    offset = Attribute("Where the stream starts.")
-    length = Attribute("How many bytes it delivers: size - offset, or fewer when asked.")
-
-    def prefix_sha256() -> Deferred:
-        """Fire with a hashlib object fed with bytes [0, offset)."""
-
-    def stream_to(consumer: interfaces.IConsumer, sha256: Any) -> Deferred:
-        """Write bytes [offset, size) to ``consumer``, honouring its flow control,
-        and feed them to the hash object ``sha256``.
-
-        Fires with None once every byte was written, or fails with
-        StreamFailed.  The caller must call ``close`` afterwards.
-        """
-
-    def stop() -> None:
-        """Stop streaming (the consumer went away); the Deferred fails."""
-
-    def close() -> None:
-        """Release the underlying file."""
-
-
-class IUpload(Interface):
-    """A file being written; invisible to listings until committed."""
-
-    offset = Attribute("Bytes already stored by an earlier, resumed attempt.")
-
-    def write(data: bytes) -> Deferred | None:
-        """Append ``data``; raise StorageFailure if it cannot be stored.
-
-        None means "stored, send more". A Deferred means the backend is busy
-        (an object store uploading a part): the caller stops reading until
-        it fires, and fails the upload if it fails.
-        """
-
-    def commit() -> Deferred:
-        """Make the file durable and visible under its name, atomically.
-
-        Fires with the hex SHA-256 of the whole file; fails with
-        ChecksumMismatch (and removes the upload) if a declared hash differs.
-        """
-
-    def interrupt() -> Deferred:
-        """The transfer was cut: keep what arrived if resumable, else abort."""
-
-    def abort() -> None:
-        """Throw the upload away; the previous file of that name is untouched."""
-
-    on_superseded = Attribute(
-        "Called with no arguments when a resumed upload of the same name takes"
-        " this one over; set by the caller."
-    )
-
-
-class IFolder(Interface):
-    """One client's folder."""
-
-    def list() -> Deferred:
-        """Fire with a list of FileInfo for regular files, sorted by name."""
-
-    def stat(name: str) -> Deferred:
-        """Fire with the FileInfo of ``name``, or fail with NotFound."""
-
-    def open_download(name: str, offset: int = 0, length: int | None = None) -> Deferred:
-        """Fire with an IDownload of bytes [offset, offset + length) (to the end
-        when ``length`` is None or reaches past it), or fail with NotFound."""
-
-    def begin_upload(
-        name: str, size: int, sha256: str | None = None, resume: bool = False
-    ) -> Deferred:
-        """Fire with an IUpload that will become ``name`` on commit.
-
-        With ``resume``, an interrupted resumable upload of ``name`` with the
-        same size and hash carries on from its durable offset.
-        """
-
-    def partial_bytes() -> Deferred:
-        """Fire with {name: bytes} kept for this client's interrupted uploads."""
-
-    def delete(name: str) -> Deferred:
-        """Remove ``name``; fail with NotFound."""
-
-    def rename(name: str, to: str, overwrite: bool) -> Deferred:
-        """Rename a file or a folder, creating missing parents of ``to``; fail
-        with NotFound, or Exists unless ``overwrite`` (a folder never replaces
-        anything, and nothing replaces a folder)."""
-
-    def kind(path: str) -> Deferred:
-        """Fire with "file", "folder" or None; fail with NotAFolder when a
-        parent on the way is a file."""
-
-    def entries(path: str, recursive: bool, after: str | None, limit: int) -> Deferred:
-        """Fire with up to ``limit`` + 1 entries of folder ``path`` ("" the
-        top) whose names (paths relative to it, when ``recursive``) come after
-        ``after`` in ``path_key`` order; fail with NotFound or NotAFolder."""
-
-    def mkdir(path: str, parents: bool) -> Deferred:
-        """Create folder ``path``; fail with Exists (unless ``parents`` and it is a
-        folder), NotFound (a parent missing, without ``parents``), NotAFolder."""
-
-    def rmdir(path: str, recursive: bool) -> Deferred:
-        """Remove folder ``path``; fail with NotFound, NotAFolder, or NotEmpty."""
-
-    def usage() -> Deferred:
-        """Fire with (bytes, entries) of the whole tree: every file's size, and
-        files and folders counted (quotas count the whole tree)."""
-
-
-class IStorage(Interface):
-    """Where the files of every client live."""
-
-    def folder(client: str | None) -> IFolder:
-        """The folder of ``client``; None is the anonymous client."""
-
-    def check(min_free: int) -> Deferred:
-        """Fire with details when files can be listed and written, with at least
-        ``min_free`` bytes free; fail with StorageFailure saying why not."""
-
-    def free_bytes() -> float:
-        """Bytes free for new files (NaN when unknown)."""
 
 
 #: Entries a listing may gather on the reactor thread (a client's page);
@@ -1356,20 +1177,6 @@ def _recorded_digest(fd: int, st: os.stat_result) -> str | None:
     if identity != _identity(st) or len(digest) != 64:
         return None
     return digest
-
-
-class KnownDigest:
-    """Stands in for a hashlib object when the file's SHA-256 is recorded:
-    ``update`` does nothing and ``hexdigest`` gives the record."""
-
-    def __init__(self, digest: str) -> None:
-        self._digest = digest
-
-    def update(self, data: bytes) -> None:
-        pass
-
-    def hexdigest(self) -> str:
-        return self._digest
 
 
 @implementer(IDownload)
