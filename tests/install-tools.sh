@@ -27,6 +27,7 @@ need ceph-osd ceph-osd
 need haproxy haproxy
 need redis-server redis-server
 need wget wget
+need curl curl
 
 [ -z "$missing" ] && exit 0
 echo "installing Debian packages:$missing" >&2
