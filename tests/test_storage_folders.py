@@ -658,3 +658,41 @@ async def test_each_page_of_a_folder_of_dashed_names_costs_the_same(
     # Three store pages of 2 for the 6 entries a page needs, a probe or two for
     # the folders in doubt, the move journals once: never more, wherever it is.
     assert max(costs) <= 6, costs
+
+
+@pytest_twisted.ensureDeferred
+async def test_whole_tree_operations_take_at_most_two_threads_at_once(tmp_path, monkeypatch):
+    """Recursive removals and quota walks share Twisted's thread pool with
+    upload writes and token checks: a client cannot occupy all of it."""
+    import threading
+
+    from twisted.internet import defer, threads
+
+    import wsfiles.storage.local as local
+
+    folder = LocalStorage(str(tmp_path / "root")).folder(None)
+    release = threading.Event()
+    running: list[int] = []
+    peak: list[int] = [0]
+    lock = threading.Lock()
+    real = local._tree_usage
+
+    def slow_usage(fd: int, depth: int) -> tuple[int, int]:
+        with lock:
+            running.append(1)
+            peak[0] = max(peak[0], len(running))
+        release.wait(10)
+        with lock:
+            running.pop()
+        return real(fd, depth)
+
+    monkeypatch.setattr(local, "_tree_usage", slow_usage)
+    walks = [folder.usage() for _ in range(6)]
+    for _ in range(200):  # bounded: let the pool start what it may
+        if len(running) >= local.TREE_OPERATIONS_AT_ONCE:
+            break
+        await threads.deferToThread(lambda: None)
+    assert len(running) == local.TREE_OPERATIONS_AT_ONCE
+    release.set()
+    assert await defer.gatherResults(walks) == [(0, 0)] * 6
+    assert peak[0] == local.TREE_OPERATIONS_AT_ONCE

@@ -849,8 +849,15 @@ def _guarded(operation: Callable[[], object]) -> Deferred:
         return defer.fail(_failure(e))
 
 
+#: Whole-tree operations (recursive listings and removals, quota walks) run in
+#: Twisted's shared thread pool, which also writes uploads and checks tokens:
+#: at most this many at once, so clients removing huge trees cannot take it all.
+TREE_OPERATIONS_AT_ONCE = 2
+_tree_slots = defer.DeferredSemaphore(TREE_OPERATIONS_AT_ONCE)
+
+
 def _in_thread(operation: Callable[[], object]) -> Deferred:
-    """``_guarded`` for a long operation (a whole tree): in a thread."""
+    """``_guarded`` for a long operation (a whole tree): in a thread, a few at once."""
 
     def failed(failure: Failure) -> Failure:
         if failure.check(*_REFUSALS):
@@ -861,7 +868,7 @@ def _in_thread(operation: Callable[[], object]) -> Deferred:
             return Failure(_failure(failure.value))
         return failure
 
-    return threads.deferToThread(operation).addErrback(failed)
+    return _tree_slots.run(threads.deferToThread, operation).addErrback(failed)
 
 
 @implementer(IUpload)
