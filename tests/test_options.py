@@ -72,6 +72,23 @@ def test_bad_values_are_usage_errors(argv, message):
         parse(*argv)
 
 
+def test_a_root_served_with_users_is_refused_without_them(tmp_path):
+    """Without --users, ROOT is the anonymous folder: once it held users'
+    folders, starting without --users would show them all to anyone."""
+    from wsfiles.users import add_user
+
+    root = tmp_path / "root"
+    users = tmp_path / "users"
+    add_user(str(users), "alice")
+    parse("--root", str(root), "--users", str(users))
+    (root / "alice").mkdir()
+    with pytest.raises(usage.UsageError, match="was served with --users"):
+        parse("--root", str(root))
+    parse("--root", str(root), "--users", str(users))  # with them: fine, as before
+    (root / ".wsfiles-users").unlink()  # the operator's way to say "anonymous on purpose"
+    parse("--root", str(root))
+
+
 def test_a_root_this_user_cannot_write_is_refused(tmp_path, monkeypatch):
     # Permission bits do not stop root (the test command runs as root), so the
     # answer of os.access is what is changed here.

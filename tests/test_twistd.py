@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 import pytest_twisted
@@ -137,6 +138,11 @@ def test_port_in_use_ends_a_daemonized_twistd_too(tmp_path):
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 1
     assert "wsfiles cannot start" in result.stderr
+    # The daemon writes its log as it exits, maybe after the parent did.
+    for _ in range(100):  # bounded: up to 10 s
+        if log.exists() and "Address already in use" in log.read_text():
+            break
+        time.sleep(0.1)  # another process's file, not our reactor's
     assert log.read_text().count("Address already in use") == 1
     assert "Traceback" not in result.stderr + log.read_text()
 

@@ -157,6 +157,27 @@ def _s3_keys(path: str | None) -> tuple[str, str]:
     return access, secret
 
 
+#: Left in a local ROOT served with --users.  Without --users the anonymous
+#: client's folder is ROOT itself, which then holds every user's folder: a
+#: server started so by mistake would show all of them to anyone.
+USERS_MARK = ".wsfiles-users"
+
+
+def _guard_anonymous_root(root: str, *, with_users: bool) -> None:
+    mark = os.path.join(root, USERS_MARK)
+    if with_users:
+        if not os.path.exists(mark):
+            with open(mark, "w", encoding="utf-8") as f:
+                f.write("This ROOT holds users' folders: serve it with --users.\n")
+        return
+    if os.path.exists(mark):
+        raise usage.UsageError(
+            f"--root {root!r} was served with --users (it holds users' folders):"
+            " without --users anyone could read them all; pass --users, or"
+            f" remove {mark} if ROOT's folders are meant for anonymous clients"
+        )
+
+
 def _storage(options: Options, reactor: Any) -> Any:
     if options["storage"] == "s3":
         try:
@@ -321,6 +342,7 @@ class Options(usage.Options):
                 raise usage.UsageError(f"cannot create --root {root!r}: {e.strerror}") from None
             if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
                 raise usage.UsageError(f"--root {root!r} is not writable by this user")
+            _guard_anonymous_root(root, with_users=self["users"] is not None)
 
     def settings(self) -> Settings:
         return Settings(
