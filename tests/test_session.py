@@ -653,3 +653,21 @@ def test_list_is_read_once_per_change(tmp_path):
     clock.advance(changes.LISTING_TTL)
     assert listed(4) == ["a", "b"]
     session.close()
+
+
+def test_the_listing_cache_forgets_folders_nobody_hears_and_sweeps_the_expired():
+    from wsfiles.changes import ListingCache
+
+    clock = Clock()
+    cache = ListingCache(clock, ttl=1.0, budget=10_000)
+    cache.put(("alice", "", "1.1"), b"x" * 100, cache.generation)
+    cache.put(("bob", "", "1.1"), b"y" * 100, cache.generation)
+    # Its last listener left (with Redis, its channel too): changes would go unheard.
+    cache.forget("alice")
+    assert cache.get(("alice", "", "1.1")) is None
+    assert cache.get(("bob", "", "1.1")) == b"y" * 100
+    charged = cache._bytes
+    assert charged > 100  # an entry costs more than its payload
+    clock.advance(2)  # bob's is stale now; nobody asks for it again
+    cache.put(("carol", "", "1.1"), b"z" * 100, cache.generation)
+    assert cache._bytes == charged  # bob's went when carol's came: expired go first

@@ -93,11 +93,24 @@ class ListingCache:
         if generation != self.generation or len(payload) > min(LISTING_CACHE_LARGEST, self._budget):
             return
         self._drop(key)
-        self._entries[key] = (self._clock.seconds() + self._ttl, payload)
+        now = self._clock.seconds()
+        # Insertion order is expiry order (one TTL): the expired go first.
+        while self._entries:  # bounded: each round drops one
+            oldest = next(iter(self._entries))
+            if self._entries[oldest][0] > now:
+                break
+            self._drop(oldest)
+        self._entries[key] = (now + self._ttl, payload)
         self._by_folder.setdefault(key[0], set()).add(key)
-        self._bytes += len(payload)
+        self._bytes += _charge(key, payload)
         while self._bytes > self._budget:  # bounded: each round drops one
             self._drop(next(iter(self._entries)))
+
+    def forget(self, folder: str | None) -> None:
+        """No longer hearing of ``folder``'s changes (its last listener left,
+        and with Redis its subscription ends): keep none of its listings."""
+        for key in list(self._by_folder.get(folder, ())):
+            self._drop(key)
 
     def changed(self, folder: str | None, path: str) -> None:
         self.generation += 1
@@ -111,11 +124,19 @@ class ListingCache:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
-        self._bytes -= len(entry[1])
+        self._bytes -= _charge(key, entry[1])
         keys = self._by_folder[key[0]]
         keys.discard(key)
         if not keys:
             del self._by_folder[key[0]]
+
+
+#: What an entry costs besides its payload (the key, the dict slots, the set).
+_ENTRY_OVERHEAD = 400
+
+
+def _charge(key: _ListingKey, payload: bytes) -> int:
+    return len(payload) + len(key[1]) + _ENTRY_OVERHEAD
 
 
 class ChangeHub:
@@ -147,6 +168,9 @@ class ChangeHub:
                 call = self._pending.pop(key)
                 if call.active():
                     call.cancel()
+            # Nobody here hears its changes any more (with Redis, its channel
+            # is left): a later connection must not get an old listing.
+            self.listings.forget(folder)
 
     def has_listeners(self, folder: str | None) -> bool:
         return folder in self._listeners or folder in self._folder_listeners

@@ -77,6 +77,8 @@ class Ticket:
     path: str
     etag: str
     expires: float
+    #: The client's token id when it asked: rotating the token ends the ticket.
+    token_id: str | None = None
 
 
 class StoreUnavailable(Exception):
@@ -172,11 +174,13 @@ class DownloadTickets:
         return bool(self._factory.draining)
 
     def client_gone(self, record: Ticket) -> bool:
-        """The ticket's client was removed from the users file (or expired)."""
+        """The ticket's client was removed from the users file, expired, or
+        signs in with another token now (one that leaked was rotated)."""
         if self.users is None:
             return False
         self.users.reload()
-        return self.users.credential_of(record.client) is None
+        credential = self.users.credential_of(record.client)
+        return credential is None or credential[0] != record.token_id
 
 
 async def current_etag(folder: IFolder, path: str) -> tuple[int, str, str | None]:
@@ -222,7 +226,10 @@ async def download_command(
     expires = service.clock.seconds() + service.ttl
     folder_key = session.client if service.users is not None else None
     try:
-        await service.store.add(ticket, Ticket(session.client, folder_key, path, etag, expires))
+        await service.store.add(
+            ticket,
+            Ticket(session.client, folder_key, path, etag, expires, _token_id(service, session)),
+        )
     except StoreUnavailable as e:
         raise ProtocolError(
             errors.UNAVAILABLE, f"download links are unavailable: {e}; retry later"
@@ -305,6 +312,12 @@ class DownloadResource(resource.Resource):
     def render_GET(self, request: server.Request) -> Any:
         from wsfiles import httpfiles
 
+        if not request.path.startswith(b"/d/"):
+            # Reached as /%64/TICKET: Twisted decodes a segment before routing,
+            # but the access log's redaction of tickets reads the raw path.
+            httpfiles.answer(request, 404, errors.NOT_FOUND, "no such download")
+            return server.NOT_DONE_YET
+
         def failed(failure: Any) -> None:
             _log.failure("GET /d/ failed", failure)
             if request.channel is not None and not request.startedWriting:
@@ -385,3 +398,11 @@ class DownloadResource(resource.Resource):
         if request.method == b"HEAD":
             return f"head {served.status}"
         return f"{served.status} {served.sent} bytes" + ("" if served.complete else " (cut)")
+
+
+def _token_id(service: DownloadTickets, session: CommandSession) -> str | None:
+    """The token id the session's client signs in with now (None without users)."""
+    if service.users is None:
+        return None
+    credential = service.users.credential_of(session.client)
+    return credential[0] if credential is not None else None

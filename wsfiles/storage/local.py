@@ -616,7 +616,7 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start write-back, do not wait
 def _find_sync_file_range() -> Callable[[int, int, int, int], int] | None:
     try:
         function = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except Exception:  # not Linux (or no C library to ask): fdatasync, or nothing
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     function.restype = ctypes.c_int
@@ -631,7 +631,9 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
     (thread).  Where sync_file_range is missing, fdatasync: it waits, but the
     final fsync then has only the tail left."""
     if _sync_file_range is None:
-        os.fdatasync(fd)
+        fdatasync = getattr(os, "fdatasync", None)  # absent on macOS
+        if fdatasync is not None:
+            fdatasync(fd)
         return
     if _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
         error = ctypes.get_errno()
