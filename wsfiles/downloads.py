@@ -173,14 +173,17 @@ class DownloadTickets:
     def draining(self) -> bool:
         return bool(self._factory.draining)
 
+    def token_id_of(self, session: CommandSession) -> str | None:
+        """What a ticket records of its client (None without users)."""
+        return self.users.token_id_of(session.client) if self.users is not None else None
+
     def client_gone(self, record: Ticket) -> bool:
         """The ticket's client was removed from the users file, expired, or
         signs in with another token now (one that leaked was rotated)."""
         if self.users is None:
             return False
-        self.users.reload()
-        credential = self.users.credential_of(record.client)
-        return credential is None or credential[0] != record.token_id
+        token_id = self.users.token_id_of(record.client)
+        return token_id is None or token_id != record.token_id
 
 
 async def current_etag(folder: IFolder, path: str) -> tuple[int, str, str | None]:
@@ -228,7 +231,7 @@ async def download_command(
     try:
         await service.store.add(
             ticket,
-            Ticket(session.client, folder_key, path, etag, expires, _token_id(service, session)),
+            Ticket(session.client, folder_key, path, etag, expires, service.token_id_of(session)),
         )
     except StoreUnavailable as e:
         raise ProtocolError(
@@ -398,11 +401,3 @@ class DownloadResource(resource.Resource):
         if request.method == b"HEAD":
             return f"head {served.status}"
         return f"{served.status} {served.sent} bytes" + ("" if served.complete else " (cut)")
-
-
-def _token_id(service: DownloadTickets, session: CommandSession) -> str | None:
-    """The token id the session's client signs in with now (None without users)."""
-    if service.users is None:
-        return None
-    credential = service.users.credential_of(session.client)
-    return credential[0] if credential is not None else None

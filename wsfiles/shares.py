@@ -588,17 +588,8 @@ class ShareService:
             return share.folder is not None
         if share.folder is None:
             return True
-        self.users.reload()
-        credential = self.users.credential_of(share.owner)
-        return credential is None or credential[0] != share.token_id
-
-
-def _token_id(service: ShareService, owner: str) -> str | None:
-    """The token id ``owner`` signs in with now (None without users)."""
-    if service.users is None:
-        return None
-    credential = service.users.credential_of(owner)
-    return credential[0] if credential is not None else None
+        token_id = self.users.token_id_of(share.owner)
+        return token_id is None or token_id != share.token_id
 
 
 def _service(session: CommandSession) -> ShareService:
@@ -667,7 +658,7 @@ async def share_command(session: CommandSession, message: dict[str, Any], reques
             expires=now + expires,
             max_downloads=max_downloads,
             password=hashed,
-            token_id=_token_id(service, owner),
+            token_id=service.users.token_id_of(owner) if service.users else None,
         )
         await service.store.add(share)
     except StoreUnavailable as e:

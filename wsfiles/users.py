@@ -443,6 +443,15 @@ def add_user(path: str, name: str, settings: dict[str, str] | None = None) -> st
     return f"{token_id}.{secret}"
 
 
+def rotate_user(path: str, name: str) -> str:
+    """Give ``name`` a fresh token, keeping its settings; return the token."""
+    token_id, secret, hashed = new_credential()
+    with editing(path) as users:
+        _, _, settings = users.fields(name)
+        users.put(name, token_id, hashed, settings)
+    return f"{token_id}.{secret}"
+
+
 class VerifiedTokens:
     """A bounded memory of tokens that passed the scrypt check.
 
@@ -598,6 +607,14 @@ class UserDirectory:
         if entry is None or entry.expired(self._now()):
             return None
         return (entry.token_id, entry.hashed)
+
+    def token_id_of(self, name: str) -> str | None:
+        """The id of the token ``name`` signs in with now, re-reading the file
+        if it changed; None once removed or expired.  What a share link or a
+        download ticket records of its owner: another token, another owner."""
+        self._refresh()
+        credential = self.credential_of(name)
+        return credential[0] if credential is not None else None
 
     def _entry_named(self, name: str) -> UserEntry | None:
         self._refresh()

@@ -28,9 +28,9 @@ from wsfiles.users import (
     editing,
     format_expiry,
     format_size,
-    new_credential,
     parse_expiry,
     read_users_file,
+    rotate_user,
 )
 
 #: ``--unset`` takes either spelling: the option's (quota-files) or the file's.
@@ -104,11 +104,7 @@ def _remove(args: argparse.Namespace) -> str:
 
 
 def _rotate(args: argparse.Namespace) -> str:
-    token_id, secret, hashed = new_credential()
-    with editing(args.users) as users:
-        _, _, settings = users.fields(args.name)
-        users.put(args.name, token_id, hashed, settings)
-    return f"{token_id}.{secret}"
+    return rotate_user(args.users, args.name)
 
 
 def _set(args: argparse.Namespace) -> str:
