@@ -28,6 +28,7 @@ need haproxy haproxy
 need redis-server redis-server
 need wget wget
 need curl curl
+need rsync rsync  # bench/sync.py's baseline (rsync --daemon)
 
 [ -z "$missing" ] && exit 0
 echo "installing Debian packages:$missing" >&2
