@@ -8,7 +8,7 @@ names the same file on both sides.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 #: ``both`` mirrors both ways; ``up`` only changes the server (never touches local
@@ -62,7 +62,8 @@ class Kind(enum.Enum):
     CONFLICT = "conflict"  # local loser renamed to `conflict_name`, then server copy downloaded
     RECORD = "record"  # both sides already equal: only the state is updated
     RENAME_REMOTE = "rename_remote"  # local rename detected (same sha256): rename on the server
-    RENAME_LOCAL = "rename_local"
+    RENAME_LOCAL = "rename_local"  # server rename detected (same sha256): rename the local file
+    FORGET = "forget"  # gone from both sides: only the state row is dropped
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,6 @@ class Plan:
 
     actions: list[Action]
     skipped: list[tuple[str, str]]  # (path, reason) warnings, e.g. names the server refuses
+    # Local files still being written (mtime too recent) or gone while planning:
+    # left alone this time; plan again after the quiet time.
+    waiting: list[str] = field(default_factory=list)
