@@ -439,9 +439,14 @@ class WsfilesClient(FolderCommands):
 
     # -- commands --------------------------------------------------------
 
-    async def delete(self, name: str) -> dict[str, Any]:
+    async def delete(self, name: str, *, if_sha256: str | None = None) -> dict[str, Any]:
+        """Delete ``name``; with ``if_sha256``, only if the file stored still has
+        that SHA-256 (otherwise the server answers ``conflict``)."""
         self._paths_allowed(name)
-        return await self.request({"op": "delete", "name": name})
+        message = {"op": "delete", "name": name}
+        if if_sha256 is not None:
+            message["if_sha256"] = if_sha256
+        return await self.request(message)
 
     async def rename(self, name: str, to: str, *, overwrite: bool = False) -> dict[str, Any]:
         """Rename or move ``name`` to ``to`` (paths on a 1.2 channel: across folders)."""
@@ -461,6 +466,9 @@ class WsfilesClient(FolderCommands):
         checksum: bool = False,
         retries: int = 5,
         progress: Progress | None = None,
+        mtime: float | None = None,
+        if_sha256: str | None = None,
+        if_absent: bool = False,
     ) -> dict[str, Any]:
         """Save ``source`` (bytes, or a binary file from its position) as ``name``.
 
@@ -471,7 +479,9 @@ class WsfilesClient(FolderCommands):
         declares the file's SHA-256 first (one extra read of the source), so
         the server refuses to store anything else.  ``size`` is what to
         declare, by default the true size; declaring another is a protocol
-        error the server must refuse.
+        error the server must refuse.  ``mtime`` sets the stored file's
+        modification time; ``if_sha256`` saves only over a file with that
+        SHA-256 and ``if_absent`` only where there is none (else ``conflict``).
         """
         self._paths_allowed(name)
         if isinstance(source, bytes | bytearray | memoryview):
@@ -480,9 +490,16 @@ class WsfilesClient(FolderCommands):
         actual = _source_size(source)
         declared = actual if size is None else size
         sha256 = _hash_range(source, start, actual) if checksum else None
+        extra: dict[str, Any] = {}
+        if mtime is not None:
+            extra["mtime"] = mtime
+        if if_sha256 is not None:
+            extra["if_sha256"] = if_sha256
+        if if_absent:
+            extra["if_absent"] = True
         return await self._transfer(
             lambda: self._upload_once(
-                name, source, start, actual, declared, sha256, resume, progress
+                name, source, start, actual, declared, sha256, resume, progress, extra
             ),
             resume,
             retries,
@@ -543,8 +560,9 @@ class WsfilesClient(FolderCommands):
         sha256: str | None,
         resume: bool,
         progress: Progress | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        message: dict[str, Any] = {"op": "save", "name": name, "size": declared}
+        message: dict[str, Any] = {"op": "save", "name": name, "size": declared, **(extra or {})}
         if sha256 is not None:
             message["sha256"] = sha256
         if resume:

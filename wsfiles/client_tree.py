@@ -128,8 +128,10 @@ async def list_folder(
     *,
     recursive: bool = False,
     limit: int | None = None,
+    sha256: bool = False,
 ) -> list[dict[str, Any]]:
-    """Every entry of folder ``path`` (the whole subtree with ``recursive``).
+    """Every entry of folder ``path`` (the whole subtree with ``recursive``);
+    with ``sha256``, every file entry carries its SHA-256 (for sync).
 
     Follows ``cursor`` to the last page.  Bounded by the replies: every page
     with a cursor must bring entries and a cursor not seen before, otherwise
@@ -148,6 +150,8 @@ async def list_folder(
         message["recursive"] = True
     if limit is not None:
         message["limit"] = limit
+    if sha256:
+        message["sha256"] = True
     entries: list[dict[str, Any]] = []
     seen: set[str] = set()
     cursor: Any = None

@@ -29,6 +29,8 @@ NOT_A_FOLDER = "not_a_folder"
 IS_A_FOLDER = "is_a_folder"
 NOT_EMPTY = "not_empty"
 INVALID_MOVE = "invalid_move"
+# A save or delete with "if_sha256" / "if_absent" found another file stored.
+CONFLICT = "conflict"
 # Per-user permissions (the users file): a read-only user's save, delete,
 # rename, mkdir or rmdir.
 FORBIDDEN = "forbidden"

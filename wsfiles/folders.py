@@ -13,7 +13,17 @@ from wsfiles import errors
 from wsfiles.errors import ProtocolError
 from wsfiles.fields import flag_field
 from wsfiles.names import MAX_PATH_BYTES, MAX_PATH_DEPTH, check_path, is_within
-from wsfiles.storage import Exists, IFolder, IsAFolder, NotAFolder, NotEmpty, NotFound
+from wsfiles.storage import (
+    Entry,
+    Exists,
+    FileInfo,
+    FolderInfo,
+    IFolder,
+    IsAFolder,
+    NotAFolder,
+    NotEmpty,
+    NotFound,
+)
 
 #: The subprotocol a 1.2 client offers (docs/protocol.md).
 SUBPROTOCOL_12 = "wsfiles.v1.2"
@@ -61,12 +71,30 @@ async def listing(folder: IFolder, message: dict[str, Any]) -> dict[str, Any]:
         raise ProtocolError(errors.BAD_REQUEST, "'cursor' must be a string from a list reply")
     if cursor is not None and cursor != "":
         check_path(cursor, field="cursor")  # a cursor is the last path sent
+    with_sha256 = flag_field(message, "sha256")
     entries = await folder.entries(path, recursive, cursor or None, limit)
+    page = entries[:limit]
+    if with_sha256:  # for sync clients: one more pass over the page's files
+        prefix = f"{path}/" if path else ""
+        files = [prefix + entry.name for entry in page if isinstance(entry, FileInfo)]
+        described = await folder.described(files)
+        page = [_described(entry, described.get(prefix + entry.name)) for entry in page]
+        page = [entry for entry in page if entry is not None]  # files gone meanwhile
     reply: dict[str, Any] = {"op": "list", "path": path}
-    reply["files"] = [entry.as_entry() for entry in entries[:limit]]
+    reply["files"] = [entry.as_entry() for entry in page]
     if len(entries) > limit:
         reply["cursor"] = entries[limit - 1].name
     return reply
+
+
+def _described(entry: Entry, described: FileInfo | None) -> Entry | None:
+    """A listed file as described with its SHA-256 (the size and mtime it was
+    hashed at), under its listed name; None if it went away meanwhile."""
+    if isinstance(entry, FolderInfo):
+        return entry
+    if described is None:
+        return None
+    return FileInfo(entry.name, described.size, described.mtime, described.sha256)
 
 
 async def make_folder(folder: IFolder, message: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from wsfiles.config import Settings
 from wsfiles.errors import ProtocolError
 from wsfiles.fields import count_field as _count_field
 from wsfiles.fields import flag_field as _flag_field
+from wsfiles.fields import mtime_field, precondition_field
 from wsfiles.fields import sha256_field as _sha256_field
 from wsfiles.metrics import Metrics
 from wsfiles.names import check_file_name, check_path, parent_of
@@ -50,6 +51,8 @@ from wsfiles.storage import (
     NotAFolder,
     NotEmpty,
     NotFound,
+    Precondition,
+    PreconditionFailed,
     StorageFailure,
 )
 from wsfiles.streaming import CountingConsumer, StreamFailed
@@ -132,6 +135,35 @@ class TransferRecord:
     sha256: str | None = None
     result: str = "unfinished"
     moved: int = 0  # bytes that crossed the wire (size - offset when complete)
+
+
+@dataclass(frozen=True)
+class _SaveOptions:
+    """What a ``save`` asks of the stored file beyond its bytes."""
+
+    mtime: float | None = None
+    precondition: Precondition | None = None
+
+
+def _conflict_message(name: str) -> str:
+    return (
+        f"{name!r} is not the file this command expected (changed meanwhile); nothing was changed"
+    )
+
+
+#: Commands waiting on one command channel up to which transfers (``get`` and
+#: ``save``) are not charged to the command rate limit; past it they are.
+MAX_QUEUED_TRANSFERS = 1000
+
+
+def _is_transfer(payload: bytes) -> bool:
+    """Whether a command is a ``get`` or ``save`` (anything unparsable is not:
+    it is charged and then refused as usual)."""
+    try:
+        message = json.loads(payload)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(message, dict) and message.get("op") in ("get", "save")
 
 
 def _request_id(message: dict[str, Any]) -> RequestId:
@@ -333,6 +365,12 @@ class CommandSession:
         """A command arrived: handle it after the ones before it."""
         if not self._busy:
             self._idle.reset()
+        if self._unfinished < MAX_QUEUED_TRANSFERS and _is_transfer(payload):
+            # Paced by the transfer queue (one at a time, each waiting for its
+            # data), not by the command rate: a sync saving 10,000 small
+            # files must not be throttled like a client listing in a loop.
+            self._in_order(lambda: self._dispatch(payload), None)
+            return
         self._rate_limited(
             lambda: self._in_order(lambda: self._dispatch(payload), None),
             lambda: self._in_order(lambda: self._refuse_rate_limited(payload), None),
@@ -420,6 +458,8 @@ class CommandSession:
             refused = folders.refusal(e, str(e))
             assert refused is not None
             self._send_error(refused.code, refused.message, request_id)
+        except PreconditionFailed as e:
+            self._send_error(errors.CONFLICT, _conflict_message(str(e)), request_id)
         except StorageFailure as e:
             self._send_error(errors.STORAGE_ERROR, str(e), request_id)
         except Exception:
@@ -486,6 +526,7 @@ class CommandSession:
         if (
             not isinstance(path, str)
             or message.get("recursive", False) is not False
+            or message.get("sha256", False) is not False
             or message.get("cursor") not in (None, "")
             or type(limit) is not int
             or limit < 1
@@ -534,6 +575,8 @@ class CommandSession:
         sha256 = _sha256_field(message)
         resume = _flag_field(message, "resume")
         chunked = _flag_field(message, "chunked")
+        mtime = mtime_field(message)
+        precondition = precondition_field(message)
         max_size = self._account()[1]
         if size > max_size:
             raise ProtocolError(errors.TOO_LARGE, f"{size} bytes is over the limit of {max_size}")
@@ -543,6 +586,7 @@ class CommandSession:
                     errors.EXISTS, f"{name!r} is taken by a folder (protocol 1.2 shows folders)"
                 )
             raise IsAFolder(name)
+        await self._check_precondition(name, precondition)  # before any data is sent
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
         if self.entry_limits is not None:
@@ -551,15 +595,33 @@ class CommandSession:
             "save",
             name,
             lambda record: self._run_save(
-                name, size, sha256, resume, chunked, request_id, record, max_size
+                name,
+                size,
+                sha256,
+                resume,
+                chunked,
+                request_id,
+                record,
+                max_size,
+                _SaveOptions(mtime, precondition),
             ),
             request_id,
         )
 
+    async def _check_precondition(self, name: str, precondition: Precondition | None) -> None:
+        if precondition is None:
+            return
+        stored = (await self.folder.described([name])).get(name)
+        if not precondition.holds(None if stored is None else stored.sha256):
+            raise PreconditionFailed(name)
+
     async def _delete(self, message: dict[str, Any], request_id: RequestId) -> None:
         name = self._check_name(message.get("name"))
+        precondition = precondition_field(message)
+        if precondition is not None and precondition.absent:
+            raise ProtocolError(errors.BAD_REQUEST, "'if_absent' makes no sense on a delete")
         try:
-            await self.folder.delete(name)
+            await self.folder.delete(name, precondition)
         except (NotFound, NotAFolder):
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
         except IsAFolder:
@@ -914,6 +976,7 @@ class CommandSession:
         request_id: RequestId,
         record: TransferRecord,
         max_size: int,
+        options: _SaveOptions,
     ) -> None:
         channel = await self._file_channel_ready(request_id)
         _allow_frames(channel, max_size)
@@ -925,7 +988,9 @@ class CommandSession:
         try:
             if self.quota is not None:
                 reservation = await self.quota.reserve(self.client, self.folder, name, size)
-            upload = await self.folder.begin_upload(name, size, sha256, resume)
+            upload = await self.folder.begin_upload(
+                name, size, sha256, resume, mtime=options.mtime, precondition=options.precondition
+            )
             if channel is not self._file_channel:  # it closed while we prepared
                 upload.interrupt()
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
@@ -952,7 +1017,10 @@ class CommandSession:
             if release_entry is not None:
                 release_entry()
         record.sha256 = digest
-        self._send({"op": "ack", "name": name, "size": size, "sha256": digest}, request_id)
+        ack: dict[str, Any] = {"op": "ack", "name": name, "size": size, "sha256": digest}
+        if options.mtime is not None:
+            ack["mtime"] = options.mtime
+        self._send(ack, request_id)
         self._announce_change(name, *made)
 
     def _superseded(self, receive: _Receive) -> None:
@@ -1159,6 +1227,8 @@ class CommandSession:
                     errors.CHECKSUM_MISMATCH,
                     f"{failure.value}, not the declared one; nothing was stored",
                 )
+            elif failure.check(PreconditionFailed):
+                error = ProtocolError(errors.CONFLICT, _conflict_message(str(failure.value)))
             else:
                 error = ProtocolError(errors.STORAGE_ERROR, str(failure.value))
             receive.done.errback(error)

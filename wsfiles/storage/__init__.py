@@ -27,13 +27,22 @@ class FileInfo:
     name: str
     size: int
     mtime: float
+    sha256: str | None = None  # only where asked for (a listing with "sha256": true)
 
     def as_json(self) -> dict[str, object]:
         return {"name": self.name, "size": self.size, "mtime": self.mtime}
 
     def as_entry(self) -> dict[str, object]:
         """A protocol 1.2 listing entry."""
-        return {"name": self.name, "type": "file", "size": self.size, "mtime": self.mtime}
+        entry: dict[str, object] = {
+            "name": self.name,
+            "type": "file",
+            "size": self.size,
+            "mtime": self.mtime,
+        }
+        if self.sha256 is not None:
+            entry["sha256"] = self.sha256
+        return entry
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,27 @@ class StorageFailure(Exception):
 
 class ChecksumMismatch(Exception):
     """The upload's SHA-256 is not the one the client declared."""
+
+
+class PreconditionFailed(Exception):
+    """A save or delete asked for a file that is no longer what is stored
+    (``if_sha256``), or for no file where there now is one (``if_absent``)."""
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """What must be stored at a name for a save or delete to go ahead: a file
+    with SHA-256 ``sha256``, or (``absent``) nothing.  Sync clients use it so
+    that a change made meanwhile by someone else is never overwritten."""
+
+    sha256: str | None = None
+    absent: bool = False
+
+    def holds(self, stored: str | None) -> bool:
+        """Whether a stored file of SHA-256 ``stored`` (None: no file) satisfies it."""
+        if self.absent:
+            return stored is None
+        return self.sha256 is None or stored == self.sha256
 
 
 class KnownDigest:
@@ -174,19 +204,35 @@ class IFolder(Interface):
         when ``length`` is None or reaches past it), or fail with NotFound."""
 
     def begin_upload(
-        name: str, size: int, sha256: str | None = None, resume: bool = False
+        name: str,
+        size: int,
+        sha256: str | None = None,
+        resume: bool = False,
+        *,
+        mtime: float | None = None,
+        precondition: Precondition | None = None,
     ) -> Deferred:
         """Fire with an IUpload that will become ``name`` on commit.
 
         With ``resume``, an interrupted resumable upload of ``name`` with the
-        same size and hash carries on from its durable offset.
+        same size and hash carries on from its durable offset.  ``mtime``
+        becomes the stored file's modification time; ``precondition`` is
+        checked again at commit, just before the file appears (the commit
+        then fails with PreconditionFailed and stores nothing).
         """
 
     def partial_bytes() -> Deferred:
         """Fire with {name: bytes} kept for this client's interrupted uploads."""
 
-    def delete(name: str) -> Deferred:
-        """Remove ``name``; fail with NotFound."""
+    def delete(name: str, precondition: Precondition | None = None) -> Deferred:
+        """Remove ``name``; fail with NotFound, or PreconditionFailed when the
+        file stored is not the one ``precondition`` names."""
+
+    def described(paths: list[str]) -> Deferred:
+        """Fire with {path: FileInfo with its sha256} for the files among
+        ``paths`` (those gone since are left out).  A digest recorded when the
+        file was stored is used; a file without one is hashed (and, where the
+        backend can, recorded for next time)."""
 
     def rename(name: str, to: str, overwrite: bool) -> Deferred:
         """Rename a file or a folder, creating missing parents of ``to``; fail

@@ -61,6 +61,8 @@ from wsfiles.storage import (
     NotAFolder,
     NotEmpty,
     NotFound,
+    Precondition,
+    PreconditionFailed,
     StorageFailure,
     SymlinkInPath,
     path_key,
@@ -486,7 +488,14 @@ class LocalFolder:
         return os.path.join(folder, key + ".part"), os.path.join(folder, key + ".json")
 
     def begin_upload(
-        self, name: str, size: int, sha256: str | None = None, resume: bool = False
+        self,
+        name: str,
+        size: int,
+        sha256: str | None = None,
+        resume: bool = False,
+        *,
+        mtime: float | None = None,
+        precondition: Precondition | None = None,
     ) -> Deferred:
         if not resume:
 
@@ -494,8 +503,15 @@ class LocalFolder:
                 fd, temp_path = tempfile.mkstemp(prefix="upload-", dir=self._storage.temp_dir)
                 return LocalUpload(self, name, size, sha256, fd, temp_path)
 
-            return _guarded(begin)
-        return Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+            d = _guarded(begin)
+        else:
+            d = Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+
+        def settings(upload: LocalUpload) -> LocalUpload:
+            upload.mtime, upload.precondition = mtime, precondition
+            return upload
+
+        return d.addCallback(settings)
 
     async def _begin_resumable(self, name: str, size: int, sha256: str | None) -> LocalUpload:
         part, meta = self._partial_paths(name)
@@ -562,7 +578,7 @@ class LocalFolder:
 
     # -- file management ---------------------------------------------------
 
-    def delete(self, name: str) -> Deferred:
+    def delete(self, name: str, precondition: Precondition | None = None) -> Deferred:
         def delete_it() -> None:
             folder_fd, leaf = self._parent_and_leaf(name)
             try:
@@ -571,11 +587,33 @@ class LocalFolder:
                     raise IsAFolder(name)
                 if st is None or not stat.S_ISREG(st.st_mode):
                     raise NotFound(name)
+                if precondition is not None and not precondition.holds(
+                    _stored_digest(folder_fd, leaf)
+                ):
+                    raise PreconditionFailed(name)
                 os.unlink(leaf, dir_fd=folder_fd)
             finally:
                 os.close(folder_fd)
 
-        return _guarded(delete_it)
+        # With a precondition the file may need hashing: not on the reactor.
+        return _guarded(delete_it) if precondition is None else _in_thread(delete_it)
+
+    def described(self, paths: list[str]) -> Deferred:
+        def describe() -> dict[str, FileInfo]:
+            found = {}
+            for path in paths:
+                try:
+                    fd, st = self._open_regular(path)
+                except (NotFound, NotAFolder, IsAFolder):
+                    continue  # gone, or replaced by a folder, since it was listed
+                try:
+                    digest = _recorded_digest(fd, st) or _hash_and_remember(fd, st)
+                finally:
+                    os.close(fd)
+                found[path] = FileInfo(path, st.st_size, st.st_mtime, digest)
+            return found
+
+        return _in_thread(describe)
 
     def rename(self, name: str, to: str, overwrite: bool) -> Deferred:
         def rename_it() -> None:
@@ -837,7 +875,7 @@ def _write_meta(path: str, record: dict[str, Any]) -> None:
 
 
 #: What file-system operations raise that is the caller's to answer.
-_REFUSALS = (NotFound, Exists, NotAFolder, IsAFolder, NotEmpty, ValueError)
+_REFUSALS = (NotFound, Exists, NotAFolder, IsAFolder, NotEmpty, PreconditionFailed, ValueError)
 
 
 def _guarded(operation: Callable[[], object]) -> Deferred:
@@ -918,6 +956,8 @@ class LocalUpload:
         self._in_flight = 0
         self._error: StorageFailure | None = None
         self._drained: Deferred | None = None
+        self.mtime: float | None = None
+        self.precondition: Precondition | None = None
         self._sha256 = hashlib.sha256()
         self._budget = folder._storage._budget
         self._steps: Deferred = defer.succeed(None)
@@ -1045,13 +1085,16 @@ class LocalUpload:
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
+            if self.mtime is not None:  # before the digest record, which names the mtime
+                mtime_ns = round(self.mtime * 1e9)
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
             _remember_digest(fd, digest)
             os.fsync(fd)
         finally:
             os.close(fd)
         folder_fd, leaf = self._folder._parent_and_leaf(self._name, create=True)
         try:
-            os.rename(self._path, leaf, dst_dir_fd=folder_fd)
+            self._replace(folder_fd, leaf)
             os.fsync(folder_fd)  # make the rename itself durable
         finally:
             os.close(folder_fd)
@@ -1059,6 +1102,23 @@ class LocalUpload:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._meta)
         return digest
+
+    def _replace(self, folder_fd: int, leaf: str) -> None:
+        """Rename the finished file over ``leaf`` if the precondition still holds:
+        "absent" atomically (no-replace rename), a digest just before the rename."""
+        condition = self.precondition
+        if condition is not None and condition.absent:
+            temp_fd = os.open(os.path.dirname(self._path), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                _rename_noreplace(temp_fd, os.path.basename(self._path), folder_fd, leaf)
+            except Exists:
+                raise PreconditionFailed(self._name) from None
+            finally:
+                os.close(temp_fd)
+            return
+        if condition is not None and not condition.holds(_stored_digest(folder_fd, leaf)):
+            raise PreconditionFailed(self._name)
+        os.rename(self._path, leaf, dst_dir_fd=folder_fd)
 
     def commit(self) -> Deferred:
         self._release()
@@ -1169,6 +1229,32 @@ def _remember_digest(fd: int, digest: str) -> None:
     record = (digest + " " + _identity(os.fstat(fd))).encode()
     with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: hash on download instead
         os.setxattr(fd, DIGEST_XATTR, record)
+
+
+def _hash_and_remember(fd: int, st: os.stat_result) -> str:
+    """Hash a stored file that has no valid record (another program wrote it,
+    or it was changed) and record the digest for the next time (blocking)."""
+    digest = _hash_fd_prefix(fd, st.st_size).hexdigest()
+    if os.fstat(fd).st_mtime_ns == st.st_mtime_ns:  # not changed while we read it
+        with contextlib.suppress(OSError):
+            os.setxattr(fd, DIGEST_XATTR, (digest + " " + _identity(st)).encode())
+    return digest
+
+
+def _stored_digest(folder_fd: int, leaf: str) -> str | None:
+    """The SHA-256 of the regular file ``leaf`` in ``folder_fd``; None when there
+    is none (a folder or a special file is not a file to compare with)."""
+    try:
+        fd = os.open(leaf, _OPEN_TO_READ, dir_fd=folder_fd)
+    except OSError:
+        return None  # nothing there, or a symlink: never ours
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return _recorded_digest(fd, st) or _hash_and_remember(fd, st)
+    finally:
+        os.close(fd)
 
 
 def _identity(st: os.stat_result) -> str:

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import time
 import uuid
 import xml.etree.ElementTree as ElementTree
@@ -69,6 +70,8 @@ from wsfiles.storage import (
     NotAFolder,
     NotEmpty,
     NotFound,
+    Precondition,
+    PreconditionFailed,
     StorageFailure,
     path_key,
 )
@@ -103,6 +106,11 @@ SECONDS_PER_MIB = 4.0
 #: Object metadata holding a stored file's SHA-256 (hex), written at commit
 #: (a rename's copy keeps it: the default x-amz-metadata-directive is COPY).
 SHA256_META = "x-amz-meta-sha256"
+#: Object metadata holding the modification time a ``save`` set (seconds, as
+#: text); what HEAD-based answers report instead of the store's Last-Modified.
+MTIME_META = "x-amz-meta-mtime"
+#: HEAD requests at once when a listing asks for every file's SHA-256.
+DESCRIBE_AT_ONCE = 16
 #: The largest object a single server-side copy may write (S3's CopyObject).
 COPY_LIMIT = 5 * 1024**3
 
@@ -277,6 +285,27 @@ def _stored_sha256(response: Any) -> str | None:
     if len(value) == 64 and all(c in "0123456789abcdef" for c in value):
         return value
     return None
+
+
+def _mtime(response: Any) -> float:
+    """A HEAD's modification time: the one a save set (MTIME_META), else the
+    store's Last-Modified."""
+    with contextlib.suppress(TypeError, ValueError):
+        mtime = float(_header(response, MTIME_META))  # type: ignore[arg-type]
+        if math.isfinite(mtime):
+            return mtime
+    modified = _header(response, "Last-Modified")
+    return parsedate_to_datetime(modified).timestamp() if modified else 0.0
+
+
+async def _hash_key(client: S3Client, key: str) -> str:
+    """Read an object back and hash it (one without a recorded SHA-256)."""
+    digest = hashlib.sha256()
+    response = await client.stream(key, 0, None)
+    finished: Deferred = Deferred()
+    client.deliver(response, _Hasher(digest, finished))
+    await finished
+    return digest.hexdigest()
 
 
 def _xml_escape(text: str) -> str:
@@ -791,9 +820,43 @@ class S3Folder:
             if await self._kind(name) == "folder":
                 raise IsAFolder(name) from None
             raise
-        modified = _header(response, "Last-Modified")
-        mtime = parsedate_to_datetime(modified).timestamp() if modified else 0.0
-        return FileInfo(name, int(_header(response, "Content-Length") or 0), mtime), response
+        return FileInfo(name, int(_header(response, "Content-Length") or 0), _mtime(response)), (
+            response
+        )
+
+    async def _digest_of(self, name: str) -> str | None:
+        """The stored file's SHA-256 (its metadata, or read back and hashed);
+        None when no file is there."""
+        try:
+            response, _ = await self._client.send("HEAD", self._prefix + name)
+        except NotFound:
+            return None
+        return _stored_sha256(response) or await _hash_key(self._client, self._prefix + name)
+
+    async def _check(self, name: str, precondition: Precondition | None) -> None:
+        if precondition is not None and not precondition.holds(await self._digest_of(name)):
+            raise PreconditionFailed(name)
+
+    def described(self, paths: list[str]) -> Deferred:
+        async def describe_one(path: str) -> FileInfo | None:
+            try:
+                info, response = await self._head(path)
+            except (NotFound, IsAFolder):
+                return None
+            digest = _stored_sha256(response) or await _hash_key(self._client, self._prefix + path)
+            return FileInfo(path, info.size, info.mtime, digest)
+
+        async def describe() -> dict[str, FileInfo]:
+            await self._settle_moves()
+            found: dict[str, FileInfo] = {}
+            for start in range(0, len(paths), DESCRIBE_AT_ONCE):
+                batch = paths[start : start + DESCRIBE_AT_ONCE]
+                for info in await _all(*(describe_one(path) for path in batch)):
+                    if info is not None:
+                        found[info.name] = info
+            return found
+
+        return Deferred.fromCoroutine(describe())
 
     def stat(self, name: str) -> Deferred:
         async def stat_now() -> FileInfo:
@@ -875,13 +938,31 @@ class S3Folder:
         return f"{self._prefix}{PARTIAL}/{key}", f"{self._prefix}{PARTIAL}/{key}.json"
 
     def begin_upload(
-        self, name: str, size: int, sha256: str | None = None, resume: bool = False
+        self,
+        name: str,
+        size: int,
+        sha256: str | None = None,
+        resume: bool = False,
+        *,
+        mtime: float | None = None,
+        precondition: Precondition | None = None,
     ) -> Deferred:
         if not resume:
             upload = S3Upload(self._client, self._prefix + name, size, sha256)
-            upload.check_target = lambda: self._free_for_a_file(name)
-            return defer.succeed(upload)
-        return Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+            d = defer.succeed(upload)
+        else:
+            d = Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+
+        def settings(upload: S3Upload) -> S3Upload:
+            async def check_target() -> None:
+                await self._free_for_a_file(name)
+                await self._check(name, precondition)  # just before the object appears
+
+            upload.mtime = mtime
+            upload.check_target = check_target
+            return upload
+
+        return d.addCallback(settings)
 
     async def _free_for_a_file(self, name: str) -> None:
         """Fail unless a file may appear at ``name``: not a folder (IsAFolder),
@@ -907,7 +988,6 @@ class S3Folder:
             await waiter
         record = await self._read_record(record_key)
         upload = S3Upload(self._client, self._prefix + name, size, sha256)
-        upload.check_target = lambda: self._free_for_a_file(name)
         upload.resumable_at(staging, record_key, self._settling)
         if record is not None and record.get("size") == size and record.get("sha256") == sha256:
             upload_id = record["upload_id"]
@@ -969,10 +1049,11 @@ class S3Folder:
 
         return Deferred.fromCoroutine(scan())
 
-    def delete(self, name: str) -> Deferred:
+    def delete(self, name: str, precondition: Precondition | None = None) -> Deferred:
         async def delete_it() -> None:
             await self._settle_moves()
             await self._stat(name)
+            await self._check(name, precondition)  # then the delete: not atomic on S3
             await self._client.send("DELETE", self._prefix + name, expect=(200, 204))
             await self._keep_folder(parent_of(name))
 
@@ -1167,6 +1248,7 @@ class S3Upload:
         self._error: Exception | None = None
         self._aborted = False
         self._completed = False
+        self.mtime: float | None = None
         self.on_superseded = None
         #: Checked before the object appears (S3Folder: not onto a folder).
         self.check_target: Callable[[], Any] | None = None
@@ -1232,7 +1314,14 @@ class S3Upload:
     def _declared_meta(self) -> dict[str, str]:
         """A declared SHA-256 goes into the object's metadata from the start (the
         object only appears once the bytes have been checked against it)."""
-        return {SHA256_META: self._expected.lower()} if self._expected is not None else {}
+        return self._meta(self._expected.lower() if self._expected is not None else None)
+
+    def _meta(self, digest: str | None) -> dict[str, str]:
+        """The object's metadata: its SHA-256 when known, and the mtime a save set."""
+        meta = {SHA256_META: digest} if digest is not None else {}
+        if self.mtime is not None:
+            meta[MTIME_META] = repr(float(self.mtime))
+        return meta
 
     async def _record_digest(self, digest: str, etag: str | None) -> None:
         """Give a completed multipart object without a declared hash its SHA-256
@@ -1250,7 +1339,7 @@ class S3Upload:
                     "x-amz-copy-source": source,
                     "x-amz-copy-source-if-match": etag,
                     "x-amz-metadata-directive": "REPLACE",
-                    SHA256_META: digest,
+                    **self._meta(digest),
                 },
             )
         except (NotFound, StorageFailure) as e:
@@ -1301,7 +1390,7 @@ class S3Upload:
         try:
             if self._upload_id is None:
                 await self._client.send(
-                    "PUT", self._key, body=self._take_buffer(), headers={SHA256_META: digest}
+                    "PUT", self._key, body=self._take_buffer(), headers=self._meta(digest)
                 )
             else:
                 completed = await self._complete()
@@ -1326,7 +1415,7 @@ class S3Upload:
                     headers={
                         "x-amz-copy-source": source,
                         "x-amz-metadata-directive": "REPLACE",
-                        SHA256_META: digest,
+                        **self._meta(digest),
                     },
                 )
                 await self._client.send("DELETE", self._key, expect=(204, 200))
@@ -1343,12 +1432,7 @@ class S3Upload:
             raise ChecksumMismatch(f"the data's SHA-256 is {digest}")
 
     async def _hash_object(self, key: str) -> str:
-        digest = hashlib.sha256()
-        response = await self._client.stream(key, 0, None)
-        finished: Deferred = Deferred()
-        self._client.deliver(response, _Hasher(digest, finished))
-        await finished
-        return digest.hexdigest()
+        return await _hash_key(self._client, key)
 
     async def _complete(self) -> str | None:
         """Complete the multipart upload; the new object's S3 ETag."""
