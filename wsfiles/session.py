@@ -159,6 +159,8 @@ MAX_QUEUED_TRANSFERS = 1000
 def _is_transfer(payload: bytes) -> bool:
     """Whether a command is a ``get`` or ``save`` (anything unparsable is not:
     it is charged and then refused as usual)."""
+    if b'"get"' not in payload and b'"save"' not in payload:
+        return False  # most commands: no second parse
     try:
         message = json.loads(payload)
     except (ValueError, RecursionError):
