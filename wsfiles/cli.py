@@ -11,6 +11,7 @@
     wsfiles rmdir [-r] URL PATH
     wsfiles share URL PATH [--expires 1d] [--max-downloads N] [--password]
     wsfiles shares URL | wsfiles unshare URL ID
+    wsfiles sync LOCAL_DIR URL [PATH] [--once] [--up-only|--down-only] [--dry-run]
     wsfiles user list|add|remove|rotate|set --users FILE [NAME] [settings]
 
 Names may be paths (``docs/2026/report.pdf``) on a server with folders
@@ -496,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     from wsfiles.cli_share import add_share_commands
 
     add_share_commands(remote)  # share, shares, unshare (wsfiles/cli_share.py)
+    from wsfiles.cli_sync import add_sync_command
+
+    add_sync_command(commands, _run_remote)  # sync LOCAL_DIR URL [PATH] (wsfiles/cli_sync.py)
 
     # wsfiles user ...: the users file, in its own module (wsfiles/users_cli.py).
     from wsfiles.users_cli import add_user_commands

@@ -1,0 +1,660 @@
+"""Carry out a sync plan over one command channel: verified, resumable, recorded.
+
+Every action re-checks its precondition at the last moment and records (or
+forgets) its state row right after it succeeds, so a Ctrl-C, a crash or a
+dropped connection leaves the state true for what was done, and the next run
+continues from there:
+
+- an upload is a ``save`` with ``if_sha256`` (the content last synced) or
+  ``if_absent``: a ``conflict`` means the server changed meanwhile, so the
+  path is left for the next round's plan, never overwritten;
+- a download goes into ``LOCAL/.wsfiles-sync/partial/`` (resumed if a killed
+  run left one), is verified by the client (SHA-256), gets the server's mtime,
+  and replaces the local file only if that file is still what the scan saw
+  (otherwise the local copy is kept under a conflict name first);
+- a local delete happens only if the file still has the synced size, mtime
+  and inode; a remote one only with ``if_sha256``.
+
+Transfers are sent without waiting for each other (:data:`PIPELINE` at once):
+the server queues them and runs them one after another on the file channel,
+so many small files do not pay a round trip each.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+
+from wsfiles.sync.localtree import (
+    conflict_name,
+    is_excluded,
+    local_path,
+    local_sha256,
+    scan,
+    short_host,
+)
+from wsfiles.sync.model import Action, Direction, Kind, LocalFile, Plan, RemoteFile, Synced
+from wsfiles.sync.plan import reconcile
+from wsfiles.sync.state import SyncState, partial_path
+
+#: Transfers in flight at once (the server's transfer queue takes up to 1000).
+PIPELINE = 64
+#: Error codes that concern one path only: said, and the path is tried again next round.
+PATH_ERRORS = frozenset(
+    {
+        "conflict",
+        "not_found",
+        "exists",
+        "invalid_name",
+        "is_a_folder",
+        "not_a_folder",
+        "too_large",
+        "quota_exceeded",
+        "checksum_mismatch",
+        "size_mismatch",
+    }
+)
+
+#: (files done, files total, bytes done, bytes total)
+Progress = Callable[[int, int, int, int], None]
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunResult:
+    """What one run of a plan did and what it left for the next round."""
+
+    done: int = 0
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, local copy)
+    retry: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, error line)
+
+
+def remote_name(base: str, path: str) -> str:
+    """The server's name for ``path`` under the synced folder ``base``."""
+    return f"{base}/{path}" if base else path
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st
+
+
+def _same(st: os.stat_result | None, size: int, mtime_ns: int, inode: int) -> bool:
+    return (
+        st is not None
+        and stat.S_ISREG(st.st_mode)
+        and (st.st_size, st.st_mtime_ns, st.st_ino) == (size, mtime_ns, inode)
+    )
+
+
+def _matches_scan(st: os.stat_result | None, scanned: LocalFile | None) -> bool:
+    """The local file is exactly what the scan saw (or is still absent)."""
+    if scanned is None:
+        return st is None
+    return _same(st, scanned.size, scanned.mtime_ns, scanned.inode)
+
+
+def conflict_copy_name(root: Path, path: str) -> str:
+    """A free conflict name for the local loser of ``path`` (localtree's rule)."""
+    return conflict_name(path, taken=lambda name: _lstat(local_path(root, name)) is not None)
+
+
+class Runner:
+    """Runs plans for one local root and one remote folder over ``client``."""
+
+    def __init__(
+        self,
+        client: Any,
+        root: Path,
+        base: str,
+        state: SyncState,
+        *,
+        emit: Emit | None = None,
+        progress: Progress | None = None,
+        pipeline: int = PIPELINE,
+    ) -> None:
+        self.client = client
+        self.root = root
+        self.base = base
+        self.state = state
+        self.emit: Emit = emit or (lambda event: None)
+        self.progress = progress
+        self.pipeline = max(1, pipeline)
+        self.local: Mapping[str, LocalFile] = {}
+        self.remote: Mapping[str, RemoteFile] = {}
+
+    # -- the whole plan ----------------------------------------------------
+
+    async def run(
+        self,
+        plan: Plan,
+        local: Mapping[str, LocalFile],
+        remote: Mapping[str, RemoteFile],
+    ) -> RunResult:
+        """Carry out ``plan`` (made from the scan ``local`` and the listing
+        ``remote``).  Per-path refusals are collected in the result; anything
+        else (the connection lost, Ctrl-C) raises, with every finished action
+        already recorded."""
+        self.local, self.remote = local, remote
+        result = RunResult()
+        transfers = [a for a in plan.actions if a.kind in _TRANSFERS]
+        self._files_total = len(transfers)
+        self._bytes_total = sum(a.size for a in transfers)
+        self._files_done = 0
+        self._bytes_done = 0
+        self._in_flight: dict[str, int] = {}
+        self._report()
+        records = [a for a in plan.actions if a.kind in _STATE_ONLY]
+        if records:
+            with self.state.batch():  # one commit for them all
+                for action in records:
+                    if action.kind is Kind.RECORD:
+                        self._record_equal(action)
+                    else:
+                        self.state.forget(action.path)
+            result.done += len(records)
+        batch: list[Action] = []
+        for action in plan.actions:
+            if action.kind in _STATE_ONLY:
+                continue
+            if action.kind in _PIPELINED:
+                batch.append(action)
+                continue
+            await self._pipelined(batch, result)
+            batch = []
+            await self._one(action, result)
+        await self._pipelined(batch, result)
+        return result
+
+    async def _pipelined(self, actions: list[Action], result: RunResult) -> None:
+        """Run transfers with up to ``pipeline`` in flight; the first
+        failure that is not about one path stops the rest and is raised."""
+        if not actions:
+            return
+        limit = defer.DeferredSemaphore(self.pipeline)
+        failed: list[BaseException] = []
+
+        async def one(action: Action) -> None:
+            if failed:
+                return
+            try:
+                await self._one(action, result)
+            except BaseException as e:
+                failed.append(e)
+                raise
+
+        running = [limit.run(lambda a=a: defer.ensureDeferred(one(a))) for a in actions]
+        try:
+            await defer.DeferredList(running, consumeErrors=True)
+        except defer.CancelledError:
+            for d in running:
+                d.cancel()
+            raise
+        if failed:
+            raise failed[0]
+
+    async def _one(self, action: Action, result: RunResult) -> None:
+        from wsfiles.client import WsfilesError
+
+        try:
+            await _HANDLERS[action.kind](self, action, result)
+        except WsfilesError as e:
+            if e.code not in PATH_ERRORS:
+                raise
+            self._retry(result, action.path, f"{e.code}: {e.message}")
+        except OSError as e:
+            where = e.filename or action.path
+            line = f"cannot use {where}: {e.strerror or e}"
+            result.failed.append((action.path, line))
+            self.emit({"event": "error", "path": action.path, "message": line})
+        finally:
+            if action.kind in _TRANSFERS:
+                self._in_flight.pop(action.path, None)
+
+    def _retry(self, result: RunResult, path: str, why: str) -> None:
+        result.retry.append((path, why))
+        self.emit({"event": "retry", "path": path, "reason": why})
+
+    def _done(self, result: RunResult, action: Action, **extra: Any) -> None:
+        result.done += 1
+        # (a conflict said "conflict" already: what is left is the server's copy coming down)
+        name = "download" if action.kind is Kind.CONFLICT else action.kind.value
+        event: dict[str, Any] = {"event": name, "path": action.path}
+        if action.to is not None and action.kind is not Kind.CONFLICT:
+            event["to"] = action.to
+        if action.kind in _TRANSFERS:
+            event["size"] = action.size
+            self._files_done += 1
+            self._bytes_done += action.size
+            self._in_flight.pop(action.path, None)
+            self._report()
+        event.update(extra)
+        self.emit(event)
+
+    def _report(self) -> None:
+        if self.progress is not None:
+            moving = sum(self._in_flight.values())
+            self.progress(
+                self._files_done,
+                self._files_total,
+                min(self._bytes_done + moving, self._bytes_total),
+                self._bytes_total,
+            )
+
+    def _moved(self, path: str) -> Callable[[int, int], None] | None:
+        if self.progress is None:
+            return None
+
+        def report(done: int, _total: int) -> None:
+            self._in_flight[path] = done
+            self._report()
+
+        return report
+
+    # -- the actions -------------------------------------------------------
+
+    def _record_equal(self, action: Action) -> None:
+        scanned = self.local.get(action.path)
+        listed = self.remote.get(action.path)
+        if scanned is None or listed is None or action.sha256 is None:
+            return
+        self.state.record(
+            Synced(
+                action.path,
+                scanned.size,
+                action.sha256,
+                scanned.mtime_ns,
+                scanned.inode,
+                listed.mtime,
+            )
+        )
+
+    async def _upload(self, action: Action, result: RunResult) -> None:
+        target = local_path(self.root, action.path)
+        try:
+            source = open(target, "rb")  # noqa: SIM115 (closed below)
+        except (FileNotFoundError, NotADirectoryError):
+            self._retry(result, action.path, "the local file is gone since the scan")
+            return
+        with source:
+            st = os.fstat(source.fileno())
+            scanned = self.local.get(action.path)
+            if scanned is not None and not _matches_scan(st, scanned):
+                self._retry(result, action.path, "the local file changed since the scan")
+                return
+            guard: dict[str, Any] = (
+                {"if_sha256": action.expect_remote_sha256}
+                if action.expect_remote_sha256
+                else {"if_absent": True}
+            )
+            ack = await self.client.upload(
+                remote_name(self.base, action.path),
+                source,
+                resume=True,
+                mtime=st.st_mtime_ns / 1e9,
+                progress=self._moved(action.path),
+                **guard,
+            )
+        remote_mtime = ack.get("mtime")
+        self.state.record(
+            Synced(
+                action.path,
+                st.st_size,
+                ack["sha256"],
+                st.st_mtime_ns,
+                st.st_ino,
+                float(remote_mtime) if remote_mtime is not None else st.st_mtime_ns / 1e9,
+            )
+        )
+        self._done(result, action)
+
+    async def _download(self, action: Action, result: RunResult) -> None:
+        """Fetch into the partial file, verify, then put it in place (see the module doc)."""
+        from wsfiles.client import CHECKSUM_MISMATCH, WsfilesError
+
+        partial = partial_path(self.root, action.path)
+        sink = open(partial, "a+b")  # noqa: SIM115 (closed below, before any rename)
+        try:
+            sink.seek(0, os.SEEK_END)
+            try:
+                sent = await self.client.download(
+                    remote_name(self.base, action.path),
+                    sink,
+                    resume=True,
+                    progress=self._moved(action.path),
+                )
+            except WsfilesError as e:
+                if e.code in (CHECKSUM_MISMATCH, "not_found"):  # its bytes are of no use
+                    sink.close()
+                    partial.unlink(missing_ok=True)
+                raise
+            sink.flush()
+            os.fsync(sink.fileno())  # durable before it replaces anything
+        finally:
+            sink.close()
+        listed = self.remote.get(action.path)
+        mtime = listed.mtime if listed is not None else None
+        if mtime is not None:
+            ns = round(mtime * 1e9)
+            os.utime(partial, ns=(ns, ns))
+        target = local_path(self.root, action.path)
+        self._make_folder(target.parent)
+        current = _lstat(target)
+        copy: str | None = None
+        if action.kind is Kind.CONFLICT and current is not None:
+            copy = action.to or conflict_copy_name(self.root, action.path)
+        elif current is not None and not _matches_scan(current, self.local.get(action.path)):
+            # Changed locally since the scan: the server's copy keeps the name.
+            copy = conflict_copy_name(self.root, action.path)
+        if copy is not None:
+            if current is not None and stat.S_ISDIR(current.st_mode):
+                partial.unlink(missing_ok=True)
+                self._retry(result, action.path, "a local folder has this name")
+                return
+            copy_path = local_path(self.root, copy)
+            if _lstat(copy_path) is not None:
+                copy = conflict_copy_name(self.root, action.path)
+                copy_path = local_path(self.root, copy)
+            os.rename(target, copy_path)
+            result.conflicts.append((action.path, copy))
+            self.emit({"event": "conflict", "path": action.path, "copy": copy})
+        os.replace(partial, target)
+        st = os.lstat(target)
+        self.state.record(
+            Synced(
+                action.path,
+                st.st_size,
+                sent["sha256"],
+                st.st_mtime_ns,
+                st.st_ino,
+                mtime if mtime is not None else st.st_mtime_ns / 1e9,
+            )
+        )
+        self._done(result, action)
+
+    def _make_folder(self, folder: Path) -> None:
+        """Create ``folder`` under the root; never write through a symlink out of it."""
+        folder.mkdir(parents=True, exist_ok=True)
+        real = os.path.realpath(folder)
+        root = os.path.realpath(self.root)
+        if real != root and not real.startswith(root + os.sep):
+            raise OSError(0, f"a symlink leads out of {self.root}", str(folder))
+
+    async def _delete_local(self, action: Action, result: RunResult) -> None:
+        target = local_path(self.root, action.path)
+        current = _lstat(target)
+        synced = self.state.get(action.path)
+        if current is None:
+            self.state.forget(action.path)
+            self._done(result, action)
+            return
+        if synced is None or not _same(
+            current, synced.size, synced.local_mtime_ns, synced.local_inode
+        ):
+            self._retry(result, action.path, "the local file changed since it was synced")
+            return
+        os.unlink(target)
+        self.state.forget(action.path)
+        self._prune(target.parent)
+        self._done(result, action)
+
+    def _prune(self, folder: Path) -> None:
+        """Remove the folders a local delete left empty, up to the root."""
+        root = self.root.resolve()
+        while folder.resolve() != root and root in folder.resolve().parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    async def _delete_remote(self, action: Action, result: RunResult) -> None:
+        from wsfiles.client import WsfilesError
+
+        if _lstat(local_path(self.root, action.path)) is not None:
+            self._retry(result, action.path, "the local file is back")
+            return
+        try:
+            await self.client.delete(
+                remote_name(self.base, action.path), if_sha256=action.expect_remote_sha256
+            )
+        except WsfilesError as e:
+            if e.code != "not_found":
+                raise
+        self.state.forget(action.path)
+        self._done(result, action)
+
+    async def _rename_remote(self, action: Action, result: RunResult) -> None:
+        assert action.to is not None
+        moved = _lstat(local_path(self.root, action.to))
+        if moved is None or _lstat(local_path(self.root, action.path)) is not None:
+            self._retry(result, action.path, "the local rename changed since the scan")
+            return
+        await self.client.rename(
+            remote_name(self.base, action.path), remote_name(self.base, action.to)
+        )
+        listed = self.remote.get(action.path)
+        synced = self.state.get(action.path)
+        sha256 = action.sha256 or (synced.sha256 if synced else None)
+        self.state.forget(action.path)
+        if sha256 is not None:
+            self.state.record(
+                Synced(
+                    action.to,
+                    moved.st_size,
+                    sha256,
+                    moved.st_mtime_ns,
+                    moved.st_ino,
+                    listed.mtime if listed is not None else moved.st_mtime_ns / 1e9,
+                )
+            )
+        self._done(result, action)
+
+    async def _rename_local(self, action: Action, result: RunResult) -> None:
+        assert action.to is not None
+        source = local_path(self.root, action.path)
+        target = local_path(self.root, action.to)
+        current = _lstat(source)
+        synced = self.state.get(action.path)
+        if (
+            current is None
+            or synced is None
+            or not _same(current, synced.size, synced.local_mtime_ns, synced.local_inode)
+        ):
+            self._retry(result, action.path, "the local file changed since it was synced")
+            return
+        if _lstat(target) is not None:
+            self._retry(result, action.path, f"{action.to!r} exists locally")
+            return
+        self._make_folder(target.parent)
+        os.rename(source, target)
+        self._prune(source.parent)
+        listed = self.remote.get(action.to)
+        self.state.forget(action.path)
+        self.state.record(
+            Synced(
+                action.to,
+                synced.size,
+                synced.sha256,
+                synced.local_mtime_ns,
+                synced.local_inode,
+                listed.mtime if listed is not None else synced.remote_mtime,
+            )
+        )
+        self._done(result, action)
+
+    async def _record(self, action: Action, result: RunResult) -> None:
+        self._record_equal(action)
+        result.done += 1
+
+    async def _forget(self, action: Action, result: RunResult) -> None:
+        self.state.forget(action.path)
+        result.done += 1
+
+
+_TRANSFERS = frozenset({Kind.UPLOAD, Kind.DOWNLOAD, Kind.CONFLICT})
+#: Transfers run side by side (a conflict renames a local file first: one at a time).
+_PIPELINED = frozenset({Kind.UPLOAD, Kind.DOWNLOAD})
+#: Actions that only touch the state: done first, in one transaction.
+_STATE_ONLY = frozenset({Kind.RECORD, Kind.FORGET})
+_HANDLERS: dict[Kind, Callable[[Runner, Action, RunResult], Any]] = {
+    Kind.UPLOAD: Runner._upload,
+    Kind.DOWNLOAD: Runner._download,
+    Kind.CONFLICT: Runner._download,
+    Kind.DELETE_LOCAL: Runner._delete_local,
+    Kind.DELETE_REMOTE: Runner._delete_remote,
+    Kind.RENAME_REMOTE: Runner._rename_remote,
+    Kind.RENAME_LOCAL: Runner._rename_local,
+    Kind.RECORD: Runner._record,
+    Kind.FORGET: Runner._forget,
+}
+
+
+def describe(action: Action) -> str:
+    """One line for ``--dry-run`` and the log: what the action would do."""
+    from wsfiles.cli_format import human_size
+
+    kind = action.kind
+    if kind is Kind.UPLOAD:
+        return f"upload    {action.path} ({human_size(action.size)})"
+    if kind is Kind.DOWNLOAD:
+        return f"download  {action.path} ({human_size(action.size)})"
+    if kind is Kind.CONFLICT:
+        return f"conflict  {action.path}: kept here as {action.to!r}; the server's copy comes down"
+    if kind is Kind.DELETE_LOCAL:
+        return f"delete    {action.path} (here: deleted on the server)"
+    if kind is Kind.DELETE_REMOTE:
+        return f"delete    {action.path} (on the server: deleted here)"
+    if kind is Kind.RENAME_REMOTE:
+        return f"rename    {action.path} -> {action.to} (on the server: renamed here)"
+    if kind is Kind.RENAME_LOCAL:
+        return f"rename    {action.path} -> {action.to} (here: renamed on the server)"
+    return f"in sync   {action.path}"
+
+
+# -- one round: scan, list, plan, run -----------------------------------------
+
+
+@dataclass
+class Round:
+    """One reconcile pass: its plan and, unless a dry run, what running it did."""
+
+    plan: Plan
+    result: RunResult | None
+
+    @property
+    def settled(self) -> bool:
+        """Nothing was left to do: only state rows changed, nothing waits or failed."""
+        busy = [a for a in self.plan.actions if a.kind not in _STATE_ONLY]
+        if busy or self.plan.waiting:
+            return False
+        return self.result is None or not (self.result.retry or self.result.failed)
+
+
+class Syncer:
+    """Reconciles one local root with one remote folder, a round at a time."""
+
+    def __init__(
+        self,
+        client: Any,
+        root: Path,
+        base: str,
+        state: Any,
+        *,
+        direction: Direction = "both",
+        excludes: Sequence[str] = (),
+        emit: Emit | None = None,
+        progress: Callable[[], Progress | None] | None = None,
+        dry_run: bool = False,
+    ) -> None:
+        self.client = client
+        self.root = root
+        self.base = base
+        self.state = state
+        self.direction: Direction = direction
+        self.excludes = list(excludes)
+        self.emit: Emit = emit or (lambda event: None)
+        self.progress = progress
+        self.dry_run = dry_run
+        self._warned: set[tuple[str, str]] = set()
+
+    async def listing(self) -> dict[str, RemoteFile]:
+        """The server's files under the synced folder, with their SHA-256."""
+        from wsfiles.client import WsfilesError
+        from wsfiles.client_tree import is_folder, list_folder
+
+        try:
+            entries = await list_folder(self.client, self.base, recursive=True, sha256=True)
+        except WsfilesError as e:
+            if e.code == "not_found":  # the folder comes with the first upload
+                return {}
+            raise
+        files: dict[str, RemoteFile] = {}
+        for entry in entries:
+            name = entry.get("name")
+            if is_folder(entry) or not isinstance(name, str):
+                continue
+            if is_excluded(name, self.excludes):
+                continue
+            files[name] = RemoteFile(
+                name, int(entry["size"]), float(entry["mtime"]), entry.get("sha256")
+            )
+        return files
+
+    async def round(self) -> Round:
+        """Scan, list, plan and (unless a dry run) run the plan once."""
+        from wsfiles.client_tree import limits
+
+        now = time.time()
+        local, skipped = scan(self.root, self.excludes, limits(self.client), prefix=self.base)
+        remote = await self.listing()
+        plan = reconcile(
+            local,
+            remote,
+            self.state.all(),
+            lambda path: local_sha256(self.root, path),
+            self.direction,
+            now,
+            short_host(),
+            skipped=skipped,
+            excludes=self.excludes,
+        )
+        for path, reason in plan.skipped:
+            if (path, reason) not in self._warned:
+                self._warned.add((path, reason))
+                self.emit({"event": "skipped", "path": path, "reason": reason})
+        if self.dry_run:
+            for action in plan.actions:
+                if action.kind not in _STATE_ONLY:
+                    self.emit({"event": "plan", **action_fields(action)})
+            return Round(plan, None)
+        runner = Runner(
+            self.client,
+            self.root,
+            self.base,
+            self.state,
+            emit=self.emit,
+            progress=self.progress() if self.progress else None,
+        )
+        return Round(plan, await runner.run(plan, local, remote))
+
+
+def action_fields(action: Action) -> dict[str, Any]:
+    """An action as JSON fields (``--json``, ``--dry-run``)."""
+    fields: dict[str, Any] = {"action": action.kind.value, "path": action.path}
+    if action.to is not None:
+        fields["to"] = action.to
+    if action.kind in _TRANSFERS:
+        fields["size"] = action.size
+    return fields
