@@ -311,6 +311,15 @@ def test_a_file_being_written_waits_and_is_not_read():
     assert brief(plan) == [("upload", "busy"), ("record", "old")]
 
 
+def test_a_file_just_synced_is_not_waiting():
+    world = World({"fresh": "x"}, {"fresh": "y"}, {"fresh": "x"})
+    recent = int((NOW - 0.5) * 1e9)
+    world.local["fresh"] = LocalFile("fresh", 1, recent, 9)
+    world.state["fresh"] = Synced("fresh", 1, sha("x"), recent, 9, NOW - 0.5)
+    plan = world.plan()
+    assert (brief(plan), plan.waiting, world.hashed) == ([("download", "fresh")], [], [])
+
+
 def test_skipped_local_entries_are_not_read_as_deleted():
     world = World({}, {"link": "x", "dir/a": "y", "other": "z"}, {"link": "x", "dir/a": "y"})
     skipped = [("dir", "cannot read folder: Permission denied"), ("link", "symbolic link")]

@@ -18,8 +18,9 @@ The rules, for each path (``state`` = what both sides held at the last sync):
   are unchanged on the other side (``DELETE_LOCAL``/``DELETE_REMOTE``).  A file
   on one side only and never synced is copied, never deleted.
 - Delete against modify: the modified side wins, the file is restored.
-- Conflict (both sides changed since the last sync, contents differ, or never
-  synced and different): the server's copy keeps the name; the local copy is
+- Conflict (both sides changed since the last sync and contents differ, or
+  never synced and different, or never synced and the server gave no SHA-256
+  to compare): the server's copy keeps the name; the local copy is
   renamed ``NAME (conflict HOST YYYY-MM-DD HHMMSS).EXT`` (``CONFLICT``, which
   then downloads the server's copy) and uploaded under that name, so both
   sides end up with both.  Nothing is lost.
@@ -36,7 +37,8 @@ The rules, for each path (``state`` = what both sides held at the last sync):
   still keeps both, the local copy renamed).  Changes made on the other side
   are left alone, not undone.
 - Local files modified less than ``quiet`` seconds (2 s) before ``now`` are
-  being written: left alone this time (``Plan.waiting``), planned again later.
+  being written: left alone this time (``Plan.waiting``), planned again later
+  (unless their stat data is exactly the state's: a file just synced).
 - Names the scan skipped (symlinks, special files, refused names, unreadable
   folders) and ``--exclude`` matches are left alone on both sides: a skipped
   local entry is not read as deleted.  A path that is a file on one side and a
@@ -264,8 +266,12 @@ class _Planner:
         self.when = when if when is not None else datetime.fromtimestamp(now)
         self.actions: list[Action] = []
         self.warnings: list[tuple[str, str]] = list(skipped)
+        # Being written: modified within `quiet` of `now`.  A file exactly as last
+        # synced (a fresh download carries a recent mtime) is known, never waiting.
         self.waiting: list[str] = sorted(
-            p for p, found in local.items() if not is_quiet(found, now, quiet)
+            p
+            for p, found in local.items()
+            if not is_quiet(found, now, quiet) and not (p in state and _stat_same(found, state[p]))
         )
         # Paths whose local side is unknown this time (and everything below them).
         self.unknown = {path for path, _ in skipped} | set(self.waiting)
