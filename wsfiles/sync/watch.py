@@ -167,9 +167,10 @@ class _LocalWatch:
             self._poll.start(POLL_SECONDS, now=False)
 
     def _event(self, _watch: Any, filepath: Any, _mask: int) -> None:
-        try:
-            rel = os.path.relpath(filepath.path, self.root).replace(os.sep, "/")
-        except ValueError:
+        try:  # (Twisted hands over the path as bytes)
+            rel = os.path.relpath(os.fsdecode(filepath.path), self.root).replace(os.sep, "/")
+        except (ValueError, TypeError):
+            self.wake.poke()
             return
         if rel == STATE_DIR or rel.startswith(STATE_DIR + "/"):
             return  # our own state: never a reason to sync
