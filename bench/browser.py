@@ -93,6 +93,7 @@ run.  Linux only (/proc).
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import json
@@ -116,7 +117,9 @@ from _common import (
     MB,
     ServerProcess,
     bounded,
+    cpu_seconds,
     header,
+    machine_busy_seconds,
     make_source,
     print_result,
     run_on_reactor,
@@ -153,11 +156,31 @@ RELEASE_POLL_SECONDS = 1.0
 SMALL_FILE = 512 * 2**20
 #: A transfer passes when the page's memory rises by less than this share of the file.
 FLAT_SHARE = 0.25
+#: Chromium's tracing (--trace): top-level tasks with their thread time (toplevel),
+#: the page's tasks, script and timers (devtools.timeline), V8's execution and
+#: garbage collection (v8), net for the download's URL request, and sampled JS stacks.
+TRACE_CATEGORIES = [
+    "toplevel",
+    "devtools.timeline",
+    "disabled-by-default-devtools.timeline",
+    "v8",
+    "v8.execute",
+    "blink",
+    "net",
+    "disabled-by-default-v8.cpu_profiler",
+]
+#: The page's Performance.getMetrics kept per transfer (differences, seconds).
+PAGE_METRICS = ("ProcessTime", "ThreadTime", "TaskDuration", "ScriptDuration", "TaskOtherDuration")
 #: The page's upload tuning (sessionStorage "wsfiles-tuning") by name; the
-#: page's defaults are 256 KiB slices, a 4 MiB bufferedAmount mark, verified.
+#: page's defaults are 256 KiB messages, a 4 MiB bufferedAmount mark, verified,
+#: and the bytes sent are the ones the hash worker read (4 MiB reads, "feed").
 UPLOAD_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "no-verify": {"verify": False},
+    # As before issue 20's second round: the socket gets File.slice() Blobs and
+    # the worker reads the file a second time for the hash.
+    "blob-slices": {"feed": False},
+    "blob-slices-no-verify": {"feed": False, "verify": False},
     "1M-slices": {"chunk": 1 << 20, "highWater": 16 << 20},
     "64K-slices": {"chunk": 64 << 10, "highWater": 1 << 20},
     "256K-slices-16M-mark": {"highWater": 16 << 20},
@@ -239,6 +262,90 @@ def status_kib(pid: int, fields: tuple[str, ...]) -> dict[str, int]:
 
 
 KINDS = ("renderer", "browser", "network", "total")
+
+
+def process_label(pid: int) -> str | None:
+    """A finer name than ``chromium_kind`` for CPU accounting: gpu, zygote, utility services."""
+    kind = chromium_kind(pid)
+    if kind != "other":
+        return kind
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().replace(b"\0", b" ").decode(errors="replace").split()
+    except OSError:
+        return None
+    for arg in argv:
+        if arg.startswith("--type="):
+            kind = arg[7:]
+        if arg.startswith("--utility-sub-type="):
+            return "utility:" + arg.rpartition(".")[2]
+    return kind
+
+
+def thread_cpu(pids: dict[int, str]) -> dict[tuple[str, str], float]:
+    """CPU seconds (user + system) so far per (process label, thread name), from /proc.
+
+    Thread names are the kernel's (15 characters): CrRendererMain, DedicatedWorker
+    (the hash worker), NetworkService, ThreadPoolForeg, Chrome_ChildIOT...
+    """
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[tuple[str, str], float] = {}
+    for pid, label in pids.items():
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        head, _, rest = f.read().rpartition(")")
+                except OSError:
+                    continue  # the thread ended
+                name = head.partition("(")[2]
+                fields = rest.split()
+                key = (label, name)
+                out[key] = out.get(key, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+class CpuMeter:
+    """CPU seconds per process and thread of Chromium and the server over one transfer."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.server_pid = server_pid
+
+    def pids(self) -> dict[int, str]:
+        found = {self.server_pid: "server"}
+        for pid in descendants(os.getpid()):
+            label = process_label(pid)
+            if label is not None:
+                found[pid] = label
+        return found
+
+    def snapshot(self) -> CpuUse:
+        """CPU seconds so far: per thread, and the whole machine's busy time."""
+        return CpuUse(time.perf_counter(), machine_busy_seconds(), thread_cpu(self.pids()))
+
+    def since(self, before: CpuUse) -> CpuUse:
+        """What was used from ``before`` until now (threads that ended are not counted)."""
+        now = self.snapshot()
+        return CpuUse(
+            now.wall - before.wall,
+            now.busy - before.busy,
+            {k: v - before.threads.get(k, 0.0) for k, v in now.threads.items()},
+        )
+
+
+@dataclass
+class CpuUse:
+    """Wall seconds, the machine's busy CPU seconds, CPU seconds per (process, thread)."""
+
+    wall: float = 0.0
+    busy: float = 0.0
+    threads: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def by_process(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for (label, _), seconds in self.threads.items():
+            out[label] = out.get(label, 0.0) + seconds
+        return out
 
 
 @dataclass
@@ -357,7 +464,12 @@ class Watchdog:
 
 #: The DevTools events kept (a download's progress events are dropped but for its end).
 KEPT_EVENTS = frozenset(
-    {"Browser.downloadWillBegin", "Browser.downloadProgress", "Runtime.exceptionThrown"}
+    {
+        "Browser.downloadWillBegin",
+        "Browser.downloadProgress",
+        "Runtime.exceptionThrown",
+        "Tracing.tracingComplete",
+    }
 )
 
 
@@ -498,6 +610,40 @@ class Chromium:
                     raise CdpError(f"waiting for {method}: {why}")
                 self._cond.wait(remaining)
 
+    def trace_start(self, categories: list[str]) -> None:
+        """Chromium's own tracing, every process, until ``trace_end``."""
+        self.send(
+            "Tracing.start",
+            {
+                "transferMode": "ReturnAsStream",
+                "traceConfig": {
+                    "recordMode": "recordAsMuchAsPossible",
+                    "includedCategories": categories,
+                },
+            },
+        )
+
+    def trace_end(self, path: Path, timeout: float) -> None:
+        """Stop tracing and write the trace (Trace Event JSON, for Perfetto) to ``path``."""
+        with self._cond:
+            seen = sum(e.get("method") == "Tracing.tracingComplete" for e in self.events)
+        self.send("Tracing.end")
+        count = [0]
+
+        def new(_: dict[str, Any]) -> bool:
+            count[0] += 1
+            return count[0] > seen
+
+        handle = self.wait_event("Tracing.tracingComplete", new, timeout)["stream"]
+        with path.open("wb") as f:
+            for _ in range(1 << 20):  # bounded: 1 TiB of 1 MiB reads
+                chunk = self.send("IO.read", {"handle": handle, "size": 1 << 20}, timeout=timeout)
+                data = chunk.get("data", "")
+                f.write(base64.b64decode(data) if chunk.get("base64Encoded") else data.encode())
+                if chunk.get("eof"):
+                    break
+        self.send("IO.close", {"handle": handle})
+
     def errors(self) -> list[str]:
         with self._cond:
             return [
@@ -570,6 +716,11 @@ class PagePhase:
     released_after: float | None = math.nan
     released: Memory = field(default_factory=Memory)
     release_bound: float = 0.0
+    #: CPU per process and thread over the transfer (/proc), and the page's own
+    #: Performance.getMetrics differences (ProcessTime, ThreadTime, TaskDuration...).
+    cpu: CpuUse = field(default_factory=CpuUse)
+    page_metrics: dict[str, float] = field(default_factory=dict)
+    trace: Path | None = None
 
 
 class PageDriver:
@@ -580,6 +731,9 @@ class PageDriver:
         self.session = session
         self.memory = memory
         self.timeout = timeout
+        self.cpu: CpuMeter | None = None
+        self.trace_dir: Path | None = None
+        self.traces = 0
 
     def send(self, method: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
         return self.chromium.send(method, params, self.session, **kw)
@@ -602,6 +756,10 @@ class PageDriver:
     def heap(self) -> tuple[int, int]:
         metrics = {m["name"]: m["value"] for m in self.send("Performance.getMetrics")["metrics"]}
         return int(metrics.get("JSHeapUsedSize", 0)), int(metrics.get("JSHeapTotalSize", 0))
+
+    def metrics(self) -> dict[str, float]:
+        """The page's Performance.getMetrics (seconds for *Time and *Duration)."""
+        return {m["name"]: m["value"] for m in self.send("Performance.getMetrics")["metrics"]}
 
     def settled(self) -> Memory:
         """Memory after a forced garbage collection in the page."""
@@ -668,6 +826,10 @@ class PageDriver:
         phase = PagePhase()
         phase.before = self.settled()
         phase.hwm_reset = self.memory.reset_peaks()
+        if self.trace_dir is not None:
+            self.chromium.trace_start(TRACE_CATEGORIES)
+        metrics = self.metrics()
+        cpu = self.cpu.snapshot() if self.cpu else None
         with self.memory.sampling():
             started = time.perf_counter()
             start()
@@ -678,6 +840,15 @@ class PageDriver:
             if finish is not None:
                 finish()
             phase.seconds = time.perf_counter() - started
+        if self.cpu and cpu:
+            phase.cpu = self.cpu.since(cpu)
+        after = self.metrics()
+        phase.page_metrics = {k: after[k] - metrics.get(k, 0.0) for k in PAGE_METRICS if k in after}
+        if self.trace_dir is not None:
+            self.traces += 1
+            direction = "up" if label.startswith("↑") else "down"
+            phase.trace = self.trace_dir / f"{self.traces}-{direction}.json"
+            self.chromium.trace_end(phase.trace, self.timeout)
         hwm = self.memory.hwm() if phase.hwm_reset else {}
         phase.peak.rss = {
             kind: max(self.memory.peak.get(kind, 0), hwm.get(kind, 0)) for kind in KINDS
@@ -691,7 +862,7 @@ class PageDriver:
 
 
 def browser_round(
-    url: str, source: Path, work: Path, timeout: float, options: argparse.Namespace
+    url: str, source: Path, work: Path, timeout: float, options: argparse.Namespace, server_pid: int
 ) -> tuple[dict[str, PagePhase], PagePhase, Path]:
     """Upload then download ``source`` through the page; return both phases and the saved file."""
     memory = ChromiumMemory()
@@ -701,7 +872,7 @@ def browser_round(
     try:
         budget = (1 + len(options.upload_variants)) * timeout + options.release_wait + 120
         with Watchdog(memory, budget) as watchdog:
-            phases = drive_page(chromium, memory, url, source, timeout, options)
+            phases = drive_page(chromium, memory, url, source, timeout, options, server_pid)
         if watchdog.fired:
             raise TimeoutError("the browser part overran its budget")
         errors = chromium.errors()
@@ -724,6 +895,7 @@ def drive_page(
     source: Path,
     timeout: float,
     options: argparse.Namespace,
+    server_pid: int,
 ) -> tuple[dict[str, PagePhase], PagePhase, Path]:
     version = chromium.send("Browser.getVersion")["product"]
     context: dict[str, str] = {}
@@ -743,6 +915,8 @@ def drive_page(
         },
     )
     driver = PageDriver(chromium, session, memory, timeout)
+    driver.cpu = CpuMeter(server_pid)
+    driver.trace_dir = options.trace
     for domain in ("Page", "Runtime", "Performance"):
         driver.send(f"{domain}.enable")
     if options.devtools_network:
@@ -767,6 +941,10 @@ def drive_page(
         driver.evaluate(f"sessionStorage.setItem('wsfiles-tuning', {stored})")
 
         driver.evaluate("document.querySelectorAll('#transfers li').forEach((e) => e.remove())")
+        if uploads:  # the page asks before replacing a file it lists: wait until it lists it
+            listed = f"#files tbody tr[data-name='{PAGE_FILE}']"
+            if not driver.wait_for(f"() => !!document.querySelector({listed!r})", None, 30):
+                raise TimeoutError(f"{PAGE_FILE} was not listed in the page within 30 s")
 
         def pick() -> None:
             driver.set_input_file("#picker", source)
@@ -782,6 +960,7 @@ def drive_page(
             f"page up {variant:24} {size / phase.seconds / MB:8.1f} MB/s  {phase.seconds:6.2f} s",
             flush=True,
         )
+        report_cpu(f"page up {variant}", phase)
 
     saved: list[Path] = []
 
@@ -809,30 +988,173 @@ def drive_page(
         f"  (handed to the download manager after {down.received_seconds:.2f} s)",
         flush=True,
     )
+    report_cpu("page down", down)
     if options.release_wait > 0:
         driver.wait_released(down, size, options.release_wait)
     return uploads, down, saved[0]
+
+
+# -- reading a trace ---------------------------------------------------------------
+
+#: Top-level task events: their thread time (tdur) is a thread's busy CPU.
+TOP_LEVEL = frozenset({"ThreadControllerImpl::RunTask", "ThreadPool_RunTask", "RunTask"})
+
+
+def summarize_trace(path: Path, top: int = 6) -> list[str]:
+    """Per busy thread: its tasks' wall and CPU time, and the names with the most self time.
+
+    Self time = an event's duration less its direct children's (``X`` events on one
+    thread nest), so the names say where a thread's seconds went.
+    """
+    with path.open("rb") as f:
+        events = json.load(f)
+    if isinstance(events, dict):
+        events = events.get("traceEvents", [])
+    processes: dict[int, str] = {}
+    threads: dict[tuple[int, int], str] = {}
+    spans: dict[tuple[int, int], list[tuple[float, float, float, str]]] = {}
+    first, last = math.inf, -math.inf
+    for e in events:
+        ph = e.get("ph")
+        if ph == "M":
+            name = e.get("args", {}).get("name", "")
+            if e.get("name") == "process_name":
+                processes[e["pid"]] = name
+            elif e.get("name") == "thread_name":
+                threads[(e["pid"], e["tid"])] = name
+        elif ph == "X" and "dur" in e:
+            ts, dur = float(e["ts"]), float(e["dur"])
+            first, last = min(first, ts), max(last, ts + dur)
+            spans.setdefault((e["pid"], e["tid"]), []).append(
+                (ts, dur, float(e.get("tdur", 0.0)), e.get("name", "?"))
+            )
+    wall = (last - first) / 1e6 if spans else 0.0
+    rows = []
+    for key, items in spans.items():
+        items.sort(key=lambda x: (x[0], -x[1]))
+        busy = cpu = 0.0
+        self_time: dict[str, float] = {}
+        stack: list[list[Any]] = []  # [end, name, self]
+        for ts, dur, tdur, name in items:
+            while stack and stack[-1][0] <= ts:
+                _, n, own = stack.pop()
+                self_time[n] = self_time.get(n, 0.0) + own
+            if stack:
+                stack[-1][2] -= dur
+            else:
+                busy += dur
+            if name in TOP_LEVEL and not any(s[1] in TOP_LEVEL for s in stack):
+                cpu += tdur
+            stack.append([ts + dur, name, dur])
+        for _, n, own in stack:
+            self_time[n] = self_time.get(n, 0.0) + own
+        rows.append((busy, cpu, key, self_time))
+    rows.sort(key=lambda r: -r[0])
+    out = [f"trace {path.name}: {wall:.2f} s traced, {len(events)} events"]
+    for busy, cpu, (pid, tid), self_time in rows:
+        if busy / 1e6 < max(0.02 * wall, 0.05):
+            continue
+        where = f"{processes.get(pid, pid)} / {threads.get((pid, tid), tid)}"
+        names = sorted(self_time.items(), key=lambda x: -x[1])[:top]
+        out.append(
+            f"  {where[:60]:60} busy {busy / 1e6:7.2f} s, task CPU {cpu / 1e6:7.2f} s: "
+            + ", ".join(f"{n} {t / 1e6:.2f}" for n, t in names)
+        )
+    return out
+
+
+def report_cpu(label: str, phase: PagePhase, top: int = 8) -> None:
+    """CPU seconds per process and busiest threads over one transfer (from /proc)."""
+    use = phase.cpu
+    if not use.threads:
+        return
+    cores = os.cpu_count() or 1
+    ours = sum(use.threads.values())
+    print(
+        f"{label} CPU over {use.wall:.2f} s: this benchmark's processes {ours:.2f} s,"
+        f" the whole machine {use.busy:.2f} s of {use.wall * cores:.2f} s"
+        f" ({cores} CPUs; others' share {max(0.0, use.busy - ours):.2f} s)"
+    )
+    procs = sorted(use.by_process().items(), key=lambda x: -x[1])
+    print("  per process: " + ", ".join(f"{k} {v:.2f}" for k, v in procs if v >= 0.01))
+    threads = sorted(use.threads.items(), key=lambda x: -x[1])[:top]
+    print(
+        "  busiest threads: "
+        + ", ".join(f"{p}/{t} {v:.2f} ({v / use.wall:.0%})" for (p, t), v in threads)
+    )
+    if phase.page_metrics:
+        print(
+            "  page Performance.getMetrics: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in phase.page_metrics.items())
+        )
+    if phase.trace is not None:
+        for line in summarize_trace(phase.trace):
+            print("  " + line)
 
 
 # -- the Python client baseline ------------------------------------------------
 
 
 async def python_round(
-    port: int, source: Path, sink: Path, timeout: float, reactor: Any
-) -> tuple[float, float]:
+    port: int, source: Path, sink: Path, timeout: float, reactor: Any, server_pid: int
+) -> tuple[float, float, list[str]]:
+    """Upload then download seconds, and a line of CPU per direction (server, this client)."""
     client = await bounded(connect(f"ws://{LOOPBACK}:{port}", reactor=reactor), 30, reactor)
+    cpu: list[str] = []
+
+    def used(label: str, wall: float, server: float, me: float, busy: float) -> None:
+        cpu.append(
+            f"python client {label} CPU over {wall:.2f} s:"
+            f" server {cpu_seconds(server_pid) - server:.2f} s,"
+            f" client {cpu_seconds(os.getpid()) - me:.2f} s, whole machine"
+            f" {machine_busy_seconds() - busy:.2f} s"
+        )
+
     try:
         with source.open("rb") as f:
+            marks = cpu_seconds(server_pid), cpu_seconds(os.getpid()), machine_busy_seconds()
             started = time.perf_counter()
             await bounded(client.upload(PYTHON_FILE, f), timeout, reactor)
             up = time.perf_counter() - started
+            used("up", up, *marks)
         with sink.open("wb") as f:
+            marks = cpu_seconds(server_pid), cpu_seconds(os.getpid()), machine_busy_seconds()
             started = time.perf_counter()
             await bounded(client.download(PYTHON_FILE, f), timeout, reactor)
             down = time.perf_counter() - started
+            used("down", down, *marks)
     finally:
         await bounded(client.close(), CONNECT_TIMEOUT, reactor)
-    return up, down
+    return up, down, cpu
+
+
+def curl_round(port: int, server_pid: int, sink: Path, timeout: float) -> float:
+    """Control for the page's download: curl fetches the same file over the same HTTP path.
+
+    ``/files/NAME`` (the anonymous folder: no --users) is served by the same
+    ``serve_file`` as the page's ``/d/TICKET/NAME``; curl writes it to the same
+    disk as Chromium's download folder.  Seconds, and a CPU line printed.
+    """
+    url = f"http://{LOOPBACK}:{port}/files/{PAGE_FILE}"
+    server, busy = cpu_seconds(server_pid), machine_busy_seconds()
+    before = os.times()
+    started = time.perf_counter()
+    subprocess.run(
+        ["curl", "-sSf", "--max-time", str(int(timeout)), "-o", str(sink), url],
+        check=True,
+        timeout=timeout + 10,
+    )
+    seconds = time.perf_counter() - started
+    after = os.times()
+    child = after.children_user + after.children_system
+    child -= before.children_user + before.children_system
+    print(
+        f"curl down          {sink.stat().st_size / seconds / MB:8.1f} MB/s  {seconds:6.2f} s;"
+        f" CPU: server {cpu_seconds(server_pid) - server:.2f} s, curl {child:.2f} s,"
+        f" whole machine {machine_busy_seconds() - busy:.2f} s"
+        f" of {seconds * (os.cpu_count() or 1):.2f}"
+    )
+    return seconds
 
 
 # -- report ----------------------------------------------------------------------
@@ -917,7 +1239,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="comma-separated upload tunings, run in this order (the first is the page's"
         f" figure): {', '.join(UPLOAD_VARIANTS)} (default: default,no-verify)",
     )
+    parser.add_argument(
+        "--curl",
+        action="store_true",
+        help="also download the file with curl from /files/ (the server's HTTP path"
+        " without Chromium), as a control for the page's download",
+    )
+    parser.add_argument(
+        "--trace",
+        type=Path,
+        metavar="DIR",
+        help="record Chromium's own tracing during each transfer into DIR/N-up.json,"
+        " N-down.json (open in https://ui.perfetto.dev) and print a per-thread summary;"
+        " tracing costs speed and memory: time runs without it",
+    )
     args = parser.parse_args(argv)
+    if args.trace is not None:
+        args.trace.mkdir(parents=True, exist_ok=True)
     args.upload_variants = [v.strip() for v in args.upload_variants.split(",") if v.strip()]
     unknown = [v for v in args.upload_variants if v not in UPLOAD_VARIANTS]
     if unknown or not args.upload_variants:
@@ -949,22 +1287,35 @@ def main(argv: list[str]) -> int:
             print(f"wsfiles server: pid {server.pid}, port {server.port}", flush=True)
             try:
                 copy = work / "python-copy.bin"
-                py_up, py_down = run_on_reactor(
-                    lambda reactor: python_round(server.port, source, copy, args.timeout, reactor)
+                py_up, py_down, py_cpu = run_on_reactor(
+                    lambda reactor: python_round(
+                        server.port, source, copy, args.timeout, reactor, server.pid
+                    )
                 )
                 print(f"python client up   {size / py_up / MB:8.1f} MB/s  {py_up:6.2f} s")
                 print(f"python client down {size / py_down / MB:8.1f} MB/s  {py_down:6.2f} s")
+                print("\n".join(py_cpu))
                 print(verify_copy("python client download", copy, expected))
                 copy.unlink()
                 (root / PYTHON_FILE).unlink()
                 uploads, down, saved = browser_round(
-                    f"http://{LOOPBACK}:{server.port}/", source, work, args.timeout, args
+                    f"http://{LOOPBACK}:{server.port}/",
+                    source,
+                    work,
+                    args.timeout,
+                    args,
+                    server.pid,
                 )
             except BaseException:
                 print(server.recent_output(), file=sys.stderr)
                 raise
             print(verify_copy("page upload, on the server's disk", root / PAGE_FILE, expected))
             print(verify_copy("page download, as saved by Chromium", saved, expected))
+            saved.unlink()
+            curl_seconds = None
+            if args.curl:
+                curl_seconds = curl_round(server.port, server.pid, work / "curl.bin", args.timeout)
+                print(verify_copy("curl download (/files/)", work / "curl.bin", expected))
         print()
         print(f"{size} bytes, MB = 10^6 bytes; the machine may be shared, figures are as measured")
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -981,6 +1332,14 @@ def main(argv: list[str]) -> int:
                 f"{size / phase.seconds / MB:.1f} MB/s vs {size / py_up / MB:.1f} MB/s"
                 f" = {py_up / phase.seconds:.3g}x",
                 "none (same-run baseline)",
+                None,
+            )
+        if curl_seconds is not None:
+            print_result(
+                "curl download of /files/ MB/s (curl / python client)",
+                f"{size / curl_seconds / MB:.1f} MB/s vs {size / py_down / MB:.1f} MB/s"
+                f" = {py_down / curl_seconds:.3g}x",
+                "none (control: the server's HTTP path without Chromium)",
                 None,
             )
         for label, phase, python_s in (("download", down, py_down),):

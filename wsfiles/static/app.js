@@ -6,14 +6,16 @@
 let CHUNK = 256 * 1024;             // one File.slice() per binary message
 let HIGH_WATER = 4 * 1024 * 1024;   // pause while the socket buffers more than this
 let VERIFY = true;                  // hash uploads (and pieces) and compare with the server's
+let FEED = true;                    // uploads send the bytes the hash worker read (else File.slice()s)
 // bench/browser.py may change these for one tab (sessionStorage "wsfiles-tuning",
-// JSON {"chunk": bytes, "highWater": bytes, "verify": false}), read as each upload starts.
+// JSON {"chunk": bytes, "highWater": bytes, "verify": false, "feed": false}), read as each upload starts.
 function applyTuning() {
   let tuning = {};
   try { tuning = JSON.parse(sessionStorage.getItem("wsfiles-tuning")) || {}; } catch (error) { /* defaults */ }
   CHUNK = tuning.chunk || 256 * 1024;
   HIGH_WATER = tuning.highWater || 4 * 1024 * 1024;
   VERIFY = tuning.verify !== false;
+  FEED = tuning.feed !== false;
 }
 applyTuning();
 const RETRIES = 5;                   // failures in a row on one live connection before an upload gives up
@@ -847,13 +849,15 @@ function upload(file, item, target) {
 // connection up to RETRIES times in a row.
 async function uploadResuming(file, item, target) {
   applyTuning();
-  const hashing = VERIFY ? hashBlob(file) : null;  // the whole file, whatever a resume sends
-  try { await verify(await uploadStored(file, item, target), hashing, item); }
-  finally { if (hashing) hashing.cancel(); }
+  // The worker reads the whole file once, hashes it (whatever a resume sends)
+  // and feeds the first attempt's sending; later attempts send File.slice()s.
+  const reading = hashBlob(file, { hash: VERIFY, feed: FEED });
+  try { await verify(await uploadStored(file, item, target, reading), VERIFY ? reading : null, item); }
+  finally { reading.cancel(); }
 }
 
 // The ack of the upload, once the server has stored it.
-async function uploadStored(file, item, target) {
+async function uploadStored(file, item, target, reading) {
   let failures = 0, previous = null;
   for (;;) {
     const connection = await connectionFor(item, previous === null ? undefined :
@@ -861,7 +865,7 @@ async function uploadStored(file, item, target) {
     if (connection !== previous) failures = 0;
     previous = connection;
     try {
-      return await uploadOnce(connection, file, item, target);
+      return await uploadOnce(connection, file, item, target, reading);
     } catch (error) {
       if (error.code === "disconnected" || !connection.live) {
         continue;
@@ -880,7 +884,7 @@ async function uploadStored(file, item, target) {
   }
 }
 
-async function uploadOnce(connection, file, item, target) {
+async function uploadOnce(connection, file, item, target, reading) {
   const id = connection.send({ op: "save", name: target, size: file.size, resume: true, chunked: true });
   connection.currentTransfer = id;
   try {
@@ -890,7 +894,7 @@ async function uploadOnce(connection, file, item, target) {
         await connection.openFileChannel(reply.url);
       } else if (reply.op === "ready") {
         item.start(file.size, reply.offset || 0);
-        sendSlices(connection, file, reply.offset || 0, item);  // the ack comes on the command channel
+        sendSlices(connection, file, reply.offset || 0, item, reading);  // the ack comes on the command channel
       } else if (reply.op === "ack") {
         return reply;
       } else if (reply.op === "error") {
@@ -903,11 +907,17 @@ async function uploadOnce(connection, file, item, target) {
   }
 }
 
-async function sendSlices(connection, file, offset, item) {
+async function sendSlices(connection, file, offset, item, reading) {
   const ws = connection.fileSocket;
-  if (!ws || ws.readyState !== WebSocket.OPEN) return;
-  if (offset >= file.size) { ws.send(new ArrayBuffer(0)); return; }
+  const feed = reading.feeding && !reading.taken;
+  reading.taken = true;  // the worker's bytes serve one attempt; a resume sends File.slice()s
+  if (!ws || ws.readyState !== WebSocket.OPEN) { reading.unfeed(); return; }
+  if (offset >= file.size) { reading.unfeed(); ws.send(new ArrayBuffer(0)); return; }
   let position = offset;
+  if (feed) {
+    try { position = await sendFed(ws, file, offset, item, reading); }
+    finally { reading.unfeed(); }  // done, or the socket closed: the hash goes on alone
+  }
   while (position < file.size) {
     await drained(ws);
     if (ws.readyState !== WebSocket.OPEN) return;
@@ -920,6 +930,29 @@ async function sendSlices(connection, file, offset, item) {
     item.progress(file.size - ws.bufferedAmount);
     await sleep(50);
   }
+}
+
+// The file's bytes from the worker (read once, hashed on the way) in CHUNK-sized
+// messages from `offset`; returns the position reached (the file's size unless
+// the socket closed or the worker stopped feeding: the caller sends the rest
+// as File.slice()s).
+async function sendFed(ws, file, offset, item, reading) {
+  let position = offset;
+  while (position < file.size) {
+    const slice = await reading.take();
+    if (slice === null) return position;
+    const start = slice.offset, end = start + slice.bytes.byteLength;
+    if (start > position) return position;  // (cannot happen: slices come in order from 0)
+    while (position < end) {
+      await drained(ws);
+      if (ws.readyState !== WebSocket.OPEN) return position;
+      const next = Math.min(position + CHUNK, end);
+      ws.send(new Uint8Array(slice.bytes, position - start, next - position));
+      position = next;
+      item.progress(Math.max(offset, position - ws.bufferedAmount));
+    }
+  }
+  return position;
 }
 
 // Verification: the SHA-256 of the file as this page read it (hashed in a
@@ -950,17 +983,22 @@ function hashWorker() {
   if (hasher.worker) return hasher.worker;
   const worker = new Worker("hash-worker.js");
   worker.onmessage = (event) => {
-    const { id, done, hex, error } = event.data;
+    const { id, done, hex, error, bytes, offset } = event.data;
     const job = hasher.jobs.get(id);
     if (!job) return;
+    if (bytes !== undefined) job.fed({ offset, bytes });
     if (done !== undefined) { job.done = done; if (job.onProgress) job.onProgress(done); return; }
     hasher.jobs.delete(id);
+    job.fed(null);  // the end (of the file, or of the job)
     if (hex !== undefined) job.resolve(hex);
     else job.reject(new Error("hashing failed: " + error));
   };
   worker.onerror = (event) => {
     event.preventDefault();
-    for (const job of hasher.jobs.values()) job.reject(new Error("hashing is not available here"));
+    for (const job of hasher.jobs.values()) {
+      job.fed(null);
+      job.reject(new Error("hashing is not available here"));
+    }
     hasher.jobs.clear();
     hasher.worker = null;
   };
@@ -969,19 +1007,52 @@ function hashWorker() {
 }
 
 // The SHA-256 (hex) of a Blob or File, read and hashed off the main thread:
-// {promise, done (bytes hashed so far), onProgress, cancel()}.
-function hashBlob(blob) {
+// {promise, done (bytes hashed so far), onProgress, cancel()}. With `feed`,
+// the worker also hands the file's bytes over in order (4 MiB ArrayBuffers,
+// transferred), so an upload reads the file once for both the hash and the
+// socket: take() gives the next {offset, bytes}, or null at the end (or when
+// the job failed); unfeed() stops the handing over and lets the hash go on
+// alone. With `hash: false` the worker only reads (promise: null).
+function hashBlob(blob, { hash = true, feed = false } = {}) {
   const id = hasher.next++;
-  const job = { done: 0, onProgress: null };
+  const job = { done: 0, onProgress: null, feeding: feed };
   job.promise = new Promise((resolve, reject) => { job.resolve = resolve; job.reject = reject; });
   job.promise.catch(() => {});  // (awaited, or not, by its owner)
+  const slices = [], waiting = [];
+  job.fed = (slice) => {
+    if (!job.feeding) return;
+    if (slice === null) job.feeding = false;
+    if (waiting.length) waiting.shift()(slice); else if (slice !== null) slices.push(slice);
+    if (slice === null) while (waiting.length) waiting.shift()(null);
+  };
+  job.take = () => {
+    if (slices.length) {
+      if (hasher.worker && hasher.jobs.has(id)) hasher.worker.postMessage({ id, credit: 1 });
+      return Promise.resolve(slices.shift());
+    }
+    if (!job.feeding) return Promise.resolve(null);
+    return new Promise((resolve) => {
+      waiting.push((slice) => {
+        if (slice !== null && hasher.worker && hasher.jobs.has(id)) hasher.worker.postMessage({ id, credit: 1 });
+        resolve(slice);
+      });
+    });
+  };
+  job.unfeed = () => {
+    if (!job.feeding) return;
+    job.fed(null);
+    slices.length = 0;
+    if (hasher.worker && hasher.jobs.has(id)) hasher.worker.postMessage({ id, unfeed: true });
+  };
   job.cancel = () => {
+    job.unfeed();
     if (hasher.jobs.delete(id) && hasher.worker) hasher.worker.postMessage({ id, cancel: true });
   };
   try {
-    hashWorker().postMessage({ id, blob });
+    hashWorker().postMessage({ id, blob, hash, feed });
     hasher.jobs.set(id, job);
   } catch (error) {
+    job.fed(null);
     job.reject(error);
   }
   return job;
