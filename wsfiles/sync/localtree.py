@@ -24,6 +24,7 @@ modification time (the server keeps the mtime a file was saved with).
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import os
 import re
@@ -62,19 +63,41 @@ def is_excluded(path: str, excludes: Sequence[str]) -> bool:
     Each glob is tried on the relative path and on the base name of ``path``
     and of every folder above it, so ``build`` excludes ``build/x/y.o``.
     """
-    if not excludes:
-        return False
-    parts = path.split("/")
-    return any(
-        _matches("/".join(parts[:end]), parts[end - 1], excludes)
-        for end in range(1, len(parts) + 1)
-    )
+    return bool(excludes) and Excluder(excludes)(path)
+
+
+class Excluder:
+    """:func:`is_excluded` for many paths: each folder's answer is remembered."""
+
+    def __init__(self, excludes: Sequence[str]) -> None:
+        self.excludes = tuple(excludes)
+        self._folders: dict[str, bool] = {}
+
+    def __call__(self, path: str) -> bool:
+        if not self.excludes:
+            return False
+        folder, _, name = path.rpartition("/")
+        if folder and self._folder(folder):
+            return True
+        return _matches(path, name, self.excludes)
+
+    def _folder(self, folder: str) -> bool:
+        known = self._folders.get(folder)
+        if known is None:
+            known = self(folder)
+            self._folders[folder] = known
+        return known
 
 
 def _matches(path: str, name: str, excludes: Sequence[str]) -> bool:
-    return any(
-        fnmatch.fnmatchcase(path, glob) or fnmatch.fnmatchcase(name, glob) for glob in excludes
-    )
+    match = _compiled(tuple(excludes)).match
+    return match(path) is not None or match(name) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(excludes: tuple[str, ...]) -> re.Pattern[str]:
+    """All globs as one regular expression (``fnmatch.fnmatchcase`` semantics)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(glob)})" for glob in excludes))
 
 
 def _join(prefix: str, path: str) -> str:

@@ -62,8 +62,8 @@ from wsfiles.client_tree import MAX_NAME_BYTES
 from wsfiles.sync.localtree import (
     EMPTY_SHA256,
     QUIET_SECONDS,
+    Excluder,
     conflict_name,
-    is_excluded,
     is_quiet,
 )
 from wsfiles.sync.model import Action, Direction, Kind, LocalFile, Plan, RemoteFile, Synced
@@ -253,9 +253,10 @@ class _Planner:
         if direction not in ("both", "up", "down"):
             raise ValueError(f"direction must be 'both', 'up' or 'down', not {direction!r}")
         if excludes:
-            local = {p: f for p, f in local.items() if not is_excluded(p, excludes)}
-            remote = {p: f for p, f in remote.items() if not is_excluded(p, excludes)}
-            state = {p: s for p, s in state.items() if not is_excluded(p, excludes)}
+            excluded = Excluder(excludes)
+            local = {p: f for p, f in local.items() if not excluded(p)}
+            remote = {p: f for p, f in remote.items() if not excluded(p)}
+            state = {p: s for p, s in state.items() if not excluded(p)}
         self.local = local
         self.remote = remote
         self.state = state
