@@ -34,7 +34,14 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from wsfiles.client_tree import MAX_DEPTH, MAX_NAME_BYTES, MAX_PATH, PathError, check_path
+from wsfiles.client_tree import (
+    MAX_DEPTH,
+    MAX_NAME_BYTES,
+    MAX_PATH,
+    PathError,
+    check_path,
+    check_segment,
+)
 from wsfiles.sync.model import LocalFile
 from wsfiles.sync.state import STATE_DIR
 
@@ -118,10 +125,12 @@ def scan(
     to, since the server checks the whole path ``prefix/path``.  A skipped
     folder is reported once (its path), not file by file.  Files that vanish
     during the scan are left out without a warning.  Raises OSError if
-    ``root`` itself cannot be listed.
+    ``root`` itself cannot be listed, PathError if ``prefix`` is not a valid path.
     """
     max_path = (limits or {}).get("max_path", MAX_PATH)
     max_depth = (limits or {}).get("max_depth", MAX_DEPTH)
+    if prefix:
+        check_path(prefix, max_path=max_path, max_depth=max_depth)
     files: dict[str, LocalFile] = {}
     skipped: list[tuple[str, str]] = []
     top = os.fspath(root)
@@ -164,7 +173,7 @@ def scan(
                 skipped.append((display(rel), "special file (FIFO, socket or device)"))
                 continue
             try:
-                check_path(_join(prefix, rel), max_path=max_path, max_depth=max_depth)
+                _check(_join(prefix, rel), name, max_path, max_depth)
             except PathError as e:
                 # A refused folder is reported once, not file by file.
                 skipped.append((display(rel), f"the server would refuse it: {e}"))
@@ -181,6 +190,14 @@ def scan(
             files[rel] = LocalFile(rel, st.st_size, st.st_mtime_ns, st.st_ino)
     skipped.sort()
     return files, skipped
+
+
+def _check(full: str, name: str, max_path: int, max_depth: int) -> None:
+    """:func:`check_path` for a path whose folders were checked already: the new
+    name, then the depth and length (the full check only to word a refusal)."""
+    check_segment(name)
+    if full.count("/") >= max_depth or len(full.encode("utf-8")) > max_path:
+        check_path(full, max_path=max_path, max_depth=max_depth)
 
 
 def local_path(root: str | os.PathLike[str], path: str) -> Path:
