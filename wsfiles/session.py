@@ -13,7 +13,6 @@ the session's file channel.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -26,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsfiles import downloads, errors, folders, shares
+from wsfiles import downloads, errors, folders, hashes, shares
 from wsfiles.admission import TokenBucket
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
@@ -34,7 +33,6 @@ from wsfiles.errors import ProtocolError
 from wsfiles.fields import count_field as _count_field
 from wsfiles.fields import flag_field as _flag_field
 from wsfiles.fields import mtime_field, precondition_field
-from wsfiles.fields import sha256_field as _sha256_field
 from wsfiles.metrics import Metrics
 from wsfiles.names import check_file_name, check_path, parent_of
 from wsfiles.pairing import PairingRegistry
@@ -132,7 +130,8 @@ class TransferRecord:
     started: float
     size: int = 0
     offset: int = 0
-    sha256: str | None = None
+    sha256: str | None = None  # the digest of ``hash`` (SHA-256 unless asked otherwise)
+    hash: str = hashes.SHA256
     result: str = "unfinished"
     moved: int = 0  # bytes that crossed the wire (size - offset when complete)
 
@@ -143,6 +142,14 @@ class _SaveOptions:
 
     mtime: float | None = None
     precondition: Precondition | None = None
+    hash: str = hashes.SHA256
+
+
+def _with_request_id(reply: bytes, request_id: RequestId) -> bytes:
+    """A cached reply (the same for every id) with this command's id."""
+    if request_id is None:
+        return reply
+    return b'%s, "id": %s}' % (reply[:-1], json.dumps(request_id).encode("utf-8"))
 
 
 def _conflict_message(name: str) -> str:
@@ -325,6 +332,7 @@ class CommandSession:
                 "features": list(FEATURES),
                 "client": self.client,
                 "max_size": max_size,
+                "hashes": list(self._accepted_hashes),
             }
             if read_only:  # (absent: the client may change its files)
                 greeting["read_only"] = True
@@ -374,9 +382,31 @@ class CommandSession:
             self._in_order(lambda: self._dispatch(payload), None)
             return
         self._rate_limited(
-            lambda: self._in_order(lambda: self._dispatch(payload), None),
+            lambda: (
+                self._answered_from_cache(payload)
+                or self._in_order(lambda: self._dispatch(payload), None)
+            ),
             lambda: self._in_order(lambda: self._refuse_rate_limited(payload), None),
         )
+
+    def _answered_from_cache(self, payload: bytes) -> bool:
+        """Answer a ``list`` whose reply is cached right away, when nothing is
+        before it: no coroutines, no second parse (the common case of a
+        client polling a folder).  False leaves the command to ``_dispatch``."""
+        if self._unfinished or self._backed_up or self._changes is None or self.closed:
+            return False
+        try:
+            message, request_id = _parse_command(payload)
+        except ProtocolError:
+            return False  # _dispatch reports it
+        if message["op"] != "list":
+            return False
+        key = self._listing_key(message)
+        cached = self._changes.listings.get(key) if key is not None else None
+        if cached is None:
+            return False
+        self._send_raw(_with_request_id(cached, request_id))
+        return True
 
     def binary_received(self) -> None:
         """Data on the command channel: refused, nothing stored.  It counts
@@ -508,9 +538,7 @@ class CommandSession:
                 cache.put(key, payload, generation)
         if self.closed:
             return
-        if request_id is not None:  # the cached reply is the same for every id
-            payload = b'%s, "id": %s}' % (payload[:-1], json.dumps(request_id).encode("utf-8"))
-        self._send_raw(payload)
+        self._send_raw(_with_request_id(payload, request_id))
 
     async def _read_listing(self, message: dict[str, Any]) -> dict[str, Any]:
         if self.folders:
@@ -546,6 +574,11 @@ class CommandSession:
                 raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
             raise
 
+    @property
+    def _accepted_hashes(self) -> tuple[str, ...]:
+        """What ``hash`` may name here: what the storage backend can keep."""
+        return tuple(getattr(self.folder, "accepted_hashes", (hashes.SHA256,)))
+
     def _refuse_while_draining(self) -> None:
         if self.draining:
             raise ProtocolError(
@@ -557,6 +590,7 @@ class CommandSession:
         name = self._check_name(message.get("name"))
         offset = _count_field(message, "offset", 0)
         length = _count_field(message, "length") if "length" in message else None
+        algorithm = hashes.hash_field(message, self._accepted_hashes)
         info = await self._stat(name)
         if offset > info.size:
             raise ProtocolError(
@@ -566,7 +600,9 @@ class CommandSession:
         self._enqueue(
             "get",
             name,
-            lambda record: self._run_get(name, offset, ranged, length, request_id, record),
+            lambda record: self._run_get(
+                name, offset, ranged, length, request_id, record, algorithm
+            ),
             request_id,
         )
 
@@ -574,7 +610,8 @@ class CommandSession:
         self._refuse_while_draining()
         name = self._check_name(message.get("name"))
         size = _count_field(message, "size")
-        sha256 = _sha256_field(message)
+        algorithm = hashes.hash_field(message, self._accepted_hashes)
+        sha256 = hashes.digest_field(message, algorithm)  # declared: "sha256" or "blake3"
         resume = _flag_field(message, "resume")
         chunked = _flag_field(message, "chunked")
         mtime = mtime_field(message)
@@ -605,7 +642,7 @@ class CommandSession:
                 request_id,
                 record,
                 max_size,
-                _SaveOptions(mtime, precondition),
+                _SaveOptions(mtime, precondition, algorithm),
             ),
             request_id,
         )
@@ -862,7 +899,7 @@ class CommandSession:
     def _log_transfer(self, record: TransferRecord) -> None:
         _log.info(
             "{op} {name!r} by {client}: {result}, {size} bytes"
-            " (from offset {offset}) in {duration:.3f} s, sha256 {sha256}",
+            " (from offset {offset}) in {duration:.3f} s, {hash} {sha256}",
             op=record.op,
             name=record.name,
             client=self.client,
@@ -871,6 +908,7 @@ class CommandSession:
             offset=record.offset,
             duration=self._clock.seconds() - record.started,
             sha256=record.sha256,
+            hash=record.hash,
             transfer=True,
         )
 
@@ -916,19 +954,23 @@ class CommandSession:
         length: int | None,
         request_id: RequestId,
         record: TransferRecord,
+        algorithm: str = hashes.SHA256,
     ) -> None:
         """Send the file from ``offset``; with ``length``, only that piece of it,
-        whose own SHA-256 ``sent`` then carries as ``range_sha256``."""
+        whose own SHA-256 ``sent`` then carries as ``range_sha256``.  With
+        ``algorithm`` BLAKE3, ``sent`` carries ``blake3`` (``range_blake3``)."""
         channel = await self._file_channel_ready(request_id)
+        record.hash = algorithm
+        chosen = {} if algorithm == hashes.SHA256 else {"hash": algorithm}
         try:
-            download = await self.folder.open_download(name, offset, length)
+            download = await self.folder.open_download(name, offset, length, **chosen)
         except NotFound:
             raise ProtocolError(errors.NOT_FOUND, f"no file named {name!r}") from None
         except ValueError as e:  # the file shrank below the offset meanwhile
             raise ProtocolError(errors.BAD_REQUEST, str(e)) from None
         self._download = download
         try:
-            prefix = hashlib.sha256() if length is not None else await download.prefix_sha256()
+            prefix = hashes.new(algorithm) if length is not None else await download.prefix_sha256()
             if channel is not self._file_channel:  # it closed while we prepared
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
             sending = {"op": "sending", "name": name, "size": download.size}
@@ -959,9 +1001,10 @@ class CommandSession:
             record.sha256 = prefix.hexdigest()
             sent: dict[str, Any] = {"op": "sent", "name": name, "size": download.size}
             if length is None:
-                sent["sha256"] = record.sha256
+                sent[algorithm] = record.sha256
             else:
-                sent.update(offset=offset, length=download.length, range_sha256=record.sha256)
+                sent.update(offset=offset, length=download.length)
+                sent["range_" + algorithm] = record.sha256
             self._send(sent, request_id)
         finally:
             self._stall.cancel()
@@ -990,8 +1033,15 @@ class CommandSession:
         try:
             if self.quota is not None:
                 reservation = await self.quota.reserve(self.client, self.folder, name, size)
+            chosen = {} if options.hash == hashes.SHA256 else {"hash": options.hash}
             upload = await self.folder.begin_upload(
-                name, size, sha256, resume, mtime=options.mtime, precondition=options.precondition
+                name,
+                size,
+                sha256,
+                resume,
+                mtime=options.mtime,
+                precondition=options.precondition,
+                **chosen,
             )
             if channel is not self._file_channel:  # it closed while we prepared
                 upload.interrupt()
@@ -1018,8 +1068,8 @@ class CommandSession:
                 reservation.release()
             if release_entry is not None:
                 release_entry()
-        record.sha256 = digest
-        ack: dict[str, Any] = {"op": "ack", "name": name, "size": size, "sha256": digest}
+        record.sha256, record.hash = digest, options.hash
+        ack: dict[str, Any] = {"op": "ack", "name": name, "size": size, options.hash: digest}
         if options.mtime is not None:
             ack["mtime"] = options.mtime
         self._send(ack, request_id)
