@@ -141,7 +141,7 @@ CASES = [
         {},
         {"a": "old"},
         [("upload", "a")],
-        ["a"],
+        [],
     ),
     (
         "renamed here",
@@ -237,6 +237,15 @@ def test_touched_file_with_the_same_content_is_recorded_not_sent():
     world.local["a"] = LocalFile("a", 4, NEW_NS, inode("a"))
     assert brief(world.plan()) == [("record", "a")]
     assert world.hashed == ["a"]
+
+
+def test_touched_here_and_deleted_or_renamed_on_the_server_is_kept():
+    # Only a file exactly as last synced follows the server's delete or rename.
+    world = World({"a": "same", "b": "same2"}, {"c": "same2"}, {"a": "same", "b": "same2"})
+    world.local["a"] = LocalFile("a", 4, NEW_NS, inode("a"))
+    world.local["b"] = LocalFile("b", 5, NEW_NS, inode("b"))
+    assert brief(world.plan()) == [("download", "c"), ("upload", "a"), ("upload", "b")]
+    assert world.hashed == []
 
 
 def test_server_entries_without_digest_compare_by_size():

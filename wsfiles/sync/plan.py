@@ -17,7 +17,10 @@ The rules, for each path (``state`` = what both sides held at the last sync):
 - Deletes propagate only for paths that were in sync (have a state row) and
   are unchanged on the other side (``DELETE_LOCAL``/``DELETE_REMOTE``).  A file
   on one side only and never synced is copied, never deleted.
-- Delete against modify: the modified side wins, the file is restored.
+- Delete against modify: the modified side wins, the file is restored.  For a
+  local delete or rename, "unchanged" means size, mtime and inode exactly as
+  last synced (what the runner checks again just before it acts): a file
+  merely touched here is kept and restored on the server.
 - Conflict (both sides changed since the last sync and contents differ, or
   never synced and different, or never synced and the server gave no SHA-256
   to compare): the server's copy keeps the name; the local copy is
@@ -393,7 +396,10 @@ class _Planner:
         candidates = [
             (path, synced)
             for path, synced in self.state.items()
-            if path in self.local and path not in self.remote and not self.blocked(path)
+            if path in self.local
+            and path not in self.remote
+            and not self.blocked(path)
+            and _stat_same(self.local[path], synced)
         ]
         shas = {synced.sha256 for _, synced in candidates}
         targets = [
@@ -406,13 +412,7 @@ class _Planner:
         ]
         if not targets:
             return
-        sources = []
-        for path, synced in candidates:
-            try:
-                if self.digest(path) == synced.sha256:
-                    sources.append((path, synced.sha256, None))
-            except _Unreadable:
-                continue
+        sources = [(path, synced.sha256, None) for path, synced in candidates]
         for old, new in _pair(sources, targets):  # type: ignore[arg-type]
             sha = self.state[old].sha256
             self.add(Kind.RENAME_LOCAL, old, to=new, sha256=sha, size=self.remote[new].size)
@@ -429,10 +429,10 @@ class _Planner:
                 # New here, never synced: copied.  Not hashed now unless a rename
                 # check already did (the runner learns the digest from the ack).
                 self.add(Kind.UPLOAD, path, sha256=self.digests.get(path), size=found.size)
-            elif self.digest(path) == synced.sha256:
+            elif _stat_same(found, synced):
                 self.add(Kind.DELETE_LOCAL, path, size=found.size)  # deleted on the server
-            else:  # deleted on the server, modified here: restored
-                self.add(Kind.UPLOAD, path, sha256=self.digest(path), size=found.size)
+            else:  # deleted on the server, modified (or touched) here: restored
+                self.add(Kind.UPLOAD, path, sha256=self.digests.get(path), size=found.size)
         elif listed is not None:
             if synced is None or not _remote_same(listed, synced):
                 # New on the server, or modified there and deleted here: copied.
