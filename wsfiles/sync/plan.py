@@ -24,7 +24,9 @@ The rules, for each path (``state`` = what both sides held at the last sync):
 - Conflict (both sides changed since the last sync and contents differ, or
   never synced and different, or never synced and the server gave no SHA-256
   to compare): the server's copy keeps the name; the local copy is
-  renamed ``NAME (conflict HOST YYYY-MM-DD HHMMSS).EXT`` (``CONFLICT``, which
+  renamed ``NAME (conflict HOST YYYY-MM-DD HHMMSS).EXT`` (this machine's short
+  host name and local time; `` 2``, `` 3``... before the ``)`` if taken; at most
+  255 bytes, the stem shortened) (``CONFLICT``, which
   then downloads the server's copy) and uploaded under that name, so both
   sides end up with both.  Nothing is lost.
 - Renames: a synced local file gone from its path while a new local file with
