@@ -1,6 +1,6 @@
 """Issue 18's upload levers, A/B in one run: each variant against the same run's baseline.
 
-Usage: python bench/levers.py [--size 1G] [--runs 5]
+Usage: python bench/levers.py [--size 1G] [--runs 5] [--hash | --list]
 
 Variants (interleaved: A, B, C, ..., A, B, C, ...; medians of the runs; the
 first round is a warm-up, shown but not counted):
@@ -12,6 +12,15 @@ first round is a warm-up, shown but not counted):
 - ``writeback``: the server starting write-back every WRITEBACK_EVERY bytes
   with sync_file_range (wsfiles/storage/local.py), 1 MiB frames;
 - ``fdatasync``: the same with the fallback (fdatasync) instead.
+
+With ``--hash``: BLAKE3 against SHA-256 (the negotiated ``hash``, docs/protocol.md
+"Faster hashing").  One server (this tree's code, its default knobs); each
+round writes the file durably with bench/_limits.py (the disk's durable write
+rate, as bench/throughput.py measures it), then uploads and downloads it with
+``hash="sha256"`` and with ``hash="blake3"`` (wsfiles.client, which checks
+each digest), deleting the last copy before each upload.  Printed: MB/s, CPU
+seconds per GiB of server, client and others per direction, each upload
+against the same run's durable write rate, and BLAKE3 against SHA-256.
 
 With ``--list``: the listing cache instead.  ``list`` round trips on one
 command channel (bench/connections.py's lean client and its request), one at
@@ -184,6 +193,113 @@ def list_main(args: argparse.Namespace) -> int:
     return 0
 
 
+HASHES = ("sha256", "blake3")
+
+
+async def hash_round(
+    server: ServerProcess, source: Path, work: Path, expected: str, reactor: Any
+) -> dict[str, Transfer]:
+    """One round of --hash: the durable write, then each hash's upload and download."""
+    from _common import check_copy
+    from throughput import limit_run
+    from twisted.internet import threads
+
+    done = {}
+    durable = work / "durable.bin"
+    durable.unlink(missing_ok=True)
+    done["durable write"] = await threads.deferToThread(
+        limit_run, ["disk", str(source), str(durable)], 600.0
+    )
+    durable.unlink(missing_ok=True)
+    url = f"ws://{LOOPBACK}:{server.port}"
+    client = await bounded(connect(url, reactor=reactor), CONNECT_TIMEOUT, reactor)
+    watch = Stopwatch(server.pid)
+    sink = work / "copy.bin"
+    try:
+        for name in HASHES:
+            with contextlib.suppress(WsfilesError):  # not_found the first time
+                await bounded(client.delete(FILE_NAME), CONNECT_TIMEOUT, reactor)
+            with source.open("rb") as f:
+                watch.start()
+                await bounded(client.upload(FILE_NAME, f, hash=name), 600.0, reactor)
+                done[f"{name} upload"] = watch.stop()
+            with sink.open("wb") as f:
+                watch.start()
+                await bounded(client.download(FILE_NAME, f, hash=name), 600.0, reactor)
+                done[f"{name} download"] = watch.stop()
+            await threads.deferToThread(check_copy, f"{name} download", sink, expected)
+    finally:
+        await bounded(client.close(), CONNECT_TIMEOUT, reactor)
+    return done
+
+
+def hash_main(args: argparse.Namespace) -> int:
+    header()
+    tune_malloc()  # as the wsfiles command does
+    with tempfile.TemporaryDirectory(prefix="wsfiles-levers-hash-") as temp:
+        work = Path(temp)
+        source = work / "source.bin"
+        with announced(f"writing a {args.size}-byte source file"):
+            expected = make_source(source, args.size)
+        root = work / "root"
+        root.mkdir()
+        argv = server_argv("import wsfiles.storage.local", root, args.size)
+        with ServerProcess("wsfiles", argv) as server:
+
+            async def run(reactor: Any) -> dict[str, list[Transfer]]:
+                results: dict[str, list[Transfer]] = {}
+                for number in range(0, args.runs + 1):
+                    print("warm-up (not counted):" if number == 0 else f"run {number}:")
+                    for name, transfer in (
+                        await hash_round(server, source, work, expected, reactor)
+                    ).items():
+                        print(f"  {name:16} {transfer.describe(args.size)}", flush=True)
+                        if number:
+                            results.setdefault(name, []).append(transfer)
+                return results
+
+            results = run_on_reactor(run)
+    hash_report(args.size, results)
+    return 0
+
+
+def hash_report(size: int, results: dict[str, list[Transfer]]) -> None:
+    per_gib = GIB / size
+
+    def median(name: str, figure: Any) -> float:
+        return statistics.median(figure(t) for t in results[name])
+
+    rate = {name: size / median(name, lambda t: t.seconds) / MB for name in results}
+    durable = rate["durable write"]
+    print(f"\nmedians of {len(results['durable write'])} runs; durable write {durable:.1f} MB/s")
+    print(
+        "| hash | direction | MB/s | vs durable write | CPU s/GiB server / client / others"
+        " | vs SHA-256: MB/s, server CPU, client CPU |"
+    )
+    print("|---|---|---|---|---|---|")
+    for direction in ("upload", "download"):
+        base = f"sha256 {direction}"
+        for name in HASHES:
+            key = f"{name} {direction}"
+            cpu = [
+                median(key, lambda t, side=side: getattr(t, side)) * per_gib
+                for side in ("server_cpu", "client_cpu", "other_cpu")
+            ]
+            base_cpu = [
+                median(base, lambda t, side=side: getattr(t, side)) * per_gib
+                for side in ("server_cpu", "client_cpu")
+            ]
+            versus = (
+                f"{rate[key] / rate[base]:.2f}x, {cpu[0] / base_cpu[0]:.2f}x,"
+                f" {cpu[1] / base_cpu[1]:.2f}x"
+            )
+            durable_ratio = f"{rate[key] / durable:.2f}x" if direction == "upload" else "-"
+            print(
+                f"| {name} | {direction} | {rate[key]:.1f} | {durable_ratio}"
+                f" | {cpu[0]:.2f} / {cpu[1]:.2f} / {cpu[2]:.2f} | {versus} |"
+            )
+
+
 def report(size: int, results: dict[str, list[Transfer]]) -> None:
     per_gib = GIB / size
 
@@ -220,6 +336,7 @@ def main(argv: list[str]) -> int:
         help=f"comma-separated, from: {', '.join(VARIANTS)}",
     )
     parser.add_argument("--list", action="store_true", help="measure the listing cache instead")
+    parser.add_argument("--hash", action="store_true", help="BLAKE3 against SHA-256 instead")
     parser.add_argument("--files", type=int, default=0, help="--list: files in the folder (0)")
     parser.add_argument("--seconds", type=float, default=2.0, help="--list: per figure (2)")
     parser.add_argument("--protocol", choices=["1.1", "1.2"], default="1.1", help="--list")
@@ -227,6 +344,8 @@ def main(argv: list[str]) -> int:
     if args.list:
         header()
         return list_main(args)
+    if args.hash:
+        return hash_main(args)
     variants = [name for name in args.variants.split(",") if name]
     if "base" not in variants or any(name not in VARIANTS for name in variants):
         parser.error(f"--variants: 'base' and names from {', '.join(VARIANTS)}")

@@ -162,6 +162,7 @@ def test_hello_first(h):
             "share",
             "download",
         ],
+        "hashes": ["sha256", "blake3"],
         "client": "anonymous",
         "max_size": 1000,
         "files": [],

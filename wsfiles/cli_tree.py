@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from wsfiles.cli import CommandFailed, Interrupted, download_file
+from wsfiles.cli import CommandFailed, Interrupted, download_file, preferred_hash
 
 #: How deep a local tree is walked: deeper than any server allows (max_depth).
 WALK_DEPTH_LIMIT = 64
@@ -231,7 +231,13 @@ async def put_tree(client: Any, args: argparse.Namespace) -> None:
                 ) from None
             try:
                 with source:
-                    await client.upload(remote, source, resume=args.resume, progress=report)
+                    await client.upload(
+                        remote,
+                        source,
+                        resume=args.resume,
+                        progress=report,
+                        hash=preferred_hash(client),
+                    )
             except Exception as e:
                 if not (isinstance(e, CancelledError) or args.interrupted):
                     raise _with_count(e, f"{stored} of {count} files stored") from None

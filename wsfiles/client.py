@@ -17,7 +17,6 @@ into a file object, and checks every SHA-256 the server reports.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -31,6 +30,7 @@ from twisted.internet import defer, endpoints, threads
 from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTCP
 
+from wsfiles import hashes
 from wsfiles.client_tree import FolderCommands
 from wsfiles.config import SUBPROTOCOL
 from wsfiles.masking import Masker
@@ -219,9 +219,12 @@ def upload_frame_size() -> int:
 class _Download:
     """Where the bytes of the current download go."""
 
-    def __init__(self, sink: BinaryIO, progress: Progress | None = None) -> None:
+    def __init__(
+        self, sink: BinaryIO, progress: Progress | None = None, hash: str = hashes.SHA256
+    ) -> None:
         self.sink = sink
-        self.sha256 = hashlib.sha256()
+        self.hash = hash
+        self.sha256 = hashes.new(hash)  # (named for the default; BLAKE3 when asked)
         self.received = 0
         self.total = 0
         self.progress = progress
@@ -469,8 +472,13 @@ class WsfilesClient(FolderCommands):
         mtime: float | None = None,
         if_sha256: str | None = None,
         if_absent: bool = False,
+        hash: str = hashes.SHA256,
     ) -> dict[str, Any]:
         """Save ``source`` (bytes, or a binary file from its position) as ``name``.
+
+        ``hash="blake3"`` (where ``hello["hashes"]`` lists it) has the server
+        hash the upload with BLAKE3 instead: ``ack`` then carries ``blake3``,
+        which is what is checked (and what ``checksum`` declares).
 
         Returns the server's ``ack`` after checking its SHA-256 against the
         bytes sent.  ``resume`` makes the upload resumable and retries it from
@@ -489,8 +497,8 @@ class WsfilesClient(FolderCommands):
         start = source.tell()
         actual = _source_size(source)
         declared = actual if size is None else size
-        sha256 = _hash_range(source, start, actual) if checksum else None
-        extra: dict[str, Any] = {}
+        sha256 = _hash_range(source, start, actual, hash) if checksum else None
+        extra: dict[str, Any] = {} if hash == hashes.SHA256 else {"hash": hash}
         if mtime is not None:
             extra["mtime"] = mtime
         if if_sha256 is not None:
@@ -513,8 +521,11 @@ class WsfilesClient(FolderCommands):
         resume: bool = False,
         retries: int = 5,
         progress: Progress | None = None,
+        hash: str = hashes.SHA256,
     ) -> dict[str, Any]:
         """Write file ``name`` into ``sink``; return the server's ``sent``.
+
+        ``hash="blake3"`` asks for (and checks) the BLAKE3 of the file instead.
 
         The SHA-256 of everything written is checked against ``sent``. With
         ``resume``, a dropped connection is retried from the bytes already
@@ -523,10 +534,10 @@ class WsfilesClient(FolderCommands):
         its end) is taken as the start of the file: only the rest is fetched.
         """
         self._paths_allowed(name)
-        download = _Download(sink, progress)
+        download = _Download(sink, progress, hash)
         if resume and sink.tell() > 0:
             held = sink.tell()
-            download.sha256 = await threads.deferToThread(_feed_hash, sink, 0, held)
+            download.sha256 = await threads.deferToThread(_feed_hash, sink, 0, held, hash)
             sink.seek(held)
             download.received = held
         return await self._transfer(
@@ -563,8 +574,9 @@ class WsfilesClient(FolderCommands):
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         message: dict[str, Any] = {"op": "save", "name": name, "size": declared, **(extra or {})}
+        hash = message.get("hash", hashes.SHA256)
         if sha256 is not None:
-            message["sha256"] = sha256
+            message[hash] = sha256  # the declared digest, of the hash asked for
         if resume:
             message["resume"] = True
         request_id = self.send(message)
@@ -577,9 +589,11 @@ class WsfilesClient(FolderCommands):
                 if op == "ready":
                     assert self._file is not None
                     offset = min(int(reply.get("offset", 0)), actual)
-                    prefix = hashlib.sha256()
+                    prefix = hashes.new(hash)
                     if offset:  # the server has these: hash them, in a thread
-                        prefix = await threads.deferToThread(_feed_hash, source, start, offset)
+                        prefix = await threads.deferToThread(
+                            _feed_hash, source, start, offset, hash
+                        )
                     source.seek(start + offset)
                     frames = MessageFrames(self._file)
                     streamer = FileStreamer(
@@ -598,7 +612,7 @@ class WsfilesClient(FolderCommands):
                     _checked(reply)
                     await sending
                     assert streamer is not None
-                    if reply.get("sha256") != streamer.sha256.hexdigest():
+                    if reply.get(hash) != streamer.sha256.hexdigest():
                         raise WsfilesError(
                             CHECKSUM_MISMATCH, "the server stored other bytes than we sent", reply
                         )
@@ -618,6 +632,8 @@ class WsfilesClient(FolderCommands):
         download.done = Deferred()
         self._download = download
         message: dict[str, Any] = {"op": "get", "name": name}
+        if download.hash != hashes.SHA256:
+            message["hash"] = download.hash
         if resume and download.received:
             message["offset"] = download.received
         request_id = self.send(message)
@@ -635,7 +651,7 @@ class WsfilesClient(FolderCommands):
                         raise WsfilesError(
                             CHANNEL_CLOSED, f"got {download.received} of {reply['size']} bytes"
                         )
-                    if reply["sha256"] != download.sha256.hexdigest():
+                    if reply.get(download.hash) != download.sha256.hexdigest():
                         raise WsfilesError(CHECKSUM_MISMATCH, "the bytes do not match", reply)
                     return reply
                 else:
@@ -680,9 +696,9 @@ class WsfilesClient(FolderCommands):
             download.done.callback(None)
 
 
-def _feed_hash(source: BinaryIO, start: int, length: int) -> Any:
-    """A SHA-256 object fed with ``length`` bytes of ``source`` from ``start``."""
-    digest = hashlib.sha256()
+def _feed_hash(source: BinaryIO, start: int, length: int, hash: str = hashes.SHA256) -> Any:
+    """A SHA-256 (or ``hash``) object fed with ``length`` bytes of ``source`` from ``start``."""
+    digest = hashes.new(hash)
     source.seek(start)
     remaining = length
     while remaining > 0:
@@ -694,9 +710,10 @@ def _feed_hash(source: BinaryIO, start: int, length: int) -> Any:
     return digest
 
 
-def _hash_range(source: BinaryIO, start: int, length: int) -> str:
-    """Hex SHA-256 of ``length`` bytes from ``start``; leaves the position at ``start``."""
-    digest = _feed_hash(source, start, length).hexdigest()
+def _hash_range(source: BinaryIO, start: int, length: int, hash: str = hashes.SHA256) -> str:
+    """Hex SHA-256 (or ``hash``) of ``length`` bytes from ``start``; leaves the
+    position at ``start``."""
+    digest = _feed_hash(source, start, length, hash).hexdigest()
     source.seek(start)
     return digest
 

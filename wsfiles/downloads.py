@@ -296,7 +296,13 @@ class _Pinned:
         download: IDownload = await self._folder.open_download(path, offset, length)
         if offset == 0 and length is None and self._mtime is not None:  # the whole-file look
             sha256 = await httpfiles.recorded_sha256(download)
-            if httpfiles.Validators.of(download.size, self._mtime, sha256).etag != self._etag:
+            # A ticket given under the weak ETag (no SHA-256 recorded then: a
+            # file another program wrote, or uploaded with BLAKE3) stays good
+            # when the digest is recorded later, while size and mtime hold.
+            etags = {
+                httpfiles.Validators.of(download.size, self._mtime, d).etag for d in (sha256, None)
+            }
+            if self._etag not in etags:
                 download.close()
                 raise _Changed()
         return download

@@ -193,6 +193,12 @@ class IUpload(Interface):
 class IFolder(Interface):
     """One client's folder."""
 
+    accepted_hashes = Attribute(
+        "The whole-file hashes (wsfiles.hashes names) that begin_upload and"
+        " open_download take as ``hash``; a backend without the attribute takes"
+        " SHA-256 only and is never passed ``hash``."
+    )
+
     def list() -> Deferred:
         """Fire with a list of FileInfo for regular files, sorted by name."""
 
@@ -201,7 +207,9 @@ class IFolder(Interface):
 
     def open_download(name: str, offset: int = 0, length: int | None = None) -> Deferred:
         """Fire with an IDownload of bytes [offset, offset + length) (to the end
-        when ``length`` is None or reaches past it), or fail with NotFound."""
+        when ``length`` is None or reaches past it), or fail with NotFound.
+        A backend with ``accepted_hashes`` also takes ``hash=NAME``: the
+        download's ``prefix_sha256`` then gives that hash's object."""
 
     def begin_upload(
         name: str,
@@ -218,7 +226,10 @@ class IFolder(Interface):
         same size and hash carries on from its durable offset.  ``mtime``
         becomes the stored file's modification time; ``precondition`` is
         checked again at commit, just before the file appears (the commit
-        then fails with PreconditionFailed and stores nothing).
+        then fails with PreconditionFailed and stores nothing).  A backend
+        with ``accepted_hashes`` also takes ``hash=NAME``: the upload is then
+        hashed with that hash, ``sha256`` is the digest declared for it, and
+        commit fires with its digest.
         """
 
     def partial_bytes() -> Deferred:

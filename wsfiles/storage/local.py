@@ -43,6 +43,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from wsfiles import hashes
 from wsfiles.names import MAX_PATH_DEPTH, is_valid_file_name
 from wsfiles.storage import (
     PARTIAL_FOLDER,
@@ -286,6 +287,9 @@ class LocalFolder:
     symlink or lead outside the folder.
     """
 
+    #: The hashes a transfer may ask for (each digest kept in its own xattr).
+    accepted_hashes: tuple[str, ...] = hashes.KNOWN
+
     def __init__(self, storage: LocalStorage, client: str | None) -> None:
         self._storage = storage
         self._client = client
@@ -467,7 +471,9 @@ class LocalFolder:
 
         return _guarded(stat_it)
 
-    def open_download(self, name: str, offset: int = 0, length: int | None = None) -> Deferred:
+    def open_download(
+        self, name: str, offset: int = 0, length: int | None = None, *, hash: str = hashes.SHA256
+    ) -> Deferred:
         def open_it() -> LocalDownload:
             fd, st = self._open_regular(name)
             source = os.fdopen(fd, "rb", buffering=0)
@@ -476,7 +482,9 @@ class LocalFolder:
                 raise ValueError(f"offset {offset} is beyond the size {st.st_size}")
             if length is not None:  # a piece: hashed as it goes, no recorded digest
                 return LocalDownload(source, st.st_size, offset, length)
-            return LocalDownload(source, st.st_size, offset, digest=_recorded_digest(fd, st))
+            return LocalDownload(
+                source, st.st_size, offset, digest=_recorded_digest(fd, st, hash), hash=hash, st=st
+            )
 
         return _guarded(open_it)
 
@@ -496,16 +504,17 @@ class LocalFolder:
         *,
         mtime: float | None = None,
         precondition: Precondition | None = None,
+        hash: str = hashes.SHA256,
     ) -> Deferred:
         if not resume:
 
             def begin() -> LocalUpload:
                 fd, temp_path = tempfile.mkstemp(prefix="upload-", dir=self._storage.temp_dir)
-                return LocalUpload(self, name, size, sha256, fd, temp_path)
+                return LocalUpload(self, name, size, sha256, fd, temp_path, hash=hash)
 
             d = _guarded(begin)
         else:
-            d = Deferred.fromCoroutine(self._begin_resumable(name, size, sha256))
+            d = Deferred.fromCoroutine(self._begin_resumable(name, size, sha256, hash))
 
         def settings(upload: LocalUpload) -> LocalUpload:
             upload.mtime, upload.precondition = mtime, precondition
@@ -513,7 +522,9 @@ class LocalFolder:
 
         return d.addCallback(settings)
 
-    async def _begin_resumable(self, name: str, size: int, sha256: str | None) -> LocalUpload:
+    async def _begin_resumable(
+        self, name: str, size: int, sha256: str | None, hash: str
+    ) -> LocalUpload:
         part, meta = self._partial_paths(name)
         earlier = self._storage._resumable.get(part)
         if earlier is not None:
@@ -528,22 +539,33 @@ class LocalFolder:
             await waiter
         try:
             fd, offset, digest = await threads.deferToThread(
-                self._open_partial, name, size, sha256, part, meta
+                self._open_partial, name, size, sha256, part, meta, hash
             )
         except OSError as e:
             raise _failure(e) from e
-        upload = LocalUpload(self, name, size, sha256, fd, part, meta=meta, offset=offset)
-        upload._sha256 = digest
+        upload = LocalUpload(
+            self, name, size, sha256, fd, part, meta=meta, offset=offset, hash=hash
+        )
+        upload._hash = digest
         return upload
 
     def _open_partial(
-        self, name: str, size: int, sha256: str | None, part: str, meta: str
+        self, name: str, size: int, sha256: str | None, part: str, meta: str, hash: str
     ) -> tuple[int, int, Any]:
-        """Reopen a matching partial at its durable offset, or start a new one (thread)."""
+        """Reopen a matching partial at its durable offset, or start a new one (thread).
+
+        A partial matches when its size, declared digest and hash are this
+        upload's; the hash state cannot be saved, so the kept bytes are hashed
+        again here."""
         os.makedirs(os.path.dirname(part), mode=0o700, exist_ok=True)
         record = _read_meta(meta)
         offset = 0
-        if record is not None and record.get("size") == size and record.get("sha256") == sha256:
+        if (
+            record is not None
+            and record.get("size") == size
+            and record.get("sha256") == sha256
+            and record.get("hash", hashes.SHA256) == hash
+        ):
             durable = record.get("durable")
             offset = min(durable, size) if isinstance(durable, int) and durable > 0 else 0
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -551,9 +573,12 @@ class LocalFolder:
             if os.fstat(fd).st_size < offset:
                 offset = 0  # the record claims more than the file holds
             os.ftruncate(fd, offset)
-            digest = _hash_fd_prefix(fd, offset)
+            digest = _hash_fd_prefix(fd, offset, hash)
             os.lseek(fd, offset, os.SEEK_SET)
-            _write_meta(meta, {"name": name, "size": size, "sha256": sha256, "durable": offset})
+            _write_meta(
+                meta,
+                {"name": name, "size": size, "sha256": sha256, "hash": hash, "durable": offset},
+            )
         except BaseException:
             os.close(fd)
             raise
@@ -835,9 +860,10 @@ def _remove_tree(parent_fd: int, name: str) -> None:
     os.rmdir(name, dir_fd=parent_fd)
 
 
-def _hash_fd_prefix(fd: int, length: int) -> Any:
-    """A SHA-256 object fed with the first ``length`` bytes of ``fd`` (blocking)."""
-    digest = hashlib.sha256()
+def _hash_fd_prefix(fd: int, length: int, hash: str = hashes.SHA256) -> Any:
+    """A hash object (SHA-256 unless ``hash`` names another) fed with the first
+    ``length`` bytes of ``fd`` (blocking)."""
+    digest = hashes.new(hash)
     position = 0
     while position < length:
         chunk = os.pread(fd, min(1 << 20, length - position), position)
@@ -938,8 +964,10 @@ class LocalUpload:
         *,
         meta: str | None = None,
         offset: int = 0,
+        hash: str = hashes.SHA256,
     ) -> None:
         self._folder = folder
+        self._algorithm = hash
         self._name = name
         self._size = size
         self._expected = sha256
@@ -958,7 +986,7 @@ class LocalUpload:
         self._drained: Deferred | None = None
         self.mtime: float | None = None
         self.precondition: Precondition | None = None
-        self._sha256 = hashlib.sha256()
+        self._hash = hashes.new(hash)
         self._budget = folder._storage._budget
         self._steps: Deferred = defer.succeed(None)
         self.on_superseded: Callable[[], None] | None = None
@@ -1023,7 +1051,7 @@ class LocalUpload:
             view = memoryview(chunk)
             while view:
                 view = view[os.write(fd, view) :]
-            self._sha256.update(chunk)
+            self._hash.update(chunk)
             self._stored += len(chunk)
         if WRITEBACK_EVERY and self._stored - self._written_back >= WRITEBACK_EVERY:
             _start_writeback(fd, self._written_back, self._stored - self._written_back)
@@ -1071,6 +1099,7 @@ class LocalUpload:
                 "name": self._name,
                 "size": self._size,
                 "sha256": self._expected,
+                "hash": self._algorithm,
                 "durable": self._stored,
             },
         )
@@ -1079,16 +1108,18 @@ class LocalUpload:
         """Check the hash, fsync, close, and rename over the target (thread)."""
         if self._error is not None:
             raise self._error
-        digest = self._sha256.hexdigest()
+        digest = self._hash.hexdigest()
         if self._expected is not None and digest != self._expected.lower():
-            raise ChecksumMismatch(f"the data's SHA-256 is {digest}")
+            raise ChecksumMismatch(f"the data's {hashes.label(self._algorithm)} is {digest}")
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
             if self.mtime is not None:  # before the digest record, which names the mtime
                 mtime_ns = round(self.mtime * 1e9)
                 os.utime(fd, ns=(mtime_ns, mtime_ns))
-            _remember_digest(fd, digest)
+            # Only this hash's record: a BLAKE3 upload leaves SHA-256 to be
+            # computed (and recorded) when something first needs it.
+            _remember_digest(fd, digest, self._algorithm)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -1210,8 +1241,9 @@ class LocalUpload:
 DIGEST_XATTR = "user.wsfiles.sha256"
 
 
-def _remember_digest(fd: int, digest: str) -> None:
-    """Record the SHA-256 of the file just written, with its size and mtime.
+def _remember_digest(fd: int, digest: str, hash: str = hashes.SHA256) -> None:
+    """Record the SHA-256 (or ``hash``'s digest, in its own attribute) of the
+    file just written, with its size and mtime.
 
     A download then sends the recorded hash instead of hashing the file
     again (SHA-256 is half of a download's CPU).  The record is trusted only
@@ -1228,7 +1260,7 @@ def _remember_digest(fd: int, digest: str) -> None:
     """
     record = (digest + " " + _identity(os.fstat(fd))).encode()
     with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: hash on download instead
-        os.setxattr(fd, DIGEST_XATTR, record)
+        os.setxattr(fd, hashes.xattr(hash), record)
 
 
 def _hash_and_remember(fd: int, st: os.stat_result) -> str:
@@ -1263,13 +1295,14 @@ def _identity(st: os.stat_result) -> str:
     return f"{st.st_size} {st.st_mtime_ns} {st.st_ino}"
 
 
-def _recorded_digest(fd: int, st: os.stat_result) -> str | None:
-    """The SHA-256 recorded for the file open as ``fd``, if it still holds."""
+def _recorded_digest(fd: int, st: os.stat_result, hash: str = hashes.SHA256) -> str | None:
+    """The SHA-256 (or ``hash``'s digest) recorded for the file open as
+    ``fd``, if it still holds."""
     try:
-        digest, identity = os.getxattr(fd, DIGEST_XATTR).decode("ascii").split(" ", 1)
+        digest, identity = os.getxattr(fd, hashes.xattr(hash)).decode("ascii").split(" ", 1)
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    if identity != _identity(st) or len(digest) != 64:
+    if identity != _identity(st) or not hashes.is_digest(hash, digest):
         return None
     return digest
 
@@ -1286,13 +1319,17 @@ class LocalDownload(FileStreamer):
         length: int | None = None,
         *,
         digest: str | None = None,
+        hash: str = hashes.SHA256,
+        st: os.stat_result | None = None,
     ) -> None:
         source.seek(offset)
         self.length = size - offset if length is None else min(length, size - offset)
         super().__init__(source, self.length, DOWNLOAD_FRAME)
         self.size = size
         self.offset = offset
-        self._digest = digest
+        self._digest = digest  # recorded digest of ``hash``, when valid
+        self._algorithm = hash
+        self._opened = st  # a whole file's stat when opened: its digest may be recorded
 
     def stream_to(self, consumer: interfaces.IConsumer, sha256: Any = None) -> Deferred:
         if sha256 is not None:
@@ -1300,23 +1337,42 @@ class LocalDownload(FileStreamer):
         done = super().stream_to(consumer)
         if self._digest is not None:
             done.addCallback(self._still_recorded)
+        elif self._opened is not None and self.length == self.size:
+            done.addCallback(self._remember)
         return done
 
     def _still_recorded(self, result: None) -> None:
         """The recorded digest goes out only if the file did not change meanwhile."""
         assert self._digest is not None
-        if _recorded_digest(self._source.fileno(), os.fstat(self._source.fileno())) is None:
+        fd = self._source.fileno()
+        if _recorded_digest(fd, os.fstat(fd), self._algorithm) is None:
             raise StreamFailed("the file changed while it was being sent")
+        return result
+
+    def _remember(self, result: None) -> None:
+        """A whole file hashed as it went out (no valid record: another program
+        wrote it, or it was uploaded with another hash): record the digest,
+        unless the file changed meanwhile, so the next download, ETag or
+        listing needs no hashing.  One xattr write, like the check above."""
+        digest = self.sha256.hexdigest()
+        fd, st = self._source.fileno(), self._opened
+        assert st is not None
+        if hashes.is_digest(self._algorithm, digest) and _identity(os.fstat(fd)) == _identity(st):
+            with contextlib.suppress(OSError):
+                os.setxattr(fd, hashes.xattr(self._algorithm), f"{digest} {_identity(st)}".encode())
         return result
 
     def prefix_sha256(self) -> Deferred:
         """Hash bytes [0, offset) in a thread (a resumed download's first part);
-        with a recorded digest, no hashing at all (KnownDigest)."""
+        with a recorded digest, no hashing at all (KnownDigest).  The hash is
+        the one the download was opened for (SHA-256 unless asked otherwise)."""
         if self._digest is not None:
             return defer.succeed(KnownDigest(self._digest))
         if self.offset == 0:
-            return defer.succeed(hashlib.sha256())
-        return threads.deferToThread(_hash_fd_prefix, self._source.fileno(), self.offset)
+            return defer.succeed(hashes.new(self._algorithm))
+        return threads.deferToThread(
+            _hash_fd_prefix, self._source.fileno(), self.offset, self._algorithm
+        )
 
     def close(self) -> None:
         self._source.close()
