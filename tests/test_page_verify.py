@@ -58,6 +58,49 @@ def test_the_pages_sha256_matches_hashlib_on_random_inputs(web, page):
         assert got == [hashlib.sha256(data).hexdigest()] * 2, size
 
 
+def test_the_worker_hands_over_the_bytes_it_hashes_and_hashes_on_alone_when_told(web, page):
+    """An upload reads the file once: the hash worker feeds the socket (hashBlob's
+    feed); a resume stops the feeding (unfeed) and the hash still covers the file."""
+    srv = web()
+    page.goto(srv.url)
+    connected(page)
+    size = 9 * 1024 * 1024 + 5  # two whole 4 MiB slices and a short one
+    data = bytes((i * 31 + (i >> 11)) & 255 for i in range(size))
+    got = page.evaluate(
+        """async (size) => {
+            const bytes = new Uint8Array(size);
+            for (let i = 0; i < size; i++) bytes[i] = (i * 31 + (i >> 11)) & 255;
+            const blob = new Blob([bytes]);
+            const whole = hashBlob(blob, { feed: true });
+            let position = 0, same = true;
+            for (let n = 0; n < 10; n++) {  // bounded: 3 slices and the end
+                const slice = await whole.take();
+                if (slice === null) break;
+                const got = new Uint8Array(slice.bytes);
+                same = same && slice.offset === position &&
+                    got.every((b, i) => b === bytes[position + i]);
+                position += got.length;
+            }
+            const part = hashBlob(blob, { feed: true });
+            const first = await part.take();
+            part.unfeed();
+            const afterwards = await part.take();
+            const unhashed = hashBlob(blob, { hash: false, feed: true });
+            let read = 0;
+            for (let n = 0; n < 10; n++) {
+                const slice = await unhashed.take();
+                if (slice === null) break;
+                read += slice.bytes.byteLength;
+            }
+            return [await whole.promise, same, position, first.bytes.byteLength,
+                    afterwards, await part.promise, read, await unhashed.promise];
+        }""",
+        size,
+    )
+    digest = hashlib.sha256(data).hexdigest()
+    assert got == [digest, True, size, 4 * 1024 * 1024, None, digest, size, None]
+
+
 def test_an_upload_is_verified_and_a_lying_server_is_caught(web, page, tmp_path):
     srv = web()
     source = tmp_path / "report.bin"
