@@ -472,6 +472,7 @@ class WsfilesClient(FolderCommands):
         mtime: float | None = None,
         if_sha256: str | None = None,
         if_absent: bool = False,
+        pipelined: bool = False,
         hash: str = hashes.SHA256,
     ) -> dict[str, Any]:
         """Save ``source`` (bytes, or a binary file from its position) as ``name``.
@@ -490,6 +491,12 @@ class WsfilesClient(FolderCommands):
         error the server must refuse.  ``mtime`` sets the stored file's
         modification time; ``if_sha256`` saves only over a file with that
         SHA-256 and ``if_absent`` only where there is none (else ``conflict``).
+        ``pipelined`` sends the ``save`` without waiting for this client's
+        earlier transfers: the server queues transfers and runs them back to
+        back, so many small files do not pay a round trip each (``wsfiles
+        sync``).  A pipelined upload is never retried here: a dropped
+        connection fails it, and with ``resume`` the caller's next upload of
+        the file continues where the server stopped.
         """
         self._paths_allowed(name)
         if isinstance(source, bytes | bytearray | memoryview):
@@ -511,6 +518,7 @@ class WsfilesClient(FolderCommands):
             ),
             resume,
             retries,
+            pipelined,
         )
 
     async def download(
@@ -545,9 +553,19 @@ class WsfilesClient(FolderCommands):
         )
 
     async def _transfer(
-        self, attempt: Callable[[], Awaitable[dict[str, Any]]], resume: bool, retries: int
+        self,
+        attempt: Callable[[], Awaitable[dict[str, Any]]],
+        resume: bool,
+        retries: int,
+        pipelined: bool = False,
     ) -> dict[str, Any]:
-        """One transfer at a time; a resumable one is retried after a dropped connection."""
+        """One transfer at a time; a resumable one is retried after a dropped connection.
+
+        A pipelined one (uploads only: their bytes go out after their own
+        ``ready``) is sent at once and not retried.
+        """
+        if pipelined:
+            return await attempt()
         async with self._transfer_lock:
             failures = 0
             while True:

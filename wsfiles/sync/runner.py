@@ -304,6 +304,7 @@ class Runner:
                 resume=True,
                 mtime=st.st_mtime_ns / 1e9,
                 progress=self._moved(action.path),
+                pipelined=True,
                 **guard,
             )
         remote_mtime = ack.get("mtime")
