@@ -7,6 +7,8 @@ present)::
     python bench/browser.py --size 64M       # quick
     python bench/browser.py --size 256M --incognito         # as Playwright's contexts
     python bench/browser.py --size 256M --devtools-network  # as under Playwright
+    python bench/browser.py --curl --upload-variants default,no-verify,blob-slices
+    python bench/browser.py --size 256M --trace /tmp/trace  # Chromium's tracing
 
 In one invocation it:
 
@@ -21,11 +23,12 @@ In one invocation it:
 4. starts headless Chromium (flags from /work/shared/FIELD-NOTES.md, a fresh
    profile in the temporary folder) and drives the page at ``/`` over the
    DevTools protocol as a person would: it picks the file in the file input
-   (``DOM.setFileInputFiles``; the page sends ``File.slice()``s as a
-   protocol 1.1 ``chunked`` save, paced by ``bufferedAmount``, while a Web
-   Worker hashes the file for the ack check), once per upload variant
-   (``--upload-variants``: slice size, high-water mark, verification on or
-   off, set through the page's sessionStorage "wsfiles-tuning", which the
+   (``DOM.setFileInputFiles``; a Web Worker reads the file in 4 MiB slices,
+   hashes them for the ack check and hands them to the page, which sends them
+   as a protocol 1.1 ``chunked`` save, paced by ``bufferedAmount``), once per
+   upload variant (``--upload-variants``: message size, high-water mark,
+   verification on or off, File.slice() Blobs instead of the worker's bytes,
+   set through the page's sessionStorage "wsfiles-tuning", which the
    page reads as each upload starts; from the second on, the page asks
    whether to replace the file and is answered Replace), then clicks the
    file's Download button with a real mouse event (the page asks for a
@@ -33,7 +36,10 @@ In one invocation it:
    fetches ``/d/TICKET/NAME``);
 5. checks the SHA-256 of the uploaded file on the server's disk and of the file
    Chromium saved against the source's;
-6. prints MB/s each way for the page and for the Python client, and the page's
+6. with ``--curl``, downloads the file once more with curl from ``/files/``
+   (the same ``serve_file`` as the page's ticket URL, without Chromium): a
+   control that tells the server's HTTP path from Chromium's download path;
+7. prints MB/s each way for the page and for the Python client, and the page's
    memory before, at peak during, right after each transfer and, for the
    download, "later": once Chromium has given the memory back (polled once a
    second for up to ``--release-wait`` seconds, default 75).
@@ -53,6 +59,19 @@ verification, the page's own SHA-256 compared with it).
 Download time runs from the click until Chromium reports the file written
 (``Browser.downloadProgress`` completed); the time until the page had the
 whole Blob is shown as well.  Page state is polled every 50 ms.
+
+CPU: around each transfer the benchmark reads the user + system CPU time of
+every thread of Chromium's processes and of the server from /proc (grouped by
+process kind and thread name: the page's main thread, DedicatedWorker (the
+hash worker), NetworkService's IO thread, the browser's ThreadPool...), the
+whole machine's busy time (/proc/stat: what other jobs took), and the page's
+``Performance.getMetrics`` (ProcessTime, ThreadTime, TaskDuration...).  CPU
+seconds per GiB are steadier than MB/s on a shared machine.  ``--trace DIR``
+also records Chromium's own tracing (``Tracing.start``/``Tracing.end`` over
+the same pipe, categories in TRACE_CATEGORIES) per transfer into DIR, for
+https://ui.perfetto.dev, and prints each busy thread's tasks by self time;
+tracing (its sampling JS profiler above all) costs speed and memory, so time
+runs without it.
 
 Memory: a thread reads the resident set (VmRSS) of every Chromium process
 started by this benchmark from /proc every 100 ms, grouped as renderers
