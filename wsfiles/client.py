@@ -21,6 +21,7 @@ import io
 import json
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import urlencode, urlsplit
 
@@ -31,7 +32,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IReactorTCP
 
 from wsfiles import hashes
-from wsfiles.client_tree import FolderCommands
+from wsfiles.client_tree import BAD_REPLY, FolderCommands
 from wsfiles.config import SUBPROTOCOL
 from wsfiles.masking import Masker
 from wsfiles.streaming import (
@@ -229,6 +230,23 @@ class _Download:
         self.total = 0
         self.progress = progress
         self.done: Deferred = Deferred()
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """One file of ``WsfilesClient.save_batch``: small, in memory."""
+
+    name: str
+    data: bytes
+    mtime: float | None = None
+    if_sha256: str | None = None
+    if_absent: bool = False
+
+
+def _sha256_of(data: bytes) -> str:
+    digest = hashes.new()
+    digest.update(data)
+    return digest.hexdigest()
 
 
 def _source_size(source: BinaryIO) -> int:
@@ -551,6 +569,42 @@ class WsfilesClient(FolderCommands):
         return await self._transfer(
             lambda: self._download_once(name, download, resume), resume, retries
         )
+
+    async def save_batch(self, files: list[BatchFile]) -> list[dict[str, Any]]:
+        """Save many small files with one ``save_batch`` (protocol 1.2): one
+        command, one binary message, one reply with each file's outcome
+        (``{"name", "size", "sha256"}`` or ``{"name", "error", "message"}``),
+        in order.  Each saved file's SHA-256 is checked against the bytes
+        sent (WsfilesError ``checksum_mismatch`` otherwise)."""
+        self._paths_allowed(*(file.name for file in files))
+        declared = []
+        for file in files:
+            entry: dict[str, Any] = {"name": file.name, "size": len(file.data)}
+            if file.mtime is not None:
+                entry["mtime"] = file.mtime
+            if file.if_sha256 is not None:
+                entry["if_sha256"] = file.if_sha256
+            if file.if_absent:
+                entry["if_absent"] = True
+            declared.append(entry)
+        async with self._transfer_lock:
+            request_id = self.send({"op": "save_batch", "files": declared})
+            try:
+                _checked(await self._transfer_reply(request_id))  # "ready"
+                assert self._file is not None
+                self._file.sendMessage(b"".join(file.data for file in files), isBinary=True)
+                reply = _checked(await self._transfer_reply(request_id))
+            finally:
+                del self._replies[request_id]
+        outcomes = reply.get("files")
+        if not isinstance(outcomes, list) or len(outcomes) != len(files):
+            raise WsfilesError(BAD_REPLY, "a save_batch reply without one outcome per file", reply)
+        for file, outcome in zip(files, outcomes, strict=True):
+            if "error" not in outcome and outcome.get("sha256") != _sha256_of(file.data):
+                raise WsfilesError(
+                    CHECKSUM_MISMATCH, f"the server stored other bytes for {file.name!r}", reply
+                )
+        return outcomes
 
     async def _transfer(
         self,

@@ -171,21 +171,101 @@ class EntryLimits:
                 " bytes; remove files or use shorter names",
             )
 
+    async def check_many(self, client: str, folder: IFolder, names: list[str]) -> None:
+        """``check`` for a whole batch at once: one listing per folder the batch
+        writes into (which also tells new names from replacements), not one
+        walk per file: 1,000 files into one folder would read it 1,000 times."""
+        by_parent: dict[str, set[str]] = {}
+        for name in names:
+            by_parent.setdefault(parent_of(name), set()).add(name.rpartition("/")[2])
+        existing: dict[str, set[str] | None] = {}  # None: the folder is not there yet
+        for parent in by_parent:
+            try:
+                siblings = await folder.entries(parent, False, None, _LISTING_PROBE)
+            except (NotFound, NotAFolder):  # the stores say not_a_folder, file by file
+                existing[parent] = None
+                continue
+            if len(siblings) > _LISTING_PROBE:
+                raise self._listing_too_long()
+            existing[parent] = {entry.name for entry in siblings}
+        known: dict[str, bool] = {}
+
+        async def is_there(path: str) -> bool:
+            """Whether a folder (or anything) is at ``path`` already."""
+            if not path:
+                return True
+            if path in existing:
+                return existing[path] is not None
+            if path not in known:
+                known[path] = await folder.kind(path) is not None
+            return known[path]
+
+        new_folders: set[str] = set()  # folders the batch's saves will create
+        for parent, held in existing.items():
+            path = parent
+            while held is None and path and path not in new_folders and not await is_there(path):
+                new_folders.add(path)
+                path = parent_of(path)
+        for path in new_folders:
+            by_parent.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
+        creating = {n for n, count in self._creating.get(client, {}).items() if count}
+        creating -= set(names)
+        for path in creating:
+            by_parent.setdefault(parent_of(path), set()).add(path.rpartition("/")[2])
+        new_files = sum(
+            len(leaves - (existing.get(parent) or set())) for parent, leaves in by_parent.items()
+        )
+        max_files = self.max_files_of(client)
+        if max_files is not None and new_files:
+            _, entries = await folder.usage()
+            total = entries + new_files
+            if total > max_files:
+                raise ProtocolError(
+                    errors.QUOTA_EXCEEDED,
+                    f"this would make {total} files and folders; this folder may hold {max_files}",
+                )
+        for parent, leaves in by_parent.items():
+            if listing_bytes((existing.get(parent) or set()) | leaves) > self.max_listing:
+                raise self._listing_too_long()
+
+    def _listing_too_long(self) -> ProtocolError:
+        return ProtocolError(
+            errors.QUOTA_EXCEEDED,
+            f"this would make a folder's listing longer than {self.max_listing}"
+            " bytes; remove files or use shorter names",
+        )
+
+    async def hold_many(self, client: str, folder: IFolder, names: list[str]) -> Callable[[], None]:
+        """``hold`` for a batch: its names count as being created until released."""
+        release = self._count_creating(client, names)
+        try:
+            await self.check_many(client, folder, names)
+        except BaseException:
+            release()
+            raise
+        return release
+
     async def hold(self, client: str, folder: IFolder, name: str) -> Callable[[], None]:
         """Count ``name`` as being created until the returned release is called."""
-        creating = self._creating.setdefault(client, Counter())
-        creating[name] += 1
-
-        def release() -> None:
-            creating[name] -= 1
-            if creating[name] <= 0:
-                del creating[name]
-            if not creating:
-                self._creating.pop(client, None)
-
+        release = self._count_creating(client, [name])
         try:
             await self.check(client, folder, name)  # held first: two saves cannot both fit
         except BaseException:
             release()
             raise
+        return release
+
+    def _count_creating(self, client: str, names: list[str]) -> Callable[[], None]:
+        creating = self._creating.setdefault(client, Counter())
+        for name in names:
+            creating[name] += 1
+
+        def release() -> None:
+            for name in names:
+                creating[name] -= 1
+                if creating[name] <= 0:
+                    del creating[name]
+            if not creating:
+                self._creating.pop(client, None)
+
         return release

@@ -25,7 +25,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from wsfiles import downloads, errors, folders, hashes, shares
+from wsfiles import batch, downloads, errors, folders, hashes, shares
 from wsfiles.admission import TokenBucket
 from wsfiles.changes import ChangeHub
 from wsfiles.config import Settings
@@ -79,7 +79,7 @@ CLOSE_INTERNAL_ERROR = 1011  # the file could not be read mid-message
 #: store is down); sent right after a ``storage_error`` (docs/protocol.md).
 CLOSE_STORAGE_UNAVAILABLE = 1013
 #: What a read-only user (``read_only=yes`` in the users file) may not do.
-_WRITE_OPS = frozenset({"save", "delete", "rename", "mkdir", "rmdir"})
+_WRITE_OPS = frozenset({"save", "save_batch", "delete", "rename", "mkdir", "rmdir"})
 
 _log = Logger()
 
@@ -166,13 +166,13 @@ MAX_QUEUED_TRANSFERS = 1000
 def _is_transfer(payload: bytes) -> bool:
     """Whether a command is a ``get`` or ``save`` (anything unparsable is not:
     it is charged and then refused as usual)."""
-    if b'"get"' not in payload and b'"save"' not in payload:
+    if b'"get"' not in payload and b'"save' not in payload:
         return False  # most commands: no second parse
     try:
         message = json.loads(payload)
     except (ValueError, RecursionError):
         return False
-    return isinstance(message, dict) and message.get("op") in ("get", "save")
+    return isinstance(message, dict) and message.get("op") in ("get", "save", "save_batch")
 
 
 def _request_id(message: dict[str, Any]) -> RequestId:
@@ -758,8 +758,22 @@ class CommandSession:
         # Download URLs for the browser's download manager (wsfiles/downloads.py).
         "download": downloads.download_command,
     }
+
     #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
-    _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir}
+    async def _save_batch(self, message: dict[str, Any], request_id: RequestId) -> None:
+        """Many small files in one message (wsfiles/batch.py)."""
+        self._refuse_while_draining()
+        max_size = self._account()[1]
+        entries = batch.parse_batch(message, self._check_name, max_size)
+        self._enqueue(
+            "save_batch",
+            f"{len(entries)} files",
+            lambda record: self._run_save_batch(entries, request_id, record),
+            request_id,
+        )
+
+    #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
+    _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir, "save_batch": _save_batch}
 
     # -- live updates ------------------------------------------------------
 
@@ -1074,6 +1088,54 @@ class CommandSession:
             ack["mtime"] = options.mtime
         self._send(ack, request_id)
         self._announce_change(name, *made)
+
+    async def _run_save_batch(
+        self, entries: list[batch.BatchEntry], request_id: RequestId, record: TransferRecord
+    ) -> None:
+        names = [entry.name for entry in entries]
+        upload = batch.BatchUpload(self.folder, entries)
+        total = upload.size
+        channel = await self._file_channel_ready(request_id)
+        _allow_frames(channel, total)
+        made: set[str] = set()
+        for name in {parent_of(name): name for name in names}.values():  # one per folder
+            made.update(await self._missing_ancestor(name))
+        reservation = None
+        release_entries = None
+        if self.entry_limits is not None:
+            release_entries = await self.entry_limits.hold_many(self.client, self.folder, names)
+        try:
+            if self.quota is not None:  # what the files replace is not subtracted
+                reservation = await self.quota.reserve(self.client, self.folder, names[0], total)
+            if channel is not self._file_channel:  # it closed while we prepared
+                raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
+            receive = self._receive = _Receive(upload, total, 0, limit=total)
+            record.size = total
+            try:
+                self._stall.start()
+                upload.begin()
+                self._send({"op": "ready"}, request_id)
+                try:
+                    outcomes = await receive.done
+                except ProtocolError as e:  # answered once the files before the cut are in
+                    stored = await upload.settle()
+                    cut = e.message.removesuffix("; nothing was stored")
+                    raise ProtocolError(
+                        e.code, f"{cut}; {stored} of the batch's files were stored"
+                    ) from None
+            finally:
+                record.moved = receive.received
+                self._stall.cancel()
+                if self._receive is receive:
+                    self._receive = None
+        finally:
+            if reservation is not None:
+                reservation.release()
+            if release_entries is not None:
+                release_entries()
+            # Files stored before a cut are there: listeners hear of them either way.
+            self._announce_change(*names, *made)
+        self._send({"op": "saved", "files": outcomes}, request_id)
 
     def _superseded(self, receive: _Receive) -> None:
         if self._receive is receive:

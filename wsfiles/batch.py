@@ -1,0 +1,249 @@
+"""``save_batch`` (protocol 1.2): many small files in one command and one message.
+
+A ``save`` costs a round trip and a commit (fsync, rename) in turn, so
+10,000 files of 4 KiB spend their time waiting, not working.  A batch names
+up to MAX_BATCH_FILES files, their bytes come back to back in one binary
+message, and each file is stored on its own as soon as its bytes are in
+(STORES_AT_ONCE at a time, so commits overlap), with its own outcome: one
+file refused (``conflict``, ``is_a_folder``...) does not undo the others.
+
+Plain objects: the session parses the command with ``parse_batch`` and
+feeds the message to a ``BatchUpload``, which it treats like any upload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from wsfiles import errors
+from wsfiles.errors import ProtocolError
+from wsfiles.fields import count_field, mtime_field, precondition_field, sha256_field
+from wsfiles.folders import refusal
+from wsfiles.storage import (
+    ChecksumMismatch,
+    Exists,
+    IFolder,
+    IsAFolder,
+    NotAFolder,
+    NotEmpty,
+    NotFound,
+    Precondition,
+    PreconditionFailed,
+    StorageFailure,
+)
+
+_log = Logger()
+
+#: Files in one batch at most.
+MAX_BATCH_FILES = 1000
+#: A batched file's size at most: bigger files go by ``save`` (resumable).
+MAX_BATCH_FILE = 1024 * 1024
+#: Files of one batch being stored at once (their commits overlap); each
+#: holds at most MAX_BATCH_FILE bytes in memory until it is written.
+STORES_AT_ONCE = 8
+
+
+@dataclass(frozen=True)
+class BatchEntry:
+    """One file of a batch, as the command declared it."""
+
+    name: str
+    size: int
+    sha256: str | None = None
+    mtime: float | None = None
+    precondition: Precondition | None = None
+
+
+def parse_batch(
+    message: dict[str, Any], check_name: Callable[[object], str], max_size: int
+) -> list[BatchEntry]:
+    """The batch's files, every field checked; anything wrong refuses the whole
+    batch before a byte is sent (nothing stored)."""
+    files = message.get("files")
+    if not isinstance(files, list) or not 1 <= len(files) <= MAX_BATCH_FILES:
+        raise ProtocolError(
+            errors.BAD_REQUEST, f"'files' must be a list of 1 to {MAX_BATCH_FILES} files"
+        )
+    entries: list[BatchEntry] = []
+    names: set[str] = set()
+    for item in files:
+        if not isinstance(item, dict):
+            raise ProtocolError(errors.BAD_REQUEST, "each of 'files' must be an object")
+        name = check_name(item.get("name"))
+        if name in names:
+            raise ProtocolError(errors.BAD_REQUEST, f"{name!r} is in the batch twice")
+        names.add(name)
+        size = count_field(item, "size")
+        limit = min(max_size, MAX_BATCH_FILE)
+        if size > limit:
+            raise ProtocolError(
+                errors.TOO_LARGE,
+                f"{name!r}: {size} bytes is over a batched file's limit of {limit}"
+                " (save it on its own)",
+            )
+        entries.append(
+            BatchEntry(name, size, sha256_field(item), mtime_field(item), precondition_field(item))
+        )
+    return entries
+
+
+_REFUSALS = (
+    NotFound,
+    NotAFolder,
+    IsAFolder,
+    NotEmpty,
+    Exists,
+    PreconditionFailed,
+    ChecksumMismatch,
+    StorageFailure,
+    ProtocolError,
+)
+
+
+def _outcome(entry: BatchEntry, error: Exception) -> dict[str, Any]:
+    """A refused file's entry in the ``saved`` reply."""
+    refused = refusal(error, entry.name)
+    if refused is not None:
+        code, text = refused.code, refused.message
+    elif isinstance(error, PreconditionFailed):
+        code, text = errors.CONFLICT, f"{entry.name!r} changed meanwhile; nothing was changed"
+    elif isinstance(error, ChecksumMismatch):
+        code, text = errors.CHECKSUM_MISMATCH, f"{error}, not the declared one"
+    elif isinstance(error, ProtocolError):
+        code, text = error.code, error.message
+    else:
+        code, text = errors.STORAGE_ERROR, str(error)
+    return {"name": entry.name, "error": code, "message": text}
+
+
+class BatchUpload:
+    """The upload a ``save_batch`` feeds its message to.
+
+    It looks like one IUpload to the session (``write``, ``commit``,
+    ``abort``...), and stores each file through ``folder.begin_upload`` once
+    its bytes are all in.  ``commit`` fires with the ``saved`` reply's list.
+    A batch cut short keeps the files stored before the cut (each was saved
+    atomically on its own); the others are not stored.
+    """
+
+    offset = 0
+
+    def __init__(self, folder: IFolder, entries: list[BatchEntry]) -> None:
+        self._folder = folder
+        self._entries = entries
+        self._index = 0
+        self._chunks: list[bytes] = []
+        self._filled = 0
+        self._stores: list[Deferred] = []
+        self._running = 0
+        self._room: Deferred | None = None
+        self._aborted = False
+        self.on_superseded: Callable[[], None] | None = None
+
+    def begin(self) -> None:
+        """Every check passed and the client is told to send: files of 0 bytes
+        at the start have nothing to wait for."""
+        self._take_empty_files()
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self._entries)
+
+    def write(self, data: bytes) -> Deferred | None:
+        view = memoryview(data)
+        while view:
+            if self._index >= len(self._entries):
+                raise StorageFailure("more bytes than the batch's files declare")
+            entry = self._entries[self._index]
+            take = min(len(view), entry.size - self._filled)
+            self._chunks.append(bytes(view[:take]))
+            self._filled += take
+            view = view[take:]
+            if self._filled == entry.size:
+                self._file_complete()
+        if self._running >= STORES_AT_ONCE:
+            if self._room is None:
+                self._room = Deferred()
+            return self._room  # the session stops reading until a store ends
+        return None
+
+    def _file_complete(self) -> None:
+        entry = self._entries[self._index]
+        data = b"".join(self._chunks)
+        self._chunks, self._filled = [], 0
+        self._index += 1
+        self._stores.append(Deferred.fromCoroutine(self._store(entry, data)))
+        self._take_empty_files()
+
+    def _take_empty_files(self) -> None:
+        """Files of 0 bytes have no bytes to wait for: store them now."""
+        while self._index < len(self._entries) and self._entries[self._index].size == 0:
+            self._file_complete()
+
+    async def _store(self, entry: BatchEntry, data: bytes) -> dict[str, Any]:
+        self._running += 1
+        try:
+            digest = await self._stored(entry, data)
+        except _REFUSALS as e:
+            return _outcome(entry, e)
+        except Exception as e:
+            _log.failure("storing {name!r} of a batch", name=entry.name)
+            return _outcome(entry, StorageFailure(f"internal error (logged): {type(e).__name__}"))
+        finally:
+            self._running -= 1
+            room, self._room = self._room, None
+            if room is not None:
+                room.callback(None)
+        saved: dict[str, Any] = {"name": entry.name, "size": entry.size, "sha256": digest}
+        if entry.mtime is not None:
+            saved["mtime"] = entry.mtime
+        return saved
+
+    async def _stored(self, entry: BatchEntry, data: bytes) -> str:
+        """Store one file like a ``save`` would; its SHA-256."""
+        if await self._folder.kind(entry.name) == "folder":  # a parent that is a file: NotAFolder
+            raise IsAFolder(entry.name)
+        upload = await self._folder.begin_upload(
+            entry.name, entry.size, entry.sha256, mtime=entry.mtime, precondition=entry.precondition
+        )
+        try:
+            if self._aborted:
+                raise ProtocolError(errors.CHANNEL_CLOSED, "the batch was cut; not stored")
+            pending = upload.write(data) if data else None
+            if pending is not None:
+                await pending
+        except BaseException:
+            upload.abort()
+            raise
+        return await upload.commit()  # a failed commit cleans up after itself
+
+    def commit(self) -> Deferred:
+        """Fire with one outcome per file, in the batch's order, once all are stored."""
+
+        async def all_stored() -> list[dict[str, Any]]:
+            if self._index < len(self._entries):
+                self.abort()
+                raise StorageFailure("the batch's message ended before its last file")
+            return list(await defer.gatherResults(self._stores, consumeErrors=True))
+
+        return Deferred.fromCoroutine(all_stored())
+
+    async def settle(self) -> int:
+        """Wait for the stores under way (after a cut); how many files were stored."""
+        outcomes = await defer.gatherResults(self._stores, consumeErrors=True)
+        return sum(1 for outcome in outcomes if "error" not in outcome)
+
+    def interrupt(self) -> Deferred:
+        self.abort()
+        return defer.succeed(None)
+
+    def abort(self) -> None:
+        """The message was cut: files not yet complete are not stored."""
+        self._aborted = True
+        self._chunks = []
