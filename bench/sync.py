@@ -11,7 +11,7 @@ Scenarios, each a first sync into an empty destination and then a second run
 with nothing changed (onto the just-synced destination):
 
 - ``small``: ``--small-count`` files of ``--small-size`` (10,000 x 4 KiB) in
-  folders of 100 files each;
+  folders of ``--per-folder`` files each (100);
 - ``big``: ``--big-count`` files of ``--big-size`` (10 x 100 MiB).
 
 Contenders, interleaved in each run (A, B, C, A, B, C, ...), median of ``--runs``:
@@ -35,10 +35,10 @@ timed region, and its destination removed once the no-change run is done.
 Per command: wall seconds, and CPU seconds of the client (the command and
 its children) and of the server side (``twistd``; for rsync the daemon with
 the per-connection processes it forked and reaped).  With ``--profile DIR``,
-one more, untimed, wsfiles first sync and no-change run of the small tree
+one more, untimed, wsfiles first sync and no-change run of each tree
 run under cProfile (the client, ``python -m cProfile -m wsfiles``) and
 twistd's ``--profile`` (the server); the top functions are printed and the
-``.prof`` files kept in DIR.
+``.prof`` files kept in DIR/small and DIR/big.
 """
 
 from __future__ import annotations
@@ -73,8 +73,6 @@ from _common import (
     twistd_wsfiles,
 )
 
-#: Files per folder in the small tree.
-PER_FOLDER = 100
 #: The pool of random bytes every file is cut from.
 POOL_SIZE = 8 * MIB
 #: Seconds one sync command may take before the bench gives up on it.
@@ -89,12 +87,12 @@ WSFILES = [sys.executable, "-m", "wsfiles"]
 # -- the source trees ---------------------------------------------------------------
 
 
-def write_small_tree(root: Path, count: int, size: int, pool: bytes) -> None:
-    """``count`` files of ``size`` bytes, 100 a folder, each a different cut of ``pool``."""
+def write_small_tree(root: Path, count: int, size: int, per_folder: int, pool: bytes) -> None:
+    """``count`` files of ``size`` bytes, ``per_folder`` a folder, each cut differently."""
     span = len(pool) - size
     for n in range(count):
-        folder = root / f"folder-{n // PER_FOLDER:04d}"
-        if n % PER_FOLDER == 0:
+        folder = root / f"folder-{n // per_folder:04d}"
+        if n % per_folder == 0:
             folder.mkdir(parents=True)
         offset = (n * 4099) % span
         body = (n.to_bytes(8, "little") + pool[offset : offset + size])[:size]
@@ -113,6 +111,14 @@ def write_big_tree(root: Path, count: int, size: int, pool: bytes) -> None:
                 f.write(block)
                 remaining -= len(block)
                 stamp += 1
+
+
+def age(root: Path) -> None:
+    """Date every file an hour back: none is "still being written" (sync waits ~2 s for those)."""
+    then = time.time() - 3600
+    for folder, _, files in os.walk(root):
+        for name in files:
+            os.utime(Path(folder) / name, (then, then))
 
 
 def digests(root: Path) -> dict[str, tuple[int, str]]:
@@ -237,7 +243,8 @@ class WsfilesSync:
         log = self.logs / f"wsfiles-{label}.log"
         try:
             with ServerProcess("wsfiles", twistd_wsfiles(root), log_path=log) as server:
-                argv = [*WSFILES, "sync", str(source), f"ws://{LOOPBACK}:{server.port}", "--once"]
+                url = f"ws://{LOOPBACK}:{server.port}"
+                argv = [*WSFILES, "sync", "-q", str(source), url, "--once"]
                 client_log = self.logs / f"wsfiles-client-{label}.log"
                 yield Destination(
                     lambda: run_timed(argv, client_log, lambda: process_cpu(server.pid)), root
@@ -415,6 +422,17 @@ def report(scenario: str, what: str, figures: dict[str, Figures]) -> None:
     )
 
 
+def startup(runs: int) -> None:
+    """The CLI's own start-up (imports, argument parsing): a floor under every wsfiles run."""
+    argv = [*WSFILES, "sync", "--help"]
+    walls = []
+    for _ in range(max(3, runs)):
+        started = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        walls.append(time.perf_counter() - started)
+    print(f"CLI start-up ({' '.join(argv[1:])}): median {statistics.median(walls):.2f} s wall")
+
+
 def profile(source: Path, work: Path, out: Path) -> None:
     """One untimed wsfiles first sync and no-change run under cProfile, client and server."""
     out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +450,7 @@ def profile(source: Path, work: Path, out: Path) -> None:
                 prof = out / f"client-{step}.prof"
                 command = [
                     sys.executable, "-m", "cProfile", "-o", str(prof),
-                    *WSFILES[1:], "sync", str(source), url, "--once",
+                    *WSFILES[1:], "sync", "-q", str(source), url, "--once",
                 ]  # fmt: skip
                 timing = run_timed(
                     command, out / f"client-{step}.log", lambda: process_cpu(server.pid)
@@ -463,14 +481,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", choices=("small", "big"), help="one scenario")
     parser.add_argument("--small-count", type=int, default=10_000)
     parser.add_argument("--small-size", type=size_argument, default=4 * KIB)
+    parser.add_argument("--per-folder", type=int, default=100, help="small files a folder")
     parser.add_argument("--big-count", type=int, default=10)
     parser.add_argument("--big-size", type=size_argument, default=100 * MIB)
     parser.add_argument("--dir", type=Path, help="where the temporary trees go (default: TMPDIR)")
     parser.add_argument("--logs", type=Path, help="keep every command's output here")
-    parser.add_argument("--profile", type=Path, metavar="DIR", help="also profile (small tree)")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="also profile, into DIR/SCENARIO"
+    )
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.small_count < 1 or args.big_count < 1:
-        parser.error("--runs and the counts must be at least 1")
+    if min(args.runs, args.small_count, args.big_count, args.per_folder) < 1:
+        parser.error("--runs, --per-folder and the counts must be at least 1")
     if args.small_size < 8:
         parser.error("--small-size must be at least 8 bytes")
     header()
@@ -488,6 +509,7 @@ def main(argv: list[str]) -> int:
         logs = args.logs or work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         pool = os.urandom(POOL_SIZE)
+        startup(args.runs)
         with RsyncDaemon(work, logs) as daemon:
             contenders = [
                 WsfilesSync(work, logs),
@@ -499,18 +521,20 @@ def main(argv: list[str]) -> int:
                 if scenario == "small":
                     what = f"{args.small_count:,} files of {args.small_size / KIB:g} KiB"
                     with announced(f"writing {what}"):
-                        write_small_tree(source, args.small_count, args.small_size, pool)
-                        os.sync()
+                        write_small_tree(
+                            source, args.small_count, args.small_size, args.per_folder, pool
+                        )
                 else:
                     what = f"{args.big_count:,} files of {args.big_size / MIB:g} MiB"
                     with announced(f"writing {what}"):
                         write_big_tree(source, args.big_count, args.big_size, pool)
-                        os.sync()
+                age(source)
+                os.sync()
                 print(f"{what}: {args.runs} runs, interleaved", flush=True)
                 figures = measure(scenario, source, contenders, args.runs)
                 report(scenario, what, figures)
-                if scenario == "small" and args.profile:
-                    profile(source, work, args.profile)
+                if args.profile:
+                    profile(source, work, args.profile / scenario)
                 shutil.rmtree(source)
         print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
