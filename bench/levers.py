@@ -209,8 +209,8 @@ async def hash_round(
     durable.unlink(missing_ok=True)
     done["durable write"] = await threads.deferToThread(
         limit_run, ["disk", str(source), str(durable)], 600.0
-    )
-    durable.unlink(missing_ok=True)
+    )  # kept until just before the next round's (as throughput.py does): memory
+    # freed long before is reclaimed by the host and costs far more to write into
     url = f"ws://{LOOPBACK}:{server.port}"
     client = await bounded(connect(url, reactor=reactor), CONNECT_TIMEOUT, reactor)
     watch = Stopwatch(server.pid)
