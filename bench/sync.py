@@ -283,6 +283,8 @@ class RsyncDaemon:
         rsync = shutil.which("rsync")
         if rsync is None:
             raise RuntimeError("rsync is not installed (tests/install-tools.sh installs it)")
+        shown = subprocess.run([rsync, "--version"], capture_output=True, text=True, check=False)
+        print(f"{rsync}: {shown.stdout.splitlines()[0] if shown.stdout else '(no --version)'}")
         self.process = subprocess.Popen(
             [rsync, "--daemon", "--no-detach", f"--config={self.config}"],
             stdin=subprocess.DEVNULL,
