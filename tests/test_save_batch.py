@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from e2e_helpers import within
+from e2e_helpers import local_only, within
 
 from wsfiles.batch import MAX_BATCH_FILE, MAX_BATCH_FILES
 from wsfiles.client import COMMAND_SUBPROTOCOLS, BatchFile, WsfilesError, connect
@@ -129,3 +129,29 @@ async def test_a_batch_past_the_file_count_or_listing_limit_stores_nothing(serve
     fits = [BatchFile("old.txt", b"y"), BatchFile("new/a", b"1")]
     assert [o.get("error") for o in await within(client.save_batch(fits))] == [None, None]
     assert await srv.read("old.txt") == b"y" and await srv.read("new/a") == b"1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_wsfiles_sync_sends_many_long_named_files_in_batches_that_fit(
+    server_factory, tmp_path
+):
+    """300 names of 200 characters make a ~80 KiB command: over the server's
+    64 KiB limit, which closes the channel.  The sync splits its batches."""
+    from conftest import BIN, run_process
+
+    srv = await server_factory()
+    local_only(srv, "the sync client does not depend on the storage")
+    local = tmp_path / "local"
+    (local / "long").mkdir(parents=True)
+    old = 1_000_000_000
+    for i in range(300):
+        path = local / "long" / (f"{i:03}" + "n" * 197)
+        path.write_bytes(b"%d" % i)
+        os.utime(path, (old, old))  # long past the sync's quiet time
+    status, _, err = await within(
+        run_process([str(BIN / "wsfiles"), "sync", str(local), srv.url, "--once"]), 60
+    )
+    assert status == 0, err
+    listed = await within(list_folder(await connect_12(srv), "long", sha256=True))
+    assert len(listed) == 300
+    assert all(entry["mtime"] == old for entry in listed)

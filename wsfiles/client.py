@@ -242,6 +242,18 @@ class BatchFile:
     if_sha256: str | None = None
     if_absent: bool = False
 
+    def declared(self) -> dict[str, Any]:
+        """Its entry in the ``save_batch`` command (which, like every command,
+        must fit the server's 64 KiB message limit: measure with this)."""
+        entry: dict[str, Any] = {"name": self.name, "size": len(self.data)}
+        if self.mtime is not None:
+            entry["mtime"] = self.mtime
+        if self.if_sha256 is not None:
+            entry["if_sha256"] = self.if_sha256
+        if self.if_absent:
+            entry["if_absent"] = True
+        return entry
+
 
 def _sha256_of(data: bytes) -> str:
     digest = hashes.new()
@@ -577,16 +589,7 @@ class WsfilesClient(FolderCommands):
         in order.  Each saved file's SHA-256 is checked against the bytes
         sent (WsfilesError ``checksum_mismatch`` otherwise)."""
         self._paths_allowed(*(file.name for file in files))
-        declared = []
-        for file in files:
-            entry: dict[str, Any] = {"name": file.name, "size": len(file.data)}
-            if file.mtime is not None:
-                entry["mtime"] = file.mtime
-            if file.if_sha256 is not None:
-                entry["if_sha256"] = file.if_sha256
-            if file.if_absent:
-                entry["if_absent"] = True
-            declared.append(entry)
+        declared = [file.declared() for file in files]
         async with self._transfer_lock:
             request_id = self.send({"op": "save_batch", "files": declared})
             try:

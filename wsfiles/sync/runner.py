@@ -25,6 +25,7 @@ message for many files, each with the same guard as its own ``save``.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -55,6 +56,9 @@ BATCHED_FILE = 256 * 1024
 BATCH_BYTES = 16 * 1024 * 1024
 #: Files of one batch at most (the server's limit).
 BATCH_FILES = 1000
+#: The batch command's JSON at most: the server refuses commands over 64 KiB
+#: (wsfiles.config.COMMAND_MESSAGE_LIMIT) by closing the channel.
+BATCH_COMMAND_BYTES = 60 * 1024
 #: Error codes that concern one path only: said, and the path is tried again next round.
 PATH_ERRORS = frozenset(
     {
@@ -202,16 +206,22 @@ class Runner:
         from wsfiles.client import BatchFile
 
         group: list[tuple[Action, os.stat_result, BatchFile]] = []
-        size = 0
+        size = command = 0
         for action in actions:
             read = self._read_small(action, result)
             if read is None:
                 continue
-            if group and (len(group) >= BATCH_FILES or size + len(read[1].data) > BATCH_BYTES):
+            entry = len(json.dumps(read[1].declared())) + 2
+            if group and (
+                len(group) >= BATCH_FILES
+                or size + len(read[1].data) > BATCH_BYTES
+                or command + entry > BATCH_COMMAND_BYTES
+            ):
                 await self._upload_batch(group, result)
-                group, size = [], 0
+                group, size, command = [], 0, 0
             group.append((action, *read))
             size += len(read[1].data)
+            command += entry
         if group:
             await self._upload_batch(group, result)
 
