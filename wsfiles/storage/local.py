@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from wsfiles import hashes
-from wsfiles.names import MAX_PATH_DEPTH, is_valid_file_name
+from wsfiles.names import MAX_PATH_DEPTH, is_valid_file_name, parent_of
 from wsfiles.storage import (
     PARTIAL_FOLDER,
     TEMP_FOLDER,
@@ -625,17 +625,22 @@ class LocalFolder:
 
     def described(self, paths: list[str]) -> Deferred:
         def describe() -> dict[str, FileInfo]:
-            found = {}
+            by_folder: dict[str, list[str]] = {}  # each folder is walked to once
             for path in paths:
+                by_folder.setdefault(parent_of(path), []).append(path)
+            found = {}
+            for folder, members in by_folder.items():
                 try:
-                    fd, st = self._open_regular(path)
-                except (NotFound, NotAFolder, IsAFolder):
-                    continue  # gone, or replaced by a folder, since it was listed
+                    folder_fd = self._open_path_folder(folder)
+                except (NotFound, NotAFolder):
+                    continue  # gone since it was listed
                 try:
-                    digest = _recorded_digest(fd, st) or _hash_and_remember(fd, st)
+                    for path in members:
+                        info = _describe(folder_fd, path)
+                        if info is not None:
+                            found[path] = info
                 finally:
-                    os.close(fd)
-                found[path] = FileInfo(path, st.st_size, st.st_mtime, digest)
+                    os.close(folder_fd)
             return found
 
         return _in_thread(describe)
@@ -1273,20 +1278,28 @@ def _hash_and_remember(fd: int, st: os.stat_result) -> str:
     return digest
 
 
-def _stored_digest(folder_fd: int, leaf: str) -> str | None:
-    """The SHA-256 of the regular file ``leaf`` in ``folder_fd``; None when there
-    is none (a folder or a special file is not a file to compare with)."""
+def _describe(folder_fd: int, path: str) -> FileInfo | None:
+    """The regular file ``path`` (whose folder is ``folder_fd``) with its SHA-256;
+    None if it is gone or no longer a regular file."""
     try:
-        fd = os.open(leaf, _OPEN_TO_READ, dir_fd=folder_fd)
+        fd = os.open(path.rpartition("/")[2], _OPEN_TO_READ, dir_fd=folder_fd)
     except OSError:
-        return None  # nothing there, or a symlink: never ours
+        return None  # gone, or a symlink: never ours
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return None
-        return _recorded_digest(fd, st) or _hash_and_remember(fd, st)
+        digest = _recorded_digest(fd, st) or _hash_and_remember(fd, st)
+        return FileInfo(path, st.st_size, st.st_mtime, digest)
     finally:
         os.close(fd)
+
+
+def _stored_digest(folder_fd: int, leaf: str) -> str | None:
+    """The SHA-256 of the regular file ``leaf`` in ``folder_fd``; None when there
+    is none (a folder or a special file is not a file to compare with)."""
+    info = _describe(folder_fd, leaf)
+    return None if info is None else info.sha256
 
 
 def _identity(st: os.stat_result) -> str:
