@@ -199,7 +199,8 @@ class _Output:
             self.bar.set_description_str(f"sync {files}/{files_total} files", refresh=False)
             self.bar.total = max(total, 1)
             self.bar.n = done
-            self.bar.refresh()
+            # At most one redraw per tqdm mininterval, except the last.
+            self.bar.refresh() if files == files_total else self.bar.update(0)
 
         return update
 

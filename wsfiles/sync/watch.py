@@ -9,7 +9,8 @@ loop; events are coalesced for :data:`SETTLE_SECONDS`, then one round runs
 (scan, list, plan, run), one round at a time: events that arrive during a
 round cause one more round after it.  Files still being written are planned
 again after the quiet time; paths the server changed meanwhile, after
-:data:`RETRY_SECONDS`.
+:data:`RETRY_SECONDS`; paths that failed (a local error), after
+:data:`FAILED_SECONDS`.
 
 A dropped connection is reconnected with exponential backoff (1 s doubling
 to 30 s), and the next round is a full reconcile, so nothing heard or missed
@@ -34,6 +35,8 @@ from wsfiles.sync.state import STATE_DIR
 SETTLE_SECONDS = 0.3
 #: A path left for later (the server changed it meanwhile): planned again after this.
 RETRY_SECONDS = 1.0
+#: A path that failed (a local file that cannot be written, say): tried again after this.
+FAILED_SECONDS = 30.0
 #: Without inotify: how often the local tree is rescanned.
 POLL_SECONDS = 5.0
 #: Reconnection backoff: first wait and cap.
@@ -249,12 +252,15 @@ async def live(syncer: Any, connect: Connect, say: Callable[[dict[str, Any]], No
                 notice("reconnected")
                 wake.poke()  # a full reconcile
                 continue
+            result = outcome.result
             if outcome.plan.waiting:
                 wake.poke_later(QUIET_SECONDS + 0.1)
-            elif outcome.result is not None and outcome.result.retry:
+            elif result is not None and result.failed:
+                wake.poke_later(FAILED_SECONDS)  # (not a busy loop on a lasting error)
+            elif result is not None and result.retry:
                 wake.poke_later(RETRY_SECONDS)
             elif not outcome.settled:
-                wake.poke()  # (a conflict copy to upload, say)
+                wake.poke()  # one more round, to see the work done settle
             await wake.wait()
             await pause(SETTLE_SECONDS)  # let a burst of events finish
     finally:
