@@ -301,6 +301,7 @@ async def _until_settled(syncer: Any, args: argparse.Namespace) -> None:
 
             if not is_connection_error(e, syncer.client):
                 raise
+            await syncer.client.abort()  # whatever is left of it
             syncer.client = await reconnect_with_backoff(_reconnect(args), attempts=5)
             continue
         if last.settled:

@@ -247,7 +247,7 @@ async def live(syncer: Any, connect: Connect, say: Callable[[dict[str, Any]], No
                     raise
                 notice("the connection was lost: reconnecting")
                 listening.cancel()
-                await _drop(syncer.client, first_client)
+                await syncer.client.abort()  # whatever is left of it
                 syncer.client = await reconnect_with_backoff(connect, say=notice)
                 notice("reconnected")
                 wake.poke()  # a full reconcile
