@@ -144,7 +144,10 @@ READY = {
 }
 
 #: The servers, in the order each run measures them; the first is the one under test.
-CONTENDERS = ("wsfiles", "node-ws", "websockets", "tus", "FTP")
+CONTENDERS = ("wsfiles", "wsfiles-blake3", "node-ws", "websockets", "tus", "FTP")
+#: wsfiles with the hash its command line picks when the server offers it
+#: (docs/protocol.md, "Faster hashing: BLAKE3"): the same server process.
+OURS = ("wsfiles", "wsfiles-blake3")
 #: Peers doing wsfiles' whole job (hash, fsync, rename, digest in the reply).
 SAME_JOB = ("node-ws", "websockets")
 #: What the others do less of, for the report.
@@ -230,7 +233,7 @@ class Setup:
         return self.work / f"{name}-root"
 
 
-async def wsfiles_round(setup: Setup, reactor: Any) -> dict[str, Transfer]:
+async def wsfiles_round(setup: Setup, reactor: Any, hash: str = "sha256") -> dict[str, Transfer]:
     """Delete the last copy, upload, download with wsfiles.client on this process's reactor."""
     server = setup.servers["wsfiles"]
     url = f"ws://{LOOPBACK}:{server.port}"
@@ -241,11 +244,11 @@ async def wsfiles_round(setup: Setup, reactor: Any) -> dict[str, Transfer]:
             await bounded(client.delete(FILE_NAME), CONNECT_TIMEOUT, reactor)
         with setup.source.open("rb") as f:
             watch.start()
-            await bounded(client.upload(FILE_NAME, f), setup.timeout, reactor)
+            await bounded(client.upload(FILE_NAME, f, hash=hash), setup.timeout, reactor)
             up = watch.stop()
         with setup.sink.open("wb") as f:
             watch.start()
-            await bounded(client.download(FILE_NAME, f), setup.timeout, reactor)
+            await bounded(client.download(FILE_NAME, f, hash=hash), setup.timeout, reactor)
             down = watch.stop()
     finally:
         await bounded(client.close(), CONNECT_TIMEOUT, reactor)
@@ -390,8 +393,9 @@ async def measure(
     for number in range(1 - warmup, runs + 1):
         result: Round = {}
         for name in order:
-            if name == "wsfiles":
-                result[name] = await wsfiles_round(setup, reactor)
+            if name in OURS:
+                hash = "blake3" if name == "wsfiles-blake3" else "sha256"
+                result[name] = await wsfiles_round(setup, reactor, hash)
             else:
                 result[name] = await threads.deferToThread(BLOCKING[name], setup)
         if number >= 1:
@@ -512,12 +516,14 @@ def report(
     print("sender and receiver threads, its CPU under 'server'")
     print()
 
-    def ratio_result(direction: str, peer: str, goal: float | None, why: str = "") -> None:
-        ours, theirs = m.mb_s("wsfiles", direction), m.mb_s(peer, direction)
+    def ratio_result(
+        direction: str, peer: str, goal: float | None, why: str = "", us: str = "wsfiles"
+    ) -> None:
+        ours, theirs = m.mb_s(us, direction), m.mb_s(peer, direction)
         ratio = ours / theirs
         goal_text = f">= {goal:g}x" if goal is not None else f"none ({why})"
         print_result(
-            f"{label} {direction}, wsfiles vs {peer}",
+            f"{label} {direction}, {us} vs {peer}",
             f"{ratio:.2f}x ({ours:.0f} vs {theirs:.0f} MB/s)",
             goal_text,
             None if goal is None else ratio >= goal,
@@ -525,24 +531,27 @@ def report(
 
     for name, why in skipped.items():
         print_result(f"{label}, wsfiles vs {name}", f"skipped: {why}", "-", None)
-    for peer in contenders[1:]:
-        if peer in SAME_JOB:
-            ratio_result("upload", peer, SAME_JOB_TARGET)
-        else:
-            ratio_result("upload", peer, None, f"reference: {REFERENCE[peer]}")
-    ratio_result("upload", DURABLE, DURABLE_TARGET)
-    ratio_result("upload", LOOPBACK_COPY, None, "reported: the loopback limit")
-    for peer in contenders[1:]:
-        ratio_result("download", peer, FTP_DOWNLOAD_TARGET if peer == "FTP" else SAME_JOB_TARGET)
-    ratio_result("download", LOOPBACK_COPY, None, "reported: the loopback limit")
-    for (direction, side), goal in CPU_TARGETS.items():
-        cpu = m.cpu_per_gib("wsfiles", direction, side)
-        print_result(
-            f"{direction}: wsfiles {side} CPU per GiB",
-            f"{cpu:.2f} s",
-            f"<= {goal:g} s",
-            cpu <= goal,
-        )
+    peers = [name for name in contenders if name not in OURS]
+    for us in [name for name in contenders if name in OURS]:
+        for peer in peers:
+            if peer in SAME_JOB:
+                ratio_result("upload", peer, SAME_JOB_TARGET, us=us)
+            else:
+                ratio_result("upload", peer, None, f"reference: {REFERENCE[peer]}", us=us)
+        ratio_result("upload", DURABLE, DURABLE_TARGET, us=us)
+        ratio_result("upload", LOOPBACK_COPY, None, "reported: the loopback limit", us=us)
+        for peer in peers:
+            goal = FTP_DOWNLOAD_TARGET if peer == "FTP" else SAME_JOB_TARGET
+            ratio_result("download", peer, goal, us=us)
+        ratio_result("download", LOOPBACK_COPY, None, "reported: the loopback limit", us=us)
+        for (direction, side), goal in CPU_TARGETS.items():
+            cpu = m.cpu_per_gib(us, direction, side)
+            print_result(
+                f"{direction}: {us} {side} CPU per GiB",
+                f"{cpu:.2f} s",
+                f"<= {goal:g} s",
+                cpu <= goal,
+            )
     for direction in DIRECTIONS:
         sides = ", ".join(
             f"{name} {m.cpu_per_gib(name, direction, 'server'):.2f}"
@@ -564,7 +573,9 @@ def report(
         rss_mb < RSS_TARGET_MB,
     )
     others = ", ".join(
-        f"{peer} server {peak_kib[peer] * 1024 / MB:.1f} MB" for peer in contenders[1:]
+        f"{peer} server {peak_kib[peer] * 1024 / MB:.1f} MB"
+        for peer in contenders
+        if peer not in OURS
     )
     print(
         f"for comparison, peak RSS: {others},"
@@ -665,12 +676,14 @@ def main(argv: list[str]) -> int:
                 work.joinpath(f"{name}-root").mkdir()
             servers = {}
             for peer in contenders:
+                if peer == "wsfiles-blake3":
+                    continue  # the wsfiles server, asked for BLAKE3
                 print(f"{peer} server: {shlex.join(commands[peer])}", flush=True)
                 servers[peer] = stack.enter_context(
                     ServerProcess(peer, commands[peer], READY[peer])
                 )
                 print(f"  {servers[peer].output[-1] if peer in node_peers.READY else ''}".rstrip())
-            ws = servers["wsfiles"]
+            ws = servers["wsfiles-blake3"] = servers["wsfiles"]
             idle_kib = read_status_kib(ws.pid, "VmRSS")
             print(f"wsfiles server: pid {ws.pid}, port {ws.port}, idle RSS {idle_kib} kB")
             setup = Setup(servers, node_client, source, work, expected, args.timeout)
