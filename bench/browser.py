@@ -191,18 +191,21 @@ TRACE_CATEGORIES = [
 #: The page's Performance.getMetrics kept per transfer (differences, seconds).
 PAGE_METRICS = ("ProcessTime", "ThreadTime", "TaskDuration", "ScriptDuration", "TaskOtherDuration")
 #: The page's upload tuning (sessionStorage "wsfiles-tuning") by name; the
-#: page's defaults are 256 KiB messages, a 4 MiB bufferedAmount mark, verified,
-#: and the bytes sent are the ones the hash worker read (4 MiB reads, "feed").
+#: page's defaults are 1 MiB messages, a 4 MiB bufferedAmount mark, verified,
+#: and the bytes sent are the ones the hash worker read (16 MiB reads, "feed").
 UPLOAD_VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "no-verify": {"verify": False},
-    # As before issue 20's second round: the socket gets File.slice() Blobs and
-    # the worker reads the file a second time for the hash.
-    "blob-slices": {"feed": False},
-    "blob-slices-no-verify": {"feed": False, "verify": False},
-    "1M-slices": {"chunk": 1 << 20, "highWater": 16 << 20},
-    "64K-slices": {"chunk": 64 << 10, "highWater": 1 << 20},
-    "256K-slices-16M-mark": {"highWater": 16 << 20},
+    # As before issue 20's second round: the socket gets 256 KiB File.slice()
+    # Blobs and the worker reads the file a second time (4 MiB reads) for the hash.
+    "blob-slices": {"feed": False, "chunk": 256 << 10, "read": 4 << 20},
+    "blob-slices-no-verify": {"feed": False, "verify": False, "chunk": 256 << 10},
+    # The worker's bytes, as first built: 4 MiB reads sent in 256 KiB messages.
+    "4M-reads-256K-messages": {"read": 4 << 20, "chunk": 256 << 10},
+    "1M-reads": {"read": 1 << 20},
+    "16M-mark": {"highWater": 16 << 20},
+    "256K-messages": {"chunk": 256 << 10},
+    "64K-messages": {"chunk": 64 << 10, "highWater": 1 << 20},
 }
 
 

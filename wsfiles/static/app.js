@@ -3,19 +3,22 @@
 // elsewhere.
 "use strict";
 
-let CHUNK = 256 * 1024;             // one File.slice() per binary message
+let CHUNK = 1024 * 1024;            // bytes per binary message (Chromium frames them in ~80 KiB)
 let HIGH_WATER = 4 * 1024 * 1024;   // pause while the socket buffers more than this
 let VERIFY = true;                  // hash uploads (and pieces) and compare with the server's
 let FEED = true;                    // uploads send the bytes the hash worker read (else File.slice()s)
+let READ = 16 * 1024 * 1024;        // the worker's reads (hash-worker.js); docs/performance.md
 // bench/browser.py may change these for one tab (sessionStorage "wsfiles-tuning",
-// JSON {"chunk": bytes, "highWater": bytes, "verify": false, "feed": false}), read as each upload starts.
+// JSON {"chunk": bytes, "highWater": bytes, "verify": false, "feed": false, "read": bytes}),
+// read as each upload starts.
 function applyTuning() {
   let tuning = {};
   try { tuning = JSON.parse(sessionStorage.getItem("wsfiles-tuning")) || {}; } catch (error) { /* defaults */ }
-  CHUNK = tuning.chunk || 256 * 1024;
+  CHUNK = tuning.chunk || 1024 * 1024;
   HIGH_WATER = tuning.highWater || 4 * 1024 * 1024;
   VERIFY = tuning.verify !== false;
   FEED = tuning.feed !== false;
+  READ = tuning.read || 16 * 1024 * 1024;
 }
 applyTuning();
 const RETRIES = 5;                   // failures in a row on one live connection before an upload gives up
@@ -851,7 +854,8 @@ async function uploadResuming(file, item, target) {
   applyTuning();
   // The worker reads the whole file once, hashes it (whatever a resume sends)
   // and feeds the first attempt's sending; later attempts send File.slice()s.
-  const reading = hashBlob(file, { hash: VERIFY, feed: FEED });
+  const reading = VERIFY || FEED ? hashBlob(file, { hash: VERIFY, feed: FEED, slice: READ })
+    : { feeding: false, unfeed() {}, cancel() {} };  // File.slice()s and no hash: no worker
   try { await verify(await uploadStored(file, item, target, reading), VERIFY ? reading : null, item); }
   finally { reading.cancel(); }
 }
@@ -1013,7 +1017,7 @@ function hashWorker() {
 // socket: take() gives the next {offset, bytes}, or null at the end (or when
 // the job failed); unfeed() stops the handing over and lets the hash go on
 // alone. With `hash: false` the worker only reads (promise: null).
-function hashBlob(blob, { hash = true, feed = false } = {}) {
+function hashBlob(blob, { hash = true, feed = false, slice = undefined } = {}) {
   const id = hasher.next++;
   const job = { done: 0, onProgress: null, feeding: feed };
   job.promise = new Promise((resolve, reject) => { job.resolve = resolve; job.reject = reject; });
@@ -1049,7 +1053,7 @@ function hashBlob(blob, { hash = true, feed = false } = {}) {
     if (hasher.jobs.delete(id) && hasher.worker) hasher.worker.postMessage({ id, cancel: true });
   };
   try {
-    hashWorker().postMessage({ id, blob, hash, feed });
+    hashWorker().postMessage({ id, blob, hash, feed, slice });
     hasher.jobs.set(id, job);
   } catch (error) {
     job.fed(null);

@@ -18,18 +18,18 @@ const SLICE = 4 * 1024 * 1024;
 const AHEAD = 2;  // slices handed over before the page has paid for them
 const jobs = new Map();
 
-async function run(id, blob, hash, feed) {
+async function run(id, blob, hash, feed, size) {
   const job = { cancelled: false, feed, credits: feed ? AHEAD : 0, wake: null };
   jobs.set(id, job);
   const sha = hash ? new Sha256() : null;
-  const read = (offset) => blob.slice(offset, offset + SLICE).arrayBuffer();
+  const read = (offset) => blob.slice(offset, offset + size).arrayBuffer();
   let next = blob.size > 0 ? read(0) : null;
-  for (let offset = 0; offset < blob.size; offset += SLICE) {
+  for (let offset = 0; offset < blob.size; offset += size) {
     const bytes = await next;
     if (job.cancelled) return;
-    if (offset + SLICE < blob.size) next = read(offset + SLICE);
+    if (offset + size < blob.size) next = read(offset + size);
     if (sha) sha.update(new Uint8Array(bytes));
-    const done = Math.min(offset + SLICE, blob.size);
+    const done = Math.min(offset + size, blob.size);
     while (job.feed && job.credits === 0 && !job.cancelled) {  // ends with credit, unfeed or cancel
       await new Promise((resolve) => { job.wake = resolve; });
     }
@@ -56,8 +56,8 @@ onmessage = (event) => {
   if (cancel) { poke(id, (job) => { job.cancelled = true; }); return; }
   if (credit) { poke(id, (job) => { job.credits += credit; }); return; }
   if (unfeed) { poke(id, (job) => { job.feed = false; }); return; }
-  const { hash = true, feed = false } = event.data;
-  run(id, blob, hash, feed)
+  const { hash = true, feed = false, slice = SLICE } = event.data;
+  run(id, blob, hash, feed, slice > 0 ? slice : SLICE)
     .catch((error) => { postMessage({ id, error: String((error && error.message) || error) }); })
     .finally(() => { jobs.delete(id); });
 };
