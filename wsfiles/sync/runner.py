@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from wsfiles.sync.localtree import (
     conflict_name,
@@ -723,12 +723,23 @@ class Syncer:
         from wsfiles.client_tree import limits
 
         now = time.time()
-        local, skipped = scan(self.root, self.excludes, limits(self.client), prefix=self.base)
-        remote = await self.listing()
-        plan = reconcile(
+        # The server lists while a thread scans (and later plans, which may
+        # hash files): the reactor stays free, and the two waits overlap.
+        listing = defer.ensureDeferred(self.listing())
+        try:
+            local, skipped = await threads.deferToThread(
+                scan, self.root, self.excludes, limits(self.client), prefix=self.base
+            )
+        except BaseException:
+            listing.cancel()
+            listing.addErrback(lambda _: None)
+            raise
+        remote = await listing
+        plan = await threads.deferToThread(
+            reconcile,
             local,
             remote,
-            self.state.all(),
+            self.state.all(),  # (read here: the state's connection is this thread's)
             lambda path: local_sha256(self.root, path),
             self.direction,
             now,
