@@ -206,22 +206,16 @@ class BatchUpload:
         return saved
 
     async def _stored(self, entry: BatchEntry, data: bytes) -> str:
-        """Store one file like a ``save`` would; its SHA-256."""
-        if await self._folder.kind(entry.name) == "folder":  # a parent that is a file: NotAFolder
-            raise IsAFolder(entry.name)
-        upload = await self._folder.begin_upload(
-            entry.name, entry.size, entry.sha256, mtime=entry.mtime, precondition=entry.precondition
+        """Store one file like a ``save`` would, in one go; its SHA-256."""
+        if self._aborted:
+            raise ProtocolError(errors.CHANNEL_CLOSED, "the batch was cut; not stored")
+        return await self._folder.write_file(
+            entry.name,
+            data,
+            sha256=entry.sha256,
+            mtime=entry.mtime,
+            precondition=entry.precondition,
         )
-        try:
-            if self._aborted:
-                raise ProtocolError(errors.CHANNEL_CLOSED, "the batch was cut; not stored")
-            pending = upload.write(data) if data else None
-            if pending is not None:
-                await pending
-        except BaseException:
-            upload.abort()
-            raise
-        return await upload.commit()  # a failed commit cleans up after itself
 
     def commit(self) -> Deferred:
         """Fire with one outcome per file, in the batch's order, once all are stored."""

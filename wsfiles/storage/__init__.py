@@ -232,6 +232,18 @@ class IFolder(Interface):
         commit fires with its digest.
         """
 
+    def write_file(
+        name: str,
+        data: bytes,
+        *,
+        sha256: str | None = None,
+        mtime: float | None = None,
+        precondition: Precondition | None = None,
+    ) -> Deferred:
+        """Store a small file whose bytes are all in memory as ``name``, as
+        ``begin_upload`` + ``write`` + ``commit`` would (atomic, durable, the
+        same refusals), in one go: fire with its SHA-256 (``save_batch``)."""
+
     def partial_bytes() -> Deferred:
         """Fire with {name: bytes} kept for this client's interrupted uploads."""
 

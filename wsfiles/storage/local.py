@@ -623,6 +623,45 @@ class LocalFolder:
         # With a precondition the file may need hashing: not on the reactor.
         return _guarded(delete_it) if precondition is None else _in_thread(delete_it)
 
+    def write_file(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        sha256: str | None = None,
+        mtime: float | None = None,
+        precondition: Precondition | None = None,
+    ) -> Deferred:
+        def write_now() -> str:
+            digest = hashlib.sha256(data).hexdigest()
+            if sha256 is not None and digest != sha256.lower():
+                raise ChecksumMismatch(f"the data's SHA-256 is {digest}")
+            folder_fd, leaf = self._parent_and_leaf(name, create=True)
+            try:
+                st = _lstat_or_none(leaf, folder_fd)
+                if st is not None and stat.S_ISDIR(st.st_mode):
+                    raise IsAFolder(name)
+                fd, temp_path = tempfile.mkstemp(prefix="upload-", dir=self._storage.temp_dir)
+                try:
+                    try:
+                        view = memoryview(data)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        _make_durable(fd, digest, hashes.SHA256, mtime)
+                    finally:
+                        os.close(fd)
+                    _put_in_place(temp_path, folder_fd, leaf, name, precondition)
+                except BaseException:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(temp_path)
+                    raise
+                os.fsync(folder_fd)  # make the rename itself durable
+            finally:
+                os.close(folder_fd)
+            return digest
+
+        return _threaded(write_now)
+
     def described(self, paths: list[str]) -> Deferred:
         def describe() -> dict[str, FileInfo]:
             by_folder: dict[str, list[str]] = {}  # each folder is walked to once
@@ -929,17 +968,23 @@ _tree_slots = defer.DeferredSemaphore(TREE_OPERATIONS_AT_ONCE)
 
 def _in_thread(operation: Callable[[], object]) -> Deferred:
     """``_guarded`` for a long operation (a whole tree): in a thread, a few at once."""
+    return _tree_slots.run(threads.deferToThread, operation).addErrback(_refused_or_failed)
 
-    def failed(failure: Failure) -> Failure:
-        if failure.check(*_REFUSALS):
-            return failure
-        error = failure.check(OSError)
-        if error is not None:
-            _log.warn("storage operation failed: {error}", error=failure.value)
-            return Failure(_failure(failure.value))
+
+def _threaded(operation: Callable[[], object]) -> Deferred:
+    """``_guarded`` for a blocking operation on one file (fsync): in a thread."""
+    return threads.deferToThread(operation).addErrback(_refused_or_failed)
+
+
+def _refused_or_failed(failure: Failure) -> Failure:
+    """A thread's failure as the caller expects it: refusals as they are,
+    OSErrors as StorageFailure (logged)."""
+    if failure.check(*_REFUSALS, ChecksumMismatch):
         return failure
-
-    return _tree_slots.run(threads.deferToThread, operation).addErrback(failed)
+    if failure.check(OSError) is not None:
+        _log.warn("storage operation failed: {error}", error=failure.value)
+        return Failure(_failure(failure.value))
+    return failure
 
 
 @implementer(IUpload)
@@ -1119,18 +1164,12 @@ class LocalUpload:
         fd, self._fd = self._fd, None
         assert fd is not None
         try:
-            if self.mtime is not None:  # before the digest record, which names the mtime
-                mtime_ns = round(self.mtime * 1e9)
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-            # Only this hash's record: a BLAKE3 upload leaves SHA-256 to be
-            # computed (and recorded) when something first needs it.
-            _remember_digest(fd, digest, self._algorithm)
-            os.fsync(fd)
+            _make_durable(fd, digest, self._algorithm, self.mtime)
         finally:
             os.close(fd)
         folder_fd, leaf = self._folder._parent_and_leaf(self._name, create=True)
         try:
-            self._replace(folder_fd, leaf)
+            _put_in_place(self._path, folder_fd, leaf, self._name, self.precondition)
             os.fsync(folder_fd)  # make the rename itself durable
         finally:
             os.close(folder_fd)
@@ -1138,23 +1177,6 @@ class LocalUpload:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._meta)
         return digest
-
-    def _replace(self, folder_fd: int, leaf: str) -> None:
-        """Rename the finished file over ``leaf`` if the precondition still holds:
-        "absent" atomically (no-replace rename), a digest just before the rename."""
-        condition = self.precondition
-        if condition is not None and condition.absent:
-            temp_fd = os.open(os.path.dirname(self._path), os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                _rename_noreplace(temp_fd, os.path.basename(self._path), folder_fd, leaf)
-            except Exists:
-                raise PreconditionFailed(self._name) from None
-            finally:
-                os.close(temp_fd)
-            return
-        if condition is not None and not condition.holds(_stored_digest(folder_fd, leaf)):
-            raise PreconditionFailed(self._name)
-        os.rename(self._path, leaf, dst_dir_fd=folder_fd)
 
     def commit(self) -> Deferred:
         self._release()
@@ -1266,6 +1288,36 @@ def _remember_digest(fd: int, digest: str, hash: str = hashes.SHA256) -> None:
     record = (digest + " " + _identity(os.fstat(fd))).encode()
     with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: hash on download instead
         os.setxattr(fd, hashes.xattr(hash), record)
+
+
+def _make_durable(fd: int, digest: str, hash: str, mtime: float | None) -> None:
+    """Give a written file its mtime and digest record, then fsync it (thread)."""
+    if mtime is not None:  # before the digest record, which names the mtime
+        mtime_ns = round(mtime * 1e9)
+        os.utime(fd, ns=(mtime_ns, mtime_ns))
+    # Only this hash's record: a BLAKE3 upload leaves SHA-256 to be computed
+    # (and recorded) when something first needs it.
+    _remember_digest(fd, digest, hash)
+    os.fsync(fd)
+
+
+def _put_in_place(
+    path: str, folder_fd: int, leaf: str, name: str, precondition: Precondition | None
+) -> None:
+    """Rename the finished file ``path`` over ``leaf`` if ``precondition`` still
+    holds: "absent" atomically (no-replace rename), a digest just before."""
+    if precondition is not None and precondition.absent:
+        temp_fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _rename_noreplace(temp_fd, os.path.basename(path), folder_fd, leaf)
+        except Exists:
+            raise PreconditionFailed(name) from None
+        finally:
+            os.close(temp_fd)
+        return
+    if precondition is not None and not precondition.holds(_stored_digest(folder_fd, leaf)):
+        raise PreconditionFailed(name)
+    os.rename(path, leaf, dst_dir_fd=folder_fd)
 
 
 def _hash_and_remember(fd: int, st: os.stat_result) -> str:

@@ -964,6 +964,30 @@ class S3Folder:
 
         return d.addCallback(settings)
 
+    def write_file(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        sha256: str | None = None,
+        mtime: float | None = None,
+        precondition: Precondition | None = None,
+    ) -> Deferred:
+        async def write_now() -> str:
+            upload = await self.begin_upload(
+                name, len(data), sha256, mtime=mtime, precondition=precondition
+            )
+            try:
+                pending = upload.write(data) if data else None
+                if pending is not None:
+                    await pending
+            except BaseException:
+                upload.abort()
+                raise
+            return await upload.commit()  # one PUT: small files are below PART_SIZE
+
+        return Deferred.fromCoroutine(write_now())
+
     async def _free_for_a_file(self, name: str) -> None:
         """Fail unless a file may appear at ``name``: not a folder (IsAFolder),
         no file on its way (NotAFolder).  A save checks this just before its
