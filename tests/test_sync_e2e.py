@@ -174,7 +174,7 @@ async def test_a_sync_killed_mid_download_resumes_and_never_leaves_half_a_file(
     twistd_factory, tmp_path, syncs
 ):
     srv = await twistd_factory()
-    big = os.urandom(128 * MiB)
+    big = os.urandom(96 * MiB)
     write(srv.root / "big.bin", big)
     local = tmp_path / "here"
     local.mkdir()
@@ -197,6 +197,32 @@ async def test_a_sync_killed_mid_download_resumes_and_never_leaves_half_a_file(
     assert int((local / "big.bin").stat().st_mtime) == int((srv.root / "big.bin").stat().st_mtime)
     code, out, err = await sync_once(local, srv.url, "--json")
     assert (code, out, err) == (0, "", "")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sync_killed_mid_upload_resumes_and_the_server_never_shows_half_a_file(
+    twistd_factory, tmp_path, syncs
+):
+    srv = await twistd_factory()
+    local = tmp_path / "here"
+    big = os.urandom(96 * MiB)
+    write(local / "big.bin", big)
+    partials = srv.root / ".wsfiles-partial" / "@anonymous"
+
+    def received() -> int:
+        return sum(p.stat().st_size for p in partials.glob("*")) if partials.exists() else 0
+
+    child = syncs.start(local, srv.url, "--once")
+    await until(
+        lambda: received() > 8 * MiB or child[1].ended.called, "a partial upload", every=0.01
+    )
+    await syncs.kill(child)
+    assert not (srv.root / "big.bin").exists()  # a save appears whole or not at all
+    code, out, err = await sync_once(local, srv.url)
+    assert (code, out) == (0, "upload    big.bin (96.0 MiB)\n"), err
+    assert (srv.root / "big.bin").read_bytes() == big
+    last_save = srv.output.split("save 'big.bin'")[-1].split("\n")[0]
+    assert "(from offset 0)" not in last_save  # resumed, not sent again
 
 
 @pytest_twisted.ensureDeferred
@@ -246,11 +272,23 @@ async def test_dry_run_changes_nothing_and_refused_names_are_warned_and_skipped(
     assert tree(local) == before_local and tree(srv.root, ".wsfiles-") == before_remote
     assert not (local / ".wsfiles-sync").exists()
 
+    # --up-only changes only the server; --down-only then only the local side.
+    code, out, err = await sync_once(local, srv.url, "--up-only")
+    assert code == 0, err
+    assert out == "upload    local.txt (5 B)\n"
+    assert set(tree(srv.root, ".wsfiles-")) == {"remote.txt", "local.txt"}
+    assert tree(local) == before_local
+    write(local / "local.txt", b"local, edited")
+    code, out, err = await sync_once(local, srv.url, "--down-only")
+    assert code == 0, err
+    assert out == "download  remote.txt (6 B)\n"
+    assert tree(srv.root, ".wsfiles-")["local.txt"] == b"local"
+
     code, out, err = await sync_once(local, srv.url)
     assert code == 0, err
-    assert "upload    local.txt" in out and "download  remote.txt" in out
+    assert out == "upload    local.txt (13 B)\n"
     skipped = [line for line in err.splitlines() if "skipped" in line]
     assert len(skipped) == 2 and all(line.startswith("wsfiles sync: skipped ") for line in skipped)
     assert "back\\slash.txt" in err and ".wsfiles-mine" in err
-    assert set(tree(srv.root, ".wsfiles-")) == {"remote.txt", "local.txt"}
+    assert tree(srv.root, ".wsfiles-") == {"remote.txt": b"remote", "local.txt": b"local, edited"}
     assert tree(local)["remote.txt"] == b"remote"

@@ -46,7 +46,7 @@ from wsfiles.sync.localtree import (
 )
 from wsfiles.sync.model import Action, Direction, Kind, LocalFile, Plan, RemoteFile, Synced
 from wsfiles.sync.plan import reconcile
-from wsfiles.sync.state import SyncState, partial_path
+from wsfiles.sync.state import SyncState, partial_dir, partial_path
 
 #: Transfers in flight at once (the server's transfer queue takes up to 1000).
 PIPELINE = 64
@@ -764,7 +764,22 @@ class Syncer:
             emit=self.emit,
             progress=self.progress() if self.progress else None,
         )
-        return Round(plan, await runner.run(plan, local, remote))
+        outcome = Round(plan, await runner.run(plan, local, remote))
+        if outcome.settled:
+            _clear_partials(self.root)
+        return outcome
+
+
+def _clear_partials(root: Path) -> None:
+    """Drop partial downloads once in sync: none of them is wanted any more
+    (a file deleted on the server after a run was killed mid-download)."""
+    folder = partial_dir(root)
+    try:
+        leftovers = list(folder.iterdir())
+    except OSError:
+        return
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
 
 
 def action_fields(action: Action) -> dict[str, Any]:
