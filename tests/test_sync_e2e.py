@@ -292,3 +292,21 @@ async def test_dry_run_changes_nothing_and_refused_names_are_warned_and_skipped(
     assert "back\\slash.txt" in err and ".wsfiles-mine" in err
     assert tree(srv.root, ".wsfiles-") == {"remote.txt": b"remote", "local.txt": b"local, edited"}
     assert tree(local)["remote.txt"] == b"remote"
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_deletes_wait_for_the_command_rate_limit(twistd_factory, tmp_path):
+    """Deletes are charged to --rate-limit (transfers are not): a sync that
+    deletes more than a burst waits for the limit instead of failing."""
+    srv = await twistd_factory("--rate-limit", "5")
+    local = tmp_path / "here"
+    for i in range(12):
+        write(local / "many" / f"{i}.txt", b"%d" % i)
+    code, _, err = await sync_once(local, srv.url)
+    assert code == 0, err
+    assert len(tree(srv.root / "many")) == 12
+    for path in (local / "many").iterdir():
+        path.unlink()
+    code, out, err = await sync_once(local, srv.url)
+    assert (code, err) == (0, ""), err
+    assert out.count("(on the server)") == 12 and tree(srv.root, ".wsfiles-") == {}

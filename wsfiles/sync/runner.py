@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, task, threads
 
 from wsfiles.sync.localtree import (
     conflict_name,
@@ -59,6 +59,10 @@ BATCH_FILES = 1000
 #: The batch command's JSON at most: the server refuses commands over 64 KiB
 #: (wsfiles.config.COMMAND_MESSAGE_LIMIT) by closing the channel.
 BATCH_COMMAND_BYTES = 60 * 1024
+#: A command refused as ``rate_limited`` (not run) is sent again after this
+#: long, at most this many times in all.
+RATE_LIMITED_WAIT = 1.0
+RATE_LIMITED_TRIES = 30
 #: Error codes that concern one path only: said, and the path is tried again next round.
 PATH_ERRORS = frozenset(
     {
@@ -313,7 +317,18 @@ class Runner:
         from wsfiles.client import WsfilesError
 
         try:
-            await _HANDLERS[action.kind](self, action, result)
+            for _ in range(RATE_LIMITED_TRIES - 1):
+                try:
+                    await _HANDLERS[action.kind](self, action, result)
+                    break
+                except WsfilesError as e:
+                    if e.code != "rate_limited":
+                        raise
+                    # Deletes and renames are charged to the command rate (bursts
+                    # of --rate-limit a second): wait for it, the command was not run.
+                    await task.deferLater(reactor, RATE_LIMITED_WAIT, lambda: None)
+            else:
+                await _HANDLERS[action.kind](self, action, result)
         except WsfilesError as e:
             if e.code not in PATH_ERRORS:
                 raise
