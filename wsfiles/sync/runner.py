@@ -715,12 +715,17 @@ class Syncer:
         from wsfiles.client import WsfilesError
         from wsfiles.client_tree import is_folder, list_folder
 
-        try:
-            entries = await list_folder(self.client, self.base, recursive=True, sha256=True)
-        except WsfilesError as e:
-            if e.code == "not_found":  # the folder comes with the first upload
-                return {}
-            raise
+        for tries in range(RATE_LIMITED_TRIES):
+            try:
+                entries = await list_folder(self.client, self.base, recursive=True, sha256=True)
+                break
+            except WsfilesError as e:
+                if e.code == "not_found":  # the folder comes with the first upload
+                    return {}
+                if e.code != "rate_limited" or tries == RATE_LIMITED_TRIES - 1:
+                    raise
+                # (pages are commands: a big tree after many deletes may wait)
+                await task.deferLater(reactor, RATE_LIMITED_WAIT, lambda: None)
         files: dict[str, RemoteFile] = {}
         for entry in entries:
             name = entry.get("name")

@@ -14,7 +14,9 @@ again after the quiet time; paths the server changed meanwhile, after
 
 A dropped connection is reconnected with exponential backoff (1 s doubling
 to 30 s), and the next round is a full reconcile, so nothing heard or missed
-while away is lost.
+while away is lost.  A round the server refused for a reason that may pass
+(``storage_error``, ``internal_error``, ``rate_limited``) is said and tried
+again after :data:`TRANSIENT_SECONDS`; any other error ends the sync.
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ POLL_SECONDS = 5.0
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
 
+#: A round refused for a reason that may pass: tried again after this (live mode).
+TRANSIENT_SECONDS = 5.0
+
 Connect = Callable[[], Awaitable[Any]]
+#: Server refusals that may pass: live mode says so and tries again.
+_TRANSIENT_CODES = frozenset({"storage_error", "internal_error", "rate_limited"})
 
 #: Client-side and server codes that mean the connection, not the request, failed.
 _CONNECTION_CODES = frozenset(
@@ -243,6 +250,11 @@ async def live(syncer: Any, connect: Connect, say: Callable[[dict[str, Any]], No
                     raise _Lost()
                 outcome = await syncer.round()
             except Exception as e:
+                if _is_transient(e) and connected(syncer.client):
+                    notice(f"{e}: trying again in {TRANSIENT_SECONDS:.0f} s")
+                    wake.poke_later(TRANSIENT_SECONDS)
+                    await wake.wait()
+                    continue
                 if not isinstance(e, _Lost) and not is_connection_error(e, syncer.client):
                     raise
                 notice("the connection was lost: reconnecting")
@@ -269,6 +281,13 @@ async def live(syncer: Any, connect: Connect, say: Callable[[dict[str, Any]], No
         if listening is not None:
             listening.cancel()
         await _drop(syncer.client, first_client)
+
+
+def _is_transient(error: BaseException) -> bool:
+    """A refusal that may pass (the server's storage, or its rate limit)."""
+    from wsfiles.client import WsfilesError
+
+    return isinstance(error, WsfilesError) and error.code in _TRANSIENT_CODES
 
 
 class _Lost(Exception):
