@@ -390,7 +390,7 @@ def test_after_a_server_crash_the_page_reconnects_and_the_upload_resumes(web, pa
     page.goto(srv.url)
     connected(page)
     big = tmp_path / "big.bin"
-    big.write_bytes(os.urandom(96 * MiB))
+    big.write_bytes(os.urandom(192 * MiB))  # page uploads got faster: a wide window
     page.set_input_files("#picker", str(big))
     # Kill once the server has fsynced a checkpoint (32 MiB), so there is
     # something durable to resume from; the bounded wait is on the server's disk.
