@@ -1,7 +1,9 @@
 """Carry out a sync plan over one command channel: verified, resumable, recorded.
 
 Every action re-checks its precondition at the last moment and records (or
-forgets) its state row right after it succeeds, so a Ctrl-C, a crash or a
+forgets) its state row right after it succeeds (downloads' rows in groups of
+:data:`RECORDS_AT_ONCE`, and whenever the run ends: a row lost in a crash only
+makes the next run record the same content again), so a Ctrl-C, a crash or a
 dropped connection leaves the state true for what was done, and the next run
 continues from there:
 
@@ -59,6 +61,8 @@ BATCH_FILES = 1000
 #: The batch command's JSON at most: the server refuses commands over 64 KiB
 #: (wsfiles.config.COMMAND_MESSAGE_LIMIT) by closing the channel.
 BATCH_COMMAND_BYTES = 60 * 1024
+#: Downloads' state rows committed together (see Runner._record_soon).
+RECORDS_AT_ONCE = 100
 #: A command refused as ``rate_limited`` (not run) is sent again after this
 #: long, at most this many times in all.
 RATE_LIMITED_WAIT = 1.0
@@ -122,6 +126,23 @@ def _matches_scan(st: os.stat_result | None, scanned: LocalFile | None) -> bool:
     return _same(st, scanned.size, scanned.mtime_ns, scanned.inode)
 
 
+def _open_partial(root: Path, path: str) -> tuple[Path, Any]:
+    """The partial download of ``path``, opened at its end (a killed run's bytes are kept)."""
+    partial = partial_path(root, path)
+    sink = open(partial, "a+b")  # noqa: SIM115 (the caller closes it)
+    sink.seek(0, os.SEEK_END)
+    return partial, sink
+
+
+def _finish_partial(sink: Any, partial: Path, mtime: float | None) -> None:
+    sink.flush()
+    os.fsync(sink.fileno())
+    sink.close()
+    if mtime is not None:
+        ns = round(mtime * 1e9)
+        os.utime(partial, ns=(ns, ns))
+
+
 def conflict_copy_name(root: Path, path: str) -> str:
     """A free conflict name for the local loser of ``path`` (localtree's rule)."""
     return conflict_name(path, taken=lambda name: _lstat(local_path(root, name)) is not None)
@@ -171,6 +192,14 @@ class Runner:
         self._files_done = 0
         self._bytes_done = 0
         self._in_flight: dict[str, int] = {}
+        self._pending_rows: list[Synced] = []
+        self._folders_made: set[Path] = set()
+        try:
+            return await self._run(plan, result)
+        finally:
+            self._flush_rows()
+
+    async def _run(self, plan: Plan, result: RunResult) -> RunResult:
         self._report()
         records = [a for a in plan.actions if a.kind in _STATE_ONLY]
         if records:
@@ -444,10 +473,10 @@ class Runner:
         """Fetch into the partial file, verify, then put it in place (see the module doc)."""
         from wsfiles.client import CHECKSUM_MISMATCH, WsfilesError
 
-        partial = partial_path(self.root, action.path)
-        sink = open(partial, "a+b")  # noqa: SIM115 (closed below, before any rename)
+        # File creation and fsync cost a fraction of a millisecond each here:
+        # in a thread, they overlap the next download's network time.
+        partial, sink = await threads.deferToThread(_open_partial, self.root, action.path)
         try:
-            sink.seek(0, os.SEEK_END)
             try:
                 sent = await self.client.download(
                     remote_name(self.base, action.path),
@@ -460,15 +489,12 @@ class Runner:
                     sink.close()
                     partial.unlink(missing_ok=True)
                 raise
-            sink.flush()
-            os.fsync(sink.fileno())  # durable before it replaces anything
+            listed = self.remote.get(action.path)
+            mtime = listed.mtime if listed is not None else None
+            # Durable, with the server's mtime, before it replaces anything.
+            await threads.deferToThread(_finish_partial, sink, partial, mtime)
         finally:
             sink.close()
-        listed = self.remote.get(action.path)
-        mtime = listed.mtime if listed is not None else None
-        if mtime is not None:
-            ns = round(mtime * 1e9)
-            os.utime(partial, ns=(ns, ns))
         target = local_path(self.root, action.path)
         self._make_folder(target.parent)
         current = _lstat(target)
@@ -492,7 +518,7 @@ class Runner:
             self.emit({"event": "conflict", "path": action.path, "copy": copy})
         os.replace(partial, target)
         st = os.lstat(target)
-        self.state.record(
+        self._record_soon(
             Synced(
                 action.path,
                 st.st_size,
@@ -504,13 +530,38 @@ class Runner:
         )
         self._done(result, action)
 
+    def _record_soon(self, synced: Synced) -> None:
+        """Record a download's row with the next few (one commit for many).
+
+        A row lost in a crash is harmless: the next plan finds the same
+        content on both sides and only records it (``RECORD``).  Rows are
+        committed every :data:`RECORDS_AT_ONCE` and when the run ends,
+        however it ends (Ctrl-C included).
+        """
+        self._pending_rows.append(synced)
+        if len(self._pending_rows) >= RECORDS_AT_ONCE:
+            self._flush_rows()
+
+    def _flush_rows(self) -> None:
+        rows, self._pending_rows = self._pending_rows, []
+        if rows:
+            with self.state.batch():
+                for row in rows:
+                    self.state.record(row)
+
     def _make_folder(self, folder: Path) -> None:
-        """Create ``folder`` under the root; never write through a symlink out of it."""
+        """Create ``folder`` under the root; never write through a symlink out of it.
+
+        Checked once per folder and run (a symlink swapped in meanwhile by
+        the user is their own doing; ours never are)."""
+        if folder in self._folders_made:
+            return
         folder.mkdir(parents=True, exist_ok=True)
         real = os.path.realpath(folder)
         root = os.path.realpath(self.root)
         if real != root and not real.startswith(root + os.sep):
             raise OSError(0, f"a symlink leads out of {self.root}", str(folder))
+        self._folders_made.add(folder)
 
     async def _delete_local(self, action: Action, result: RunResult) -> None:
         target = local_path(self.root, action.path)
@@ -538,6 +589,7 @@ class Runner:
                 folder.rmdir()
             except OSError:
                 return
+            self._folders_made.discard(folder)
             folder = folder.parent
 
     async def _delete_remote(self, action: Action, result: RunResult) -> None:
