@@ -275,6 +275,7 @@ async def live(syncer: Any, connect: Connect, say: Callable[[dict[str, Any]], No
                 wake.poke()  # one more round, to see the work done settle
             await wake.wait()
             await pause(SETTLE_SECONDS)  # let a burst of events finish
+            wake.pending = False  # (the round below sees them; later ones wake again)
     finally:
         wake.stop()
         watch.stop()
