@@ -159,6 +159,8 @@ class Timing:
     wall: float
     client_cpu: float
     server_cpu: float
+    #: Of ``server_cpu``, the reactor thread's (wsfiles only; the rest is its thread pool).
+    reactor_cpu: float | None = None
 
 
 def children_cpu() -> float:
@@ -173,6 +175,17 @@ def process_cpu(pid: int, reaped_children: bool = False) -> float:
     # After "pid (comm)": utime, stime, cutime, cstime are fields 14-17 (1-based).
     ticks = sum(int(value) for value in fields[11 : 15 if reaped_children else 13])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def reactor_thread_cpu(pid: int) -> float:
+    """CPU seconds of the main thread of ``pid`` alone (twistd's reactor thread)."""
+    return process_cpu_of(f"/proc/{pid}/task/{pid}/stat")
+
+
+def process_cpu_of(stat_path: str) -> float:
+    with open(stat_path) as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def child_pids(pid: int) -> list[int]:
@@ -195,10 +208,12 @@ def run_timed(
     log: Path,
     server_cpu: Callable[[], float],
     settle: Callable[[], None] = lambda: None,
+    reactor_cpu: Callable[[], float] | None = None,
 ) -> Timing:
     """Run ``argv`` to completion (output to ``log``); its wall and CPU seconds."""
     os.sync()  # nobody pays for the previous command's dirty pages
     client_before, server_before = children_cpu(), server_cpu()
+    reactor_before = reactor_cpu() if reactor_cpu is not None else 0.0
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
@@ -214,7 +229,8 @@ def run_timed(
         raise RuntimeError(
             f"{argv[:4]} exited {done.returncode}; its last lines ({log}):\n  " + "\n  ".join(tail)
         )
-    return Timing(wall, children_cpu() - client_before, server_cpu() - server_before)
+    reactor = reactor_cpu() - reactor_before if reactor_cpu is not None else None
+    return Timing(wall, children_cpu() - client_before, server_cpu() - server_before, reactor)
 
 
 # -- the contenders ---------------------------------------------------------------------
@@ -247,7 +263,13 @@ class WsfilesSync:
                 argv = [*WSFILES, "sync", "-q", str(source), url, "--once"]
                 client_log = self.logs / f"wsfiles-client-{label}.log"
                 yield Destination(
-                    lambda: run_timed(argv, client_log, lambda: process_cpu(server.pid)), root
+                    lambda: run_timed(
+                        argv,
+                        client_log,
+                        lambda: process_cpu(server.pid),
+                        reactor_cpu=lambda: reactor_thread_cpu(server.pid),
+                    ),
+                    root,
                 )
         finally:
             shutil.rmtree(root, ignore_errors=True)
@@ -359,6 +381,20 @@ class Figures:
     again: list[Timing] = field(default_factory=list)
 
 
+def cpus(timing: Timing) -> str:
+    shown = f"CPU client {timing.client_cpu:.2f} s, server {timing.server_cpu:.2f} s"
+    if timing.reactor_cpu is not None:
+        shown += f" (reactor thread {timing.reactor_cpu:.2f} s)"
+    return shown
+
+
+def reactor_share(timings: list[Timing]) -> str:
+    """`` (reactor N s)`` where the server's reactor thread was measured apart."""
+    if any(t.reactor_cpu is None for t in timings):
+        return ""
+    return f" (reactor {statistics.median(t.reactor_cpu or 0.0 for t in timings):.2f} s)"
+
+
 def median(timings: list[Timing], what: str) -> float:
     return statistics.median(getattr(t, what) for t in timings)
 
@@ -378,10 +414,8 @@ def measure(
             figures[contender.name].first.append(first)
             figures[contender.name].again.append(again)
             print(
-                f"  run {run} {contender.name:20} first {first.wall:7.2f} s"
-                f" (CPU client {first.client_cpu:6.2f} s, server {first.server_cpu:6.2f} s);"
-                f" no change {again.wall:6.2f} s"
-                f" (CPU client {again.client_cpu:5.2f} s, server {again.server_cpu:5.2f} s)",
+                f"  run {run} {contender.name:20} first {first.wall:7.2f} s ({cpus(first)});"
+                f" no change {again.wall:6.2f} s ({cpus(again)})",
                 flush=True,
             )
     return figures
@@ -403,7 +437,7 @@ def report(scenario: str, what: str, figures: dict[str, Figures]) -> None:
                 f"{wall:.2f} s",
                 f"{wall / median(base, 'wall'):.2f}x",
                 f"{median(runs, 'client_cpu'):.2f} s",
-                f"{median(runs, 'server_cpu'):.2f} s",
+                f"{median(runs, 'server_cpu'):.2f} s" + reactor_share(runs),
             ]
         print(f"| {name:20} | " + " | ".join(cells) + " |")
     ours = figures[WsfilesSync.name]
@@ -455,12 +489,12 @@ def profile(source: Path, work: Path, out: Path) -> None:
                     *WSFILES[1:], "sync", "-q", str(source), url, "--once",
                 ]  # fmt: skip
                 timing = run_timed(
-                    command, out / f"client-{step}.log", lambda: process_cpu(server.pid)
+                    command,
+                    out / f"client-{step}.log",
+                    lambda: process_cpu(server.pid),
+                    reactor_cpu=lambda: reactor_thread_cpu(server.pid),
                 )
-                print(
-                    f"\nprofiled client, {step}: {timing.wall:.2f} s wall,"
-                    f" CPU client {timing.client_cpu:.2f} s, server {timing.server_cpu:.2f} s"
-                )
+                print(f"\nprofiled client, {step}: {timing.wall:.2f} s wall, {cpus(timing)}")
                 top(prof)
     finally:
         shutil.rmtree(root, ignore_errors=True)
