@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -230,6 +231,24 @@ class _Download:
         self.total = 0
         self.progress = progress
         self.done: Deferred = Deferred()
+        #: Its ``sending`` has come: the next message on the file channel is its.
+        self.announced = False
+
+    def write(self, data: bytes) -> None:
+        self.sink.write(data)
+        self.sha256.update(data)
+        self.received += len(data)
+        if self.progress is not None:
+            self.progress(self.received, self.total)
+
+
+class _Message:
+    """A download message on the file channel, before it is known whose it is."""
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.ended = False
+        self.owner: _Download | None = None
 
 
 @dataclass(frozen=True)
@@ -286,7 +305,10 @@ class WsfilesClient(FolderCommands):
         self._file_factory: WebSocketClientFactory | None = None
         self._replies: dict[int, DeferredQueue] = {}
         self._next_id = 0
-        self._download: _Download | None = None
+        #: Downloads asked for whose message has not ended, oldest first.
+        self._downloads: deque[_Download] = deque()
+        #: Messages of the current file channel not yet handed to their download.
+        self._messages: deque[_Message] = deque()
         self._transfer_lock = defer.DeferredLock()
         #: Messages that answer no command of ours (errors without an id).
         self.notices: DeferredQueue = DeferredQueue()
@@ -401,9 +423,24 @@ class WsfilesClient(FolderCommands):
         self.file_close_codes.append(code)
         if protocol is self._file:
             self._file = None
-            download, self._download = self._download, None
-            if download is not None and not download.done.called:
-                download.done.errback(WsfilesError(CHANNEL_CLOSED, "the file channel closed"))
+            downloads = list(self._downloads)
+            self._download = None
+            for download in downloads:
+                if not download.done.called:
+                    download.done.errback(WsfilesError(CHANNEL_CLOSED, "the file channel closed"))
+
+    @property
+    def _download(self) -> _Download | None:
+        """The oldest download in flight (the only one, unless pipelined)."""
+        return self._downloads[0] if self._downloads else None
+
+    @_download.setter
+    def _download(self, download: _Download | None) -> None:
+        """Arm ``download`` alone for the next message (or none)."""
+        self._downloads.clear()
+        self._messages.clear()
+        if download is not None:
+            self._downloads.append(download)
 
     # -- messages --------------------------------------------------------
 
@@ -560,6 +597,7 @@ class WsfilesClient(FolderCommands):
         retries: int = 5,
         progress: Progress | None = None,
         hash: str = hashes.SHA256,
+        pipelined: bool = False,
     ) -> dict[str, Any]:
         """Write file ``name`` into ``sink``; return the server's ``sent``.
 
@@ -570,6 +608,12 @@ class WsfilesClient(FolderCommands):
         written (a ranged ``get``), up to ``retries`` times; and a sink that
         already holds bytes (opened for reading and appending, positioned at
         its end) is taken as the start of the file: only the rest is fetched.
+
+        ``pipelined`` sends the ``get`` without waiting for this client's
+        earlier transfers (as ``upload`` does): each message of the file
+        channel goes to the oldest download whose ``sending`` has come (held
+        in memory until it is known whose it is).  Not retried here; a
+        dropped file channel fails every pipelined download in flight.
         """
         self._paths_allowed(name)
         download = _Download(sink, progress, hash)
@@ -579,7 +623,7 @@ class WsfilesClient(FolderCommands):
             sink.seek(held)
             download.received = held
         return await self._transfer(
-            lambda: self._download_once(name, download, resume), resume, retries
+            lambda: self._download_once(name, download, resume), resume, retries, pipelined
         )
 
     async def save_batch(self, files: list[BatchFile]) -> list[dict[str, Any]]:
@@ -705,7 +749,8 @@ class WsfilesClient(FolderCommands):
         # Armed before asking: the file channel's bytes may overtake the
         # command channel's "sending" (they are separate connections).
         download.done = Deferred()
-        self._download = download
+        download.announced = False
+        self._downloads.append(download)
         message: dict[str, Any] = {"op": "get", "name": name}
         if download.hash != hashes.SHA256:
             message["hash"] = download.hash
@@ -720,6 +765,8 @@ class WsfilesClient(FolderCommands):
                 if op == "sending":
                     begun = True
                     download.total = reply["size"]
+                    download.announced = True
+                    self._claim()
                 elif op == "sent":
                     await download.done
                     if download.received != reply["size"]:
@@ -739,8 +786,10 @@ class WsfilesClient(FolderCommands):
                             cut.dropConnection(abort=True)
                     _checked(reply)
         finally:
-            if self._download is download:
-                self._download = None
+            if download in self._downloads:  # (failed: no message, or a cut one)
+                self._downloads.remove(download)
+                self._messages = deque(m for m in self._messages if m.owner is not download)
+                self._claim()
             # Nobody awaits a download cut before "sent": do not log it as unhandled.
             download.done.addErrback(lambda _: None)
             del self._replies[request_id]
@@ -750,25 +799,52 @@ class WsfilesClient(FolderCommands):
     # Only the current file channel's bytes count: one the server has given up
     # may still deliver the rest of a cut message, which belongs to no transfer.
 
+    # Whose a message is: the transfers run in order, so it is the oldest
+    # download's, unless that one fails without a message (``not_found``...).
+    # It is known once that download's ``sending`` has come, or when it is the
+    # only download in flight; until then the message is held.
+
     def _file_message_begin(self, protocol: _FileProtocol) -> None:
-        if protocol is self._file and self._download is None:
-            self.notices.put({"op": "client:unexpected-binary"})
-
-    def _file_data(self, protocol: _FileProtocol, data: bytes) -> None:
-        download = self._download
-        if download is not None and protocol is self._file:
-            download.sink.write(data)
-            download.sha256.update(data)
-            download.received += len(data)
-            if download.progress is not None:
-                download.progress(download.received, download.total)
-
-    def _file_message_end(self, protocol: _FileProtocol) -> None:
         if protocol is not self._file:
             return
-        download, self._download = self._download, None
-        if download is not None:
-            download.done.callback(None)
+        if not self._downloads:
+            self.notices.put({"op": "client:unexpected-binary"})
+            return
+        self._messages.append(_Message())
+        self._claim()
+
+    def _file_data(self, protocol: _FileProtocol, data: bytes) -> None:
+        if protocol is not self._file or not self._messages:
+            return
+        message = self._messages[-1]  # (the one arriving)
+        if message.owner is not None:
+            message.owner.write(data)
+        else:
+            message.chunks.append(data)
+
+    def _file_message_end(self, protocol: _FileProtocol) -> None:
+        if protocol is not self._file or not self._messages:
+            return
+        self._messages[-1].ended = True
+        self._claim()
+
+    def _claim(self) -> None:
+        """Hand held messages to their downloads, and end the finished ones."""
+        while self._messages and self._downloads:
+            message, head = self._messages[0], self._downloads[0]
+            if message.owner is None:
+                if not (head.announced or len(self._downloads) == 1):
+                    return
+                message.owner = head
+                for chunk in message.chunks:
+                    head.write(chunk)
+                message.chunks = []
+            if not message.ended:
+                return
+            self._messages.popleft()
+            self._downloads.popleft()
+            if not head.done.called:
+                head.done.callback(None)
 
 
 def _feed_hash(source: BinaryIO, start: int, length: int, hash: str = hashes.SHA256) -> Any:

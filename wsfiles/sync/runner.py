@@ -134,13 +134,44 @@ def _open_partial(root: Path, path: str) -> tuple[Path, Any]:
     return partial, sink
 
 
-def _finish_partial(sink: Any, partial: Path, mtime: float | None) -> None:
+def _land(
+    sink: Any,
+    partial: Path,
+    mtime: float | None,
+    root: Path,
+    action: Action,
+    scanned: LocalFile | None,
+) -> tuple[bool, str | None, os.stat_result | None]:
+    """Put a verified download in place (in a thread): fsync it, give it the
+    server's mtime, keep a local file that is not what the scan saw under a
+    conflict name (the server's copy keeps the name), then rename it over.
+
+    Returns (False, None, None) when a local folder has the name (nothing
+    done), else (True, the conflict copy's path or None, the file's stat).
+    """
     sink.flush()
     os.fsync(sink.fileno())
     sink.close()
     if mtime is not None:
         ns = round(mtime * 1e9)
         os.utime(partial, ns=(ns, ns))
+    target = local_path(root, action.path)
+    current = _lstat(target)
+    copy: str | None = None
+    if action.kind is Kind.CONFLICT and current is not None:
+        copy = action.to or conflict_copy_name(root, action.path)
+    elif current is not None and not _matches_scan(current, scanned):
+        copy = conflict_copy_name(root, action.path)  # changed here since the scan
+    if copy is not None:
+        assert current is not None
+        if stat.S_ISDIR(current.st_mode):
+            partial.unlink(missing_ok=True)
+            return False, None, None
+        if _lstat(local_path(root, copy)) is not None:  # (taken meanwhile)
+            copy = conflict_copy_name(root, action.path)
+        os.rename(target, local_path(root, copy))
+    os.replace(partial, target)
+    return True, copy, os.lstat(target)
 
 
 def conflict_copy_name(root: Path, path: str) -> str:
@@ -483,6 +514,7 @@ class Runner:
                     sink,
                     resume=True,
                     progress=self._moved(action.path),
+                    pipelined=True,
                 )
             except WsfilesError as e:
                 if e.code in (CHECKSUM_MISMATCH, "not_found"):  # its bytes are of no use
@@ -491,33 +523,22 @@ class Runner:
                 raise
             listed = self.remote.get(action.path)
             mtime = listed.mtime if listed is not None else None
-            # Durable, with the server's mtime, before it replaces anything.
-            await threads.deferToThread(_finish_partial, sink, partial, mtime)
+            target = local_path(self.root, action.path)
+            self._make_folder(target.parent)
+            # Made durable with the server's mtime, then put in place, in a
+            # thread: file-system calls cost a fraction of a millisecond each
+            # here, and the next downloads' bytes keep coming meanwhile.
+            landed, copy, st = await threads.deferToThread(
+                _land, sink, partial, mtime, self.root, action, self.local.get(action.path)
+            )
         finally:
             sink.close()
-        target = local_path(self.root, action.path)
-        self._make_folder(target.parent)
-        current = _lstat(target)
-        copy: str | None = None
-        if action.kind is Kind.CONFLICT and current is not None:
-            copy = action.to or conflict_copy_name(self.root, action.path)
-        elif current is not None and not _matches_scan(current, self.local.get(action.path)):
-            # Changed locally since the scan: the server's copy keeps the name.
-            copy = conflict_copy_name(self.root, action.path)
+        if not landed or st is None:
+            self._retry(result, action.path, "a local folder has this name")
+            return
         if copy is not None:
-            if current is not None and stat.S_ISDIR(current.st_mode):
-                partial.unlink(missing_ok=True)
-                self._retry(result, action.path, "a local folder has this name")
-                return
-            copy_path = local_path(self.root, copy)
-            if _lstat(copy_path) is not None:
-                copy = conflict_copy_name(self.root, action.path)
-                copy_path = local_path(self.root, copy)
-            os.rename(target, copy_path)
             result.conflicts.append((action.path, copy))
             self.emit({"event": "conflict", "path": action.path, "copy": copy})
-        os.replace(partial, target)
-        st = os.lstat(target)
         self._record_soon(
             Synced(
                 action.path,
