@@ -9,11 +9,13 @@ restarted mid-sync, must converge too.  Convergence is polled on a deadline
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
 import signal
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,9 @@ import pytest
 import pytest_twisted
 from cluster import free_port
 from conftest import BIN, TEARDOWN_TIMEOUT, run_process, spawn_process
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
+
+from wsfiles.client import WsfilesError
 
 #: Every convergence must happen within this (the issue's bound).
 CONVERGE_SECONDS = 10.0
@@ -310,3 +314,57 @@ async def test_many_deletes_wait_for_the_command_rate_limit(twistd_factory, tmp_
     code, out, err = await sync_once(local, srv.url)
     assert (code, err) == (0, ""), err
     assert out.count("(on the server)") == 12 and tree(srv.root, ".wsfiles-") == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelined_downloads_each_get_their_own_bytes_when_some_fail_without_any(
+    server_factory, monkeypatch
+):
+    """What the sync's downloads rely on: many gets in flight on one
+    connection, some failing without a message (their file gone by the time
+    their turn comes in the server's queue), and every download still gets
+    exactly its own file's bytes."""
+    from wsfiles.storage import NotFound
+    from wsfiles.storage.local import LocalFolder
+
+    srv = await server_factory()
+    files = {f"f{i:03d}": os.urandom(500 + 37 * i) for i in range(40)}
+    for name, data in files.items():
+        await srv.put(name, data)
+    doomed = set(list(files)[::5])
+    opened = LocalFolder.open_download
+
+    def gone_when_its_turn_comes(self, name, *args, **kwargs):
+        if name in doomed:
+            return defer.fail(NotFound(name))
+        return opened(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(LocalFolder, "open_download", gone_when_its_turn_comes)
+    client = await srv.connect()
+    # The command channel lags 20 ms behind the file channel (two
+    # connections: nothing orders one against the other), so a file's
+    # not_found comes after the next file's bytes.
+    lagging: deque[dict[str, Any]] = deque()
+    deliver = client._received
+
+    def lag(message: dict[str, Any]) -> None:
+        lagging.append(message)
+        reactor.callLater(0.02, lambda: deliver(lagging.popleft()))
+
+    client._received = lag
+    sinks = {name: io.BytesIO() for name in files}
+
+    async def get(name: str) -> str:
+        try:
+            await client.download(name, sinks[name], pipelined=True)
+        except WsfilesError as e:
+            return e.code
+        return "ok"
+
+    outcomes = await defer.gatherResults([defer.ensureDeferred(get(name)) for name in sinks])
+    assert dict(zip(sinks, outcomes, strict=True)) == {
+        name: "not_found" if name in doomed else "ok" for name in sinks
+    }
+    assert {name: sinks[name].getvalue() for name in files if name not in doomed} == {
+        name: data for name, data in files.items() if name not in doomed
+    }
