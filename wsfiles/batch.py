@@ -126,8 +126,8 @@ class BatchUpload:
     """The upload a ``save_batch`` feeds its message to.
 
     It looks like one IUpload to the session (``write``, ``commit``,
-    ``abort``...), and stores each file through ``folder.begin_upload`` once
-    its bytes are all in.  ``commit`` fires with the ``saved`` reply's list.
+    ``abort``...), and stores each file with ``folder.write_file`` once its
+    bytes are all in.  ``commit`` fires with the ``saved`` reply's list.
     A batch cut short keeps the files stored before the cut (each was saved
     atomically on its own); the others are not stored.
     """

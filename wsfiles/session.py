@@ -759,7 +759,6 @@ class CommandSession:
         "download": downloads.download_command,
     }
 
-    #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
     async def _save_batch(self, message: dict[str, Any], request_id: RequestId) -> None:
         """Many small files in one message (wsfiles/batch.py)."""
         self._refuse_while_draining()
@@ -772,6 +771,7 @@ class CommandSession:
             request_id,
         )
 
+    #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
     #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
     _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir, "save_batch": _save_batch}
 
