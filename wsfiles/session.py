@@ -772,7 +772,6 @@ class CommandSession:
         )
 
     #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
-    #: Protocol 1.2 only; a 1.1 channel gets unknown_op.
     _folder_handlers = {"mkdir": _mkdir, "rmdir": _rmdir, "save_batch": _save_batch}
 
     # -- live updates ------------------------------------------------------
