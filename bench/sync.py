@@ -179,11 +179,7 @@ def process_cpu(pid: int, reaped_children: bool = False) -> float:
 
 def reactor_thread_cpu(pid: int) -> float:
     """CPU seconds of the main thread of ``pid`` alone (twistd's reactor thread)."""
-    return process_cpu_of(f"/proc/{pid}/task/{pid}/stat")
-
-
-def process_cpu_of(stat_path: str) -> float:
-    with open(stat_path) as f:
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
