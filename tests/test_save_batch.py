@@ -53,13 +53,17 @@ async def test_one_refused_file_does_not_undo_the_others(server_factory):
                 BatchFile("first.txt", b"1"),
                 BatchFile("kept.txt", b"mine", if_absent=True),
                 BatchFile("a-folder", b"onto a folder"),
-                BatchFile("last.txt", b"3"),
+                BatchFile("kept.txt/below", b"under a file"),
+                BatchFile("last.txt", b"3", sha256="0" * 64),
+                BatchFile("after.txt", b"4"),
             ]
         )
     )
-    assert [o.get("error") for o in outcomes] == [None, "conflict", "is_a_folder", None]
+    codes = [o.get("error") for o in outcomes]
+    assert codes == [None, "conflict", "is_a_folder", "not_a_folder", "checksum_mismatch", None]
     assert await srv.read("kept.txt") == b"theirs"
-    assert await srv.read("first.txt") == b"1" and await srv.read("last.txt") == b"3"
+    assert await srv.read("first.txt") == b"1" and await srv.read("after.txt") == b"4"
+    assert await srv.read("last.txt") is None
     assert await srv.leftovers() == []
 
 

@@ -3,9 +3,9 @@
 A ``save`` costs a round trip and a commit (fsync, rename) in turn, so
 10,000 files of 4 KiB spend their time waiting, not working.  A batch names
 up to MAX_BATCH_FILES files, their bytes come back to back in one binary
-message, and each file is stored on its own as soon as its bytes are in
-(STORES_AT_ONCE at a time, so commits overlap), with its own outcome: one
-file refused (``conflict``, ``is_a_folder``...) does not undo the others.
+message, and files whose bytes are in are stored in chunks (write all,
+fsync all, rename all, fsync each folder once), each with its own outcome:
+one file refused (``conflict``, ``is_a_folder``...) does not undo the others.
 
 Plain objects: the session parses the command with ``parse_batch`` and
 feeds the message to a ``BatchUpload``, which it treats like any upload.
@@ -27,14 +27,10 @@ from wsfiles.fields import count_field, mtime_field, precondition_field, sha256_
 from wsfiles.folders import refusal
 from wsfiles.storage import (
     ChecksumMismatch,
-    Exists,
     IFolder,
-    IsAFolder,
-    NotAFolder,
-    NotEmpty,
-    NotFound,
     Precondition,
     PreconditionFailed,
+    SmallFile,
     StorageFailure,
 )
 
@@ -44,9 +40,14 @@ _log = Logger()
 MAX_BATCH_FILES = 1000
 #: A batched file's size at most: bigger files go by ``save`` (resumable).
 MAX_BATCH_FILE = 1024 * 1024
-#: Files of one batch being stored at once (their commits overlap); each
-#: holds at most MAX_BATCH_FILE bytes in memory until it is written.
-STORES_AT_ONCE = 8
+#: Files handed to the storage together (``IFolder.write_files``: on local
+#: folders one thread job that writes them all, fsyncs them all, renames them
+#: all and fsyncs each folder once), or fewer that hold CHUNK_BYTES.
+CHUNK_FILES = 64
+CHUNK_BYTES = 4 * 1024 * 1024
+#: ``write_files`` calls of one batch under way at once; past them the
+#: session stops reading the file channel.
+CHUNKS_AT_ONCE = 2
 
 
 @dataclass(frozen=True)
@@ -93,43 +94,38 @@ def parse_batch(
     return entries
 
 
-_REFUSALS = (
-    NotFound,
-    NotAFolder,
-    IsAFolder,
-    NotEmpty,
-    Exists,
-    PreconditionFailed,
-    ChecksumMismatch,
-    StorageFailure,
-    ProtocolError,
-)
-
-
-def _outcome(entry: BatchEntry, error: Exception) -> dict[str, Any]:
-    """A refused file's entry in the ``saved`` reply."""
-    refused = refusal(error, entry.name)
+def _outcome(file: SmallFile, outcome: str | BaseException) -> dict[str, Any]:
+    """A file's entry in the ``saved`` reply."""
+    if isinstance(outcome, str):
+        saved: dict[str, Any] = {"name": file.name, "size": len(file.data), "sha256": outcome}
+        if file.mtime is not None:
+            saved["mtime"] = file.mtime
+        return saved
+    refused = refusal(outcome, file.name)
     if refused is not None:
         code, text = refused.code, refused.message
-    elif isinstance(error, PreconditionFailed):
-        code, text = errors.CONFLICT, f"{entry.name!r} changed meanwhile; nothing was changed"
-    elif isinstance(error, ChecksumMismatch):
-        code, text = errors.CHECKSUM_MISMATCH, f"{error}, not the declared one"
-    elif isinstance(error, ProtocolError):
-        code, text = error.code, error.message
+    elif isinstance(outcome, PreconditionFailed):
+        code, text = errors.CONFLICT, f"{file.name!r} changed meanwhile; nothing was changed"
+    elif isinstance(outcome, ChecksumMismatch):
+        code, text = errors.CHECKSUM_MISMATCH, f"{outcome}, not the declared one"
+    elif isinstance(outcome, ProtocolError):
+        code, text = outcome.code, outcome.message
+    elif isinstance(outcome, StorageFailure):
+        code, text = errors.STORAGE_ERROR, str(outcome)
     else:
-        code, text = errors.STORAGE_ERROR, str(error)
-    return {"name": entry.name, "error": code, "message": text}
+        code, text = errors.INTERNAL_ERROR, "internal error (logged)"
+    return {"name": file.name, "error": code, "message": text}
 
 
 class BatchUpload:
     """The upload a ``save_batch`` feeds its message to.
 
     It looks like one IUpload to the session (``write``, ``commit``,
-    ``abort``...), and stores each file with ``folder.write_file`` once its
-    bytes are all in.  ``commit`` fires with the ``saved`` reply's list.
-    A batch cut short keeps the files stored before the cut (each was saved
-    atomically on its own); the others are not stored.
+    ``abort``...).  Files whose bytes are all in are stored together with
+    ``folder.write_files``, CHUNK_FILES (or CHUNK_BYTES) at a time and
+    CHUNKS_AT_ONCE calls at once; ``commit`` fires with the ``saved``
+    reply's list.  A batch cut short keeps the files stored before the cut
+    (each was saved atomically on its own); the others are not stored.
     """
 
     offset = 0
@@ -138,8 +134,10 @@ class BatchUpload:
         self._folder = folder
         self._entries = entries
         self._index = 0
-        self._chunks: list[bytes] = []
+        self._pieces: list[bytes] = []
         self._filled = 0
+        self._ready: list[SmallFile] = []
+        self._ready_bytes = 0
         self._stores: list[Deferred] = []
         self._running = 0
         self._room: Deferred | None = None
@@ -162,12 +160,12 @@ class BatchUpload:
                 raise StorageFailure("more bytes than the batch's files declare")
             entry = self._entries[self._index]
             take = min(len(view), entry.size - self._filled)
-            self._chunks.append(bytes(view[:take]))
+            self._pieces.append(bytes(view[:take]))
             self._filled += take
             view = view[take:]
             if self._filled == entry.size:
                 self._file_complete()
-        if self._running >= STORES_AT_ONCE:
+        if self._running >= CHUNKS_AT_ONCE:
             if self._room is None:
                 self._room = Deferred()
             return self._room  # the session stops reading until a store ends
@@ -175,47 +173,43 @@ class BatchUpload:
 
     def _file_complete(self) -> None:
         entry = self._entries[self._index]
-        data = b"".join(self._chunks)
-        self._chunks, self._filled = [], 0
+        data = b"".join(self._pieces)
+        self._pieces, self._filled = [], 0
         self._index += 1
-        self._stores.append(Deferred.fromCoroutine(self._store(entry, data)))
+        self._ready.append(
+            SmallFile(entry.name, data, entry.sha256, entry.mtime, entry.precondition)
+        )
+        self._ready_bytes += len(data)
+        if len(self._ready) >= CHUNK_FILES or self._ready_bytes >= CHUNK_BYTES:
+            self._store_ready()
         self._take_empty_files()
 
     def _take_empty_files(self) -> None:
-        """Files of 0 bytes have no bytes to wait for: store them now."""
+        """Files of 0 bytes have no bytes to wait for: they are complete now."""
         while self._index < len(self._entries) and self._entries[self._index].size == 0:
             self._file_complete()
 
-    async def _store(self, entry: BatchEntry, data: bytes) -> dict[str, Any]:
+    def _store_ready(self) -> None:
+        files, self._ready, self._ready_bytes = self._ready, [], 0
+        if files:
+            self._stores.append(Deferred.fromCoroutine(self._store(files)))
+
+    async def _store(self, files: list[SmallFile]) -> list[dict[str, Any]]:
         self._running += 1
+        outcomes: list[Any]
         try:
-            digest = await self._stored(entry, data)
-        except _REFUSALS as e:
-            return _outcome(entry, e)
+            outcomes = await self._folder.write_files(files)
+        except (StorageFailure, ProtocolError) as e:
+            outcomes = [e] * len(files)
         except Exception as e:
-            _log.failure("storing {name!r} of a batch", name=entry.name)
-            return _outcome(entry, StorageFailure(f"internal error (logged): {type(e).__name__}"))
+            _log.failure("storing {count} files of a batch", count=len(files))
+            outcomes = [e] * len(files)
         finally:
             self._running -= 1
             room, self._room = self._room, None
             if room is not None:
                 room.callback(None)
-        saved: dict[str, Any] = {"name": entry.name, "size": entry.size, "sha256": digest}
-        if entry.mtime is not None:
-            saved["mtime"] = entry.mtime
-        return saved
-
-    async def _stored(self, entry: BatchEntry, data: bytes) -> str:
-        """Store one file like a ``save`` would, in one go; its SHA-256."""
-        if self._aborted:
-            raise ProtocolError(errors.CHANNEL_CLOSED, "the batch was cut; not stored")
-        return await self._folder.write_file(
-            entry.name,
-            data,
-            sha256=entry.sha256,
-            mtime=entry.mtime,
-            precondition=entry.precondition,
-        )
+        return [_outcome(file, outcome) for file, outcome in zip(files, outcomes, strict=True)]
 
     def commit(self) -> Deferred:
         """Fire with one outcome per file, in the batch's order, once all are stored."""
@@ -224,20 +218,22 @@ class BatchUpload:
             if self._index < len(self._entries):
                 self.abort()
                 raise StorageFailure("the batch's message ended before its last file")
-            return list(await defer.gatherResults(self._stores, consumeErrors=True))
+            self._store_ready()
+            chunks = await defer.gatherResults(self._stores, consumeErrors=True)
+            return [outcome for chunk in chunks for outcome in chunk]
 
         return Deferred.fromCoroutine(all_stored())
 
     async def settle(self) -> int:
         """Wait for the stores under way (after a cut); how many files were stored."""
-        outcomes = await defer.gatherResults(self._stores, consumeErrors=True)
-        return sum(1 for outcome in outcomes if "error" not in outcome)
+        chunks = await defer.gatherResults(self._stores, consumeErrors=True)
+        return sum(1 for chunk in chunks for outcome in chunk if "error" not in outcome)
 
     def interrupt(self) -> Deferred:
         self.abort()
         return defer.succeed(None)
 
     def abort(self) -> None:
-        """The message was cut: files not yet complete are not stored."""
+        """The message was cut: files not yet handed to the storage are not stored."""
         self._aborted = True
-        self._chunks = []
+        self._pieces, self._ready, self._ready_bytes = [], [], 0

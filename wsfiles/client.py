@@ -260,6 +260,7 @@ class BatchFile:
     mtime: float | None = None
     if_sha256: str | None = None
     if_absent: bool = False
+    sha256: str | None = None  # declared: the server refuses other bytes
 
     def declared(self) -> dict[str, Any]:
         """Its entry in the ``save_batch`` command (which, like every command,
@@ -271,6 +272,8 @@ class BatchFile:
             entry["if_sha256"] = self.if_sha256
         if self.if_absent:
             entry["if_absent"] = True
+        if self.sha256 is not None:
+            entry["sha256"] = self.sha256
         return entry
 
 

@@ -118,6 +118,17 @@ class Precondition:
         return self.sha256 is None or stored == self.sha256
 
 
+@dataclass(frozen=True)
+class SmallFile:
+    """A file for ``IFolder.write_files``: its bytes, and what a ``save`` asks."""
+
+    name: str
+    data: bytes
+    sha256: str | None = None
+    mtime: float | None = None
+    precondition: Precondition | None = None
+
+
 class KnownDigest:
     """Stands in for a hashlib object when a stored file's SHA-256 is
     recorded (``IDownload.prefix_sha256`` of a whole file may give one):
@@ -232,17 +243,13 @@ class IFolder(Interface):
         commit fires with its digest.
         """
 
-    def write_file(
-        name: str,
-        data: bytes,
-        *,
-        sha256: str | None = None,
-        mtime: float | None = None,
-        precondition: Precondition | None = None,
-    ) -> Deferred:
-        """Store a small file whose bytes are all in memory as ``name``, as
-        ``begin_upload`` + ``write`` + ``commit`` would (atomic, durable, the
-        same refusals), in one go: fire with its SHA-256 (``save_batch``)."""
+    def write_files(files: list[SmallFile]) -> Deferred:
+        """Store small files whose bytes are all in memory, each as
+        ``begin_upload`` + ``write`` + ``commit`` would (atomic, durable when
+        this fires, the same refusals), together (``save_batch``): fire with
+        one outcome per file, in order: its SHA-256, or the exception that
+        refused it (IsAFolder, NotAFolder, PreconditionFailed,
+        ChecksumMismatch, StorageFailure)."""
 
     def partial_bytes() -> Deferred:
         """Fire with {name: bytes} kept for this client's interrupted uploads."""

@@ -72,6 +72,7 @@ from wsfiles.storage import (
     NotFound,
     Precondition,
     PreconditionFailed,
+    SmallFile,
     StorageFailure,
     path_key,
 )
@@ -109,7 +110,8 @@ SHA256_META = "x-amz-meta-sha256"
 #: Object metadata holding the modification time a ``save`` set (seconds, as
 #: text); what HEAD-based answers report instead of the store's Last-Modified.
 MTIME_META = "x-amz-meta-mtime"
-#: HEAD requests at once when a listing asks for every file's SHA-256.
+#: Requests at once when a listing asks for every file's SHA-256 (a HEAD
+#: each), or when a batch of small files is stored (a PUT each).
 DESCRIBE_AT_ONCE = 16
 #: The largest object a single server-side copy may write (S3's CopyObject).
 COPY_LIMIT = 5 * 1024**3
@@ -964,29 +966,38 @@ class S3Folder:
 
         return d.addCallback(settings)
 
-    def write_file(
-        self,
-        name: str,
-        data: bytes,
-        *,
-        sha256: str | None = None,
-        mtime: float | None = None,
-        precondition: Precondition | None = None,
-    ) -> Deferred:
-        async def write_now() -> str:
-            upload = await self.begin_upload(
-                name, len(data), sha256, mtime=mtime, precondition=precondition
-            )
+    def write_files(self, files: list[SmallFile]) -> Deferred:
+        async def write_one(file: SmallFile) -> str | Exception:
             try:
-                pending = upload.write(data) if data else None
-                if pending is not None:
-                    await pending
-            except BaseException:
-                upload.abort()
-                raise
-            return await upload.commit()  # one PUT: small files are below PART_SIZE
+                upload = await self.begin_upload(
+                    file.name,
+                    len(file.data),
+                    file.sha256,
+                    mtime=file.mtime,
+                    precondition=file.precondition,
+                )
+                try:
+                    pending = upload.write(file.data) if file.data else None
+                    if pending is not None:
+                        await pending
+                except BaseException:
+                    upload.abort()
+                    raise
+                return await upload.commit()  # one PUT: small files are below PART_SIZE
+            except (IsAFolder, NotAFolder, PreconditionFailed, ChecksumMismatch) as e:
+                return e
+            except (NotFound, StorageFailure) as e:
+                return StorageFailure(str(e))
 
-        return Deferred.fromCoroutine(write_now())
+        async def write_all() -> list[str | Exception]:
+            outcomes: list[str | Exception] = []
+            for start in range(0, len(files), DESCRIBE_AT_ONCE):
+                outcomes += await _all(
+                    *(write_one(f) for f in files[start : start + DESCRIBE_AT_ONCE])
+                )
+            return outcomes
+
+        return Deferred.fromCoroutine(write_all())
 
     async def _free_for_a_file(self, name: str) -> None:
         """Fail unless a file may appear at ``name``: not a folder (IsAFolder),
