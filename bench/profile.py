@@ -151,7 +151,13 @@ async def pipelined_lists(reactor: Any, port: int, server_pid: int, out: Path) -
 
 
 async def transfers(
-    reactor: Any, port: int, server_pid: int, source: Path, copy: Path, out: Path
+    reactor: Any,
+    port: int,
+    server_pid: int,
+    source: Path,
+    copy: Path,
+    out: Path,
+    hash: str = "sha256",
 ) -> None:
     client = await bounded(connect(f"ws://127.0.0.1:{port}", reactor=reactor), 30, reactor)
     size = source.stat().st_size
@@ -165,10 +171,14 @@ async def transfers(
             try:
                 if direction == "upload":
                     with source.open("rb") as f:
-                        await bounded(client.upload("profile.bin", f), TRANSFER_TIMEOUT, reactor)
+                        await bounded(
+                            client.upload("profile.bin", f, hash=hash), TRANSFER_TIMEOUT, reactor
+                        )
                 else:
                     with copy.open("wb") as f:
-                        await bounded(client.download("profile.bin", f), TRANSFER_TIMEOUT, reactor)
+                        await bounded(
+                            client.download("profile.bin", f, hash=hash), TRANSFER_TIMEOUT, reactor
+                        )
             finally:
                 seconds = time.perf_counter() - start
                 for recording in recordings:
@@ -182,6 +192,9 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=size_argument, default="1G", help="file size (default 1G)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "profile")
+    parser.add_argument(
+        "--hash", choices=["sha256", "blake3"], default="sha256", help="the transfers' hash"
+    )
     args = parser.parse_args(argv)
     size: int = args.size
     header()
@@ -200,7 +213,13 @@ def main(argv: list[str]) -> int:
             async def profiles(reactor: Any) -> None:
                 await pipelined_lists(reactor, server.port, server.pid, args.out)
                 await transfers(
-                    reactor, server.port, server.pid, source, work / "copy.bin", args.out
+                    reactor,
+                    server.port,
+                    server.pid,
+                    source,
+                    work / "copy.bin",
+                    args.out,
+                    args.hash,
                 )
 
             run_on_reactor(profiles)
