@@ -436,6 +436,18 @@ def test_rate_limit_answers_each_excess_command_in_order(tmp_path):
     h.session.close()
 
 
+def test_transfers_are_charged_once_1000_wait_in_the_transfer_queue(tmp_path):
+    """Pipelined saves skip the command rate limit only while fewer than 1000
+    commands wait (docs/protocol.md): a client that never sends their data
+    must not grow the server's transfer queue without bound."""
+    h = Harness(tmp_path, rate_limit=5)
+    for i in range(1100):
+        h.command(op="save", name=f"f{i}", size=1, id=i)
+    refused = [m["id"] for m in h.sent if m.get("code") == "rate_limited"]
+    assert refused and min(refused) >= 1000
+    h.session.close()
+
+
 def test_a_command_flood_closes_the_connection(tmp_path):
     h = Harness(tmp_path, rate_limit=5)
     for _ in range(5 + 10 * 5 + 1):

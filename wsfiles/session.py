@@ -375,7 +375,10 @@ class CommandSession:
         """A command arrived: handle it after the ones before it."""
         if not self._busy:
             self._idle.reset()
-        if self._unfinished < MAX_QUEUED_TRANSFERS and _is_transfer(payload):
+        # Waiting: commands not yet handled, and transfers handled but queued
+        # (a handled save leaves _unfinished at once, its transfer waits).
+        waiting = self._unfinished + len(self._transfers or ())
+        if waiting < MAX_QUEUED_TRANSFERS and _is_transfer(payload):
             # Paced by the transfer queue (one at a time, each waiting for its
             # data), not by the command rate: a sync saving 10,000 small
             # files must not be throttled like a client listing in a loop.
