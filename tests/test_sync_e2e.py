@@ -368,3 +368,36 @@ async def test_pipelined_downloads_each_get_their_own_bytes_when_some_fail_witho
     assert {name: sinks[name].getvalue() for name in files if name not in doomed} == {
         name: data for name, data in files.items() if name not in doomed
     }
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_file_over_max_size_does_not_keep_the_small_files_from_uploading(
+    twistd_factory, tmp_path
+):
+    """A file the server refuses as too_large is that file's problem: the small
+    files around it (sent together in a save_batch) are still uploaded."""
+    srv = await twistd_factory("--max-size", "64K")
+    local = tmp_path / "here"
+    write(local / "big.bin", b"b" * 100_000)
+    write(local / "small.txt", b"small")
+    code, _, err = await sync_once(local, srv.url)
+    assert tree(srv.root, ".wsfiles-") == {"small.txt": b"small"}
+    assert code != 0 and "big.bin" in err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_partial_download_longer_than_the_servers_file_is_started_over(
+    twistd_factory, tmp_path
+):
+    """A killed run left a partial of an older, longer version of the file:
+    the next run fetches the new one instead of failing on every round."""
+    from wsfiles.sync.state import partial_path
+
+    srv = await twistd_factory()
+    write(srv.root / "doc.txt", b"the new, shorter text")
+    local = tmp_path / "here"
+    partial = partial_path(local, "doc.txt")  # (makes its folder)
+    partial.write_bytes(b"an older version of the text, killed part way " * 10)
+    code, _, err = await sync_once(local, srv.url)
+    assert code == 0, err
+    assert tree(local) == {"doc.txt": b"the new, shorter text"}

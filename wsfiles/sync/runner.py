@@ -126,11 +126,15 @@ def _matches_scan(st: os.stat_result | None, scanned: LocalFile | None) -> bool:
     return _same(st, scanned.size, scanned.mtime_ns, scanned.inode)
 
 
-def _open_partial(root: Path, path: str) -> tuple[Path, Any]:
-    """The partial download of ``path``, opened at its end (a killed run's bytes are kept)."""
+def _open_partial(root: Path, path: str, size: int) -> tuple[Path, Any]:
+    """The partial download of ``path``, opened at its end (a killed run's bytes
+    are kept), or emptied if it holds more than the ``size`` bytes listed now:
+    it was of another version, and resuming past the end is refused."""
     partial = partial_path(root, path)
     sink = open(partial, "a+b")  # noqa: SIM115 (the caller closes it)
-    sink.seek(0, os.SEEK_END)
+    if sink.seek(0, os.SEEK_END) > size:
+        sink.truncate(0)
+        sink.seek(0)
     return partial, sink
 
 
@@ -242,10 +246,11 @@ class Runner:
                         self.state.forget(action.path)
             result.done += len(records)
         batch: list[Action] = []
+        batched = self._batched_file
         for action in plan.actions:
             if action.kind in _STATE_ONLY:
                 continue
-            if self._batches_small and action.kind is Kind.UPLOAD and action.size <= BATCHED_FILE:
+            if self._batches_small and action.kind is Kind.UPLOAD and action.size <= batched:
                 continue  # in a save_batch, below
             if action.kind in _PIPELINED:
                 batch.append(action)
@@ -254,10 +259,20 @@ class Runner:
             batch = []
             await self._one(action, result)
         if self._batches_small:
-            small = [a for a in plan.actions if a.kind is Kind.UPLOAD and a.size <= BATCHED_FILE]
+            small = [a for a in plan.actions if a.kind is Kind.UPLOAD and a.size <= batched]
             await self._upload_batches(small, result)
         await self._pipelined(batch, result)
         return result
+
+    @property
+    def _batched_file(self) -> int:
+        """Files up to this size go in batches: BATCHED_FILE, or the server's
+        ``max_size`` if smaller (the server refuses a whole batch for one file
+        over it; a single ``save`` refuses only that file)."""
+        max_size = getattr(self.client, "hello", {}).get("max_size")
+        if isinstance(max_size, int) and not isinstance(max_size, bool):
+            return min(BATCHED_FILE, max_size)
+        return BATCHED_FILE
 
     @property
     def _batches_small(self) -> bool:
@@ -299,7 +314,7 @@ class Runner:
                 st = os.fstat(source.fileno())
                 scanned = self.local.get(action.path)
                 if (scanned is not None and not _matches_scan(st, scanned)) or (
-                    st.st_size > BATCHED_FILE
+                    st.st_size > self._batched_file
                 ):
                     self._retry(result, action.path, "the local file changed since the scan")
                     return None
@@ -506,7 +521,9 @@ class Runner:
 
         # File creation and fsync cost a fraction of a millisecond each here:
         # in a thread, they overlap the next download's network time.
-        partial, sink = await threads.deferToThread(_open_partial, self.root, action.path)
+        partial, sink = await threads.deferToThread(
+            _open_partial, self.root, action.path, action.size
+        )
         try:
             try:
                 sent = await self.client.download(
