@@ -401,3 +401,20 @@ async def test_a_partial_download_longer_than_the_servers_file_is_started_over(
     code, _, err = await sync_once(local, srv.url)
     assert code == 0, err
     assert tree(local) == {"doc.txt": b"the new, shorter text"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_batch_refused_whole_for_quota_names_each_file_and_no_traceback(
+    twistd_factory, tmp_path
+):
+    """Three small files over the client's byte quota together: the server
+    refuses their save_batch whole; the sync says which files did not fit."""
+    srv = await twistd_factory("--quota", "10K")
+    local = tmp_path / "here"
+    for name in ("a.bin", "b.bin", "c.bin"):
+        write(local / name, b"q" * 4000)
+    code, _, err = await sync_once(local, srv.url)
+    assert code == 1
+    assert "quota_exceeded" in err and "a.bin" in err and "c.bin" in err
+    assert "Traceback" not in err
+    assert tree(srv.root, ".wsfiles-") == {}

@@ -83,6 +83,12 @@ PATH_ERRORS = frozenset(
     }
 )
 
+#: Of those, the ones that will not pass by themselves: said as errors, and
+#: live mode tries the path again only after FAILED_SECONDS, not every second.
+LASTING_ERRORS = frozenset(
+    {"too_large", "quota_exceeded", "invalid_name", "is_a_folder", "not_a_folder"}
+)
+
 #: (files done, files total, bytes done, bytes total)
 Progress = Callable[[int, int, int, int], None]
 Emit = Callable[[dict[str, Any]], None]
@@ -176,6 +182,18 @@ def _land(
         os.rename(target, local_path(root, copy))
     os.replace(partial, target)
     return True, copy, os.lstat(target)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (a folder gone meanwhile has none)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def conflict_copy_name(root: Path, path: str) -> str:
@@ -342,11 +360,20 @@ class Runner:
     async def _upload_batch(
         self, group: list[tuple[Action, os.stat_result, Any]], result: RunResult
     ) -> None:
-        outcomes = await self.client.save_batch([file for _, _, file in group])
+        from wsfiles.client import WsfilesError
+
+        try:
+            outcomes = await self.client.save_batch([file for _, _, file in group])
+        except WsfilesError as e:  # the batch refused whole (its quota): each path waits
+            if e.code not in PATH_ERRORS:
+                raise
+            for action, _, _ in group:
+                self._refused(result, action.path, e.code, e.message)
+            return
         with self.state.batch():  # one commit for the batch
             for (action, st, _), outcome in zip(group, outcomes, strict=True):
                 if "error" in outcome:
-                    self._retry(result, action.path, f"{outcome['error']}: {outcome['message']}")
+                    self._refused(result, action.path, outcome["error"], outcome["message"])
                     continue
                 mtime = outcome.get("mtime")
                 self.state.record(
@@ -407,7 +434,7 @@ class Runner:
         except WsfilesError as e:
             if e.code not in PATH_ERRORS:
                 raise
-            self._retry(result, action.path, f"{e.code}: {e.message}")
+            self._refused(result, action.path, e.code, e.message)
         except OSError as e:
             where = e.filename or action.path
             line = f"cannot use {where}: {e.strerror or e}"
@@ -416,6 +443,17 @@ class Runner:
         finally:
             if action.kind in _TRANSFERS:
                 self._in_flight.pop(action.path, None)
+
+    def _refused(self, result: RunResult, path: str, code: str, message: str) -> None:
+        """The server refused one path: tried again next round, or, for a
+        refusal that will not pass by itself (too large, over quota, a bad
+        name...), counted as failed (live mode then waits longer)."""
+        if code in LASTING_ERRORS:
+            line = f"{code}: {message}"
+            result.failed.append((path, line))
+            self.emit({"event": "error", "path": path, "message": line})
+        else:
+            self._retry(result, path, f"{code}: {message}")
 
     def _retry(self, result: RunResult, path: str, why: str) -> None:
         result.retry.append((path, why))
@@ -583,6 +621,11 @@ class Runner:
     def _flush_rows(self) -> None:
         rows, self._pending_rows = self._pending_rows, []
         if rows:
+            # The downloads' renames are made durable before the state says
+            # they happened: after a power loss a row for a rename the disk
+            # lost would read as a local delete, and delete the server's copy.
+            for folder in {local_path(self.root, row.path).parent for row in rows}:
+                _fsync_folder(folder)
             with self.state.batch():
                 for row in rows:
                     self.state.record(row)
