@@ -448,6 +448,21 @@ def test_transfers_are_charged_once_1000_wait_in_the_transfer_queue(tmp_path):
     h.session.close()
 
 
+def test_transfers_refused_before_they_queue_are_charged_to_the_rate_limit(tmp_path):
+    """A get of a missing name is answered at once: exempt from the rate limit
+    only as a transfer, a stream of them would be unthrottled work."""
+    h = Harness(tmp_path, rate_limit=5)
+    for i in range(5):
+        h.command(op="get", name="missing", id=i)
+    assert [m.get("code") for m in h.sent if m.get("op") == "error"] == ["not_found"] * 5
+    h.command(op="list", id="after")  # the bucket was spent by the refusals
+    assert [m.get("code") for m in h.sent if m.get("id") == "after"] == ["rate_limited"]
+    for i in range(10 * 5):
+        h.command(op="get", name="missing", id=f"more{i}")
+    assert h.closed_with == (1008, "too many commands")
+    h.session.close()
+
+
 def test_a_command_flood_closes_the_connection(tmp_path):
     h = Harness(tmp_path, rate_limit=5)
     for _ in range(5 + 10 * 5 + 1):

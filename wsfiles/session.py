@@ -382,7 +382,7 @@ class CommandSession:
             # Paced by the transfer queue (one at a time, each waiting for its
             # data), not by the command rate: a sync saving 10,000 small
             # files must not be throttled like a client listing in a loop.
-            self._in_order(lambda: self._dispatch(payload), None)
+            self._in_order(lambda: self._dispatch(payload, uncharged=True), None)
             return
         self._rate_limited(
             lambda: (
@@ -484,9 +484,11 @@ class CommandSession:
 
     async def _reporting_errors(
         self, handler: Callable[[], Awaitable[None]], request_id: RequestId
-    ) -> None:
+    ) -> bool:
+        """Run ``handler``; any failure becomes an error reply.  True if one was sent."""
         try:
             await handler()
+            return False
         except ProtocolError as e:
             self._send_error(e.code, e.message, request_id)
         except (NotFound, NotAFolder, IsAFolder, NotEmpty, Exists) as e:
@@ -500,8 +502,9 @@ class CommandSession:
         except Exception:
             _log.failure("unexpected error handling a command of {client}", client=self.client)
             self._send_error(errors.INTERNAL_ERROR, "internal error (logged)", request_id)
+        return True
 
-    async def _dispatch(self, payload: bytes) -> None:
+    async def _dispatch(self, payload: bytes, *, uncharged: bool = False) -> None:
         """Parse one command and run its handler; every failure becomes an error reply."""
         try:
             message, request_id = _parse_command(payload)
@@ -522,7 +525,14 @@ class CommandSession:
                 errors.FORBIDDEN, f"{self.client} is read-only: list and get only", request_id
             )
             return
-        await self._reporting_errors(lambda: handler(self, message, request_id), request_id)
+        refused = await self._reporting_errors(
+            lambda: handler(self, message, request_id), request_id
+        )
+        if refused and uncharged:
+            # A transfer refused before it queued (a get of a missing name, a
+            # save over quota) cost the server like any command: it is
+            # charged now, so a stream of them is limited (and a flood closed).
+            self._rate_limited(lambda: None, lambda: None)
 
     async def _list(self, message: dict[str, Any], request_id: RequestId) -> None:
         """A listing, from the cache when the folder has not changed since it
