@@ -105,7 +105,7 @@ def _outcome(file: SmallFile, outcome: str | BaseException) -> dict[str, Any]:
     if refused is not None:
         code, text = refused.code, refused.message
     elif isinstance(outcome, PreconditionFailed):
-        code, text = errors.CONFLICT, f"{file.name!r} changed meanwhile; nothing was changed"
+        code, text = errors.CONFLICT, errors.conflict_message(file.name)
     elif isinstance(outcome, ChecksumMismatch):
         code, text = errors.CHECKSUM_MISMATCH, f"{outcome}, not the declared one"
     elif isinstance(outcome, ProtocolError):

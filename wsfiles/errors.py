@@ -31,6 +31,7 @@ NOT_EMPTY = "not_empty"
 INVALID_MOVE = "invalid_move"
 # A save or delete with "if_sha256" / "if_absent" found another file stored.
 CONFLICT = "conflict"
+
 # Per-user permissions (the users file): a read-only user's save, delete,
 # rename, mkdir or rmdir.
 FORBIDDEN = "forbidden"
@@ -45,3 +46,10 @@ class ProtocolError(Exception):
         self.message = message
         #: Set when the error is found before the command's handler runs.
         self.request_id = request_id
+
+
+def conflict_message(name: str) -> str:
+    """The ``conflict`` refusal's text, for a single command or a batch's file."""
+    return (
+        f"{name!r} is not the file this command expected (changed meanwhile); nothing was changed"
+    )

@@ -165,11 +165,7 @@ class EntryLimits:
         names = {entry.name for entry in siblings} | {name.rpartition("/")[2]}
         names |= {n.rpartition("/")[2] for n in creating if parent_of(n) == parent}
         if len(siblings) > _LISTING_PROBE or listing_bytes(names) > self.max_listing:
-            raise ProtocolError(
-                errors.QUOTA_EXCEEDED,
-                f"this would make a folder's listing longer than {self.max_listing}"
-                " bytes; remove files or use shorter names",
-            )
+            raise self._listing_too_long()
 
     async def check_many(self, client: str, folder: IFolder, names: list[str]) -> None:
         """``check`` for a whole batch at once: one listing per folder the batch

@@ -152,12 +152,6 @@ def _with_request_id(reply: bytes, request_id: RequestId) -> bytes:
     return b'%s, "id": %s}' % (reply[:-1], json.dumps(request_id).encode("utf-8"))
 
 
-def _conflict_message(name: str) -> str:
-    return (
-        f"{name!r} is not the file this command expected (changed meanwhile); nothing was changed"
-    )
-
-
 #: Commands waiting on one command channel up to which transfers (``get`` and
 #: ``save``) are not charged to the command rate limit; past it they are.
 MAX_QUEUED_TRANSFERS = 1000
@@ -496,7 +490,7 @@ class CommandSession:
             assert refused is not None
             self._send_error(refused.code, refused.message, request_id)
         except PreconditionFailed as e:
-            self._send_error(errors.CONFLICT, _conflict_message(str(e)), request_id)
+            self._send_error(errors.CONFLICT, errors.conflict_message(str(e)), request_id)
         except StorageFailure as e:
             self._send_error(errors.STORAGE_ERROR, str(e), request_id)
         except Exception:
@@ -1354,7 +1348,7 @@ class CommandSession:
                     f"{failure.value}, not the declared one; nothing was stored",
                 )
             elif failure.check(PreconditionFailed):
-                error = ProtocolError(errors.CONFLICT, _conflict_message(str(failure.value)))
+                error = ProtocolError(errors.CONFLICT, errors.conflict_message(str(failure.value)))
             else:
                 error = ProtocolError(errors.STORAGE_ERROR, str(failure.value))
             receive.done.errback(error)

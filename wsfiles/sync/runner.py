@@ -184,6 +184,13 @@ def _land(
     return True, copy, os.lstat(target)
 
 
+def _synced(path: str, st: os.stat_result, sha256: str, remote_mtime: float | None) -> Synced:
+    """The state row of ``path`` in sync now: the local file as ``st`` shows
+    it, the server's copy with ``remote_mtime`` (the local one when unknown)."""
+    mtime = float(remote_mtime) if remote_mtime is not None else st.st_mtime_ns / 1e9
+    return Synced(path, st.st_size, sha256, st.st_mtime_ns, st.st_ino, mtime)
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the renames in ``folder`` durable (a folder gone meanwhile has none)."""
     try:
@@ -375,17 +382,7 @@ class Runner:
                 if "error" in outcome:
                     self._refused(result, action.path, outcome["error"], outcome["message"])
                     continue
-                mtime = outcome.get("mtime")
-                self.state.record(
-                    Synced(
-                        action.path,
-                        st.st_size,
-                        outcome["sha256"],
-                        st.st_mtime_ns,
-                        st.st_ino,
-                        float(mtime) if mtime is not None else st.st_mtime_ns / 1e9,
-                    )
-                )
+                self.state.record(_synced(action.path, st, outcome["sha256"], outcome.get("mtime")))
                 self._done(result, action)
 
     async def _pipelined(self, actions: list[Action], result: RunResult) -> None:
@@ -540,17 +537,7 @@ class Runner:
                 pipelined=True,
                 **guard,
             )
-        remote_mtime = ack.get("mtime")
-        self.state.record(
-            Synced(
-                action.path,
-                st.st_size,
-                ack["sha256"],
-                st.st_mtime_ns,
-                st.st_ino,
-                float(remote_mtime) if remote_mtime is not None else st.st_mtime_ns / 1e9,
-            )
-        )
+        self.state.record(_synced(action.path, st, ack["sha256"], ack.get("mtime")))
         self._done(result, action)
 
     async def _download(self, action: Action, result: RunResult) -> None:
@@ -594,16 +581,7 @@ class Runner:
         if copy is not None:
             result.conflicts.append((action.path, copy))
             self.emit({"event": "conflict", "path": action.path, "copy": copy})
-        self._record_soon(
-            Synced(
-                action.path,
-                st.st_size,
-                sent["sha256"],
-                st.st_mtime_ns,
-                st.st_ino,
-                mtime if mtime is not None else st.st_mtime_ns / 1e9,
-            )
-        )
+        self._record_soon(_synced(action.path, st, sent["sha256"], mtime))
         self._done(result, action)
 
     def _record_soon(self, synced: Synced) -> None:
@@ -704,14 +682,7 @@ class Runner:
         self.state.forget(action.path)
         if sha256 is not None:
             self.state.record(
-                Synced(
-                    action.to,
-                    moved.st_size,
-                    sha256,
-                    moved.st_mtime_ns,
-                    moved.st_ino,
-                    listed.mtime if listed is not None else moved.st_mtime_ns / 1e9,
-                )
+                _synced(action.to, moved, sha256, listed.mtime if listed is not None else None)
             )
         self._done(result, action)
 
