@@ -404,17 +404,18 @@ async def test_a_partial_download_longer_than_the_servers_file_is_started_over(
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_batch_refused_whole_for_quota_names_each_file_and_no_traceback(
-    twistd_factory, tmp_path
-):
+async def test_a_batch_refused_whole_for_quota_falls_back_to_single_saves(twistd_factory, tmp_path):
     """Three small files over the client's byte quota together: the server
-    refuses their save_batch whole; the sync says which files did not fit."""
+    refuses their save_batch whole; the sync saves them one by one, so the
+    two that fit are stored and the third's refusal names it."""
     srv = await twistd_factory("--quota", "10K")
     local = tmp_path / "here"
     for name in ("a.bin", "b.bin", "c.bin"):
         write(local / name, b"q" * 4000)
     code, _, err = await sync_once(local, srv.url)
     assert code == 1
-    assert "quota_exceeded" in err and "a.bin" in err and "c.bin" in err
+    stored = tree(srv.root, ".wsfiles-")
+    assert len(stored) == 2 and set(stored.values()) == {b"q" * 4000}
+    (refused,) = {"a.bin", "b.bin", "c.bin"} - set(stored)
+    assert "quota_exceeded" in err and refused in err
     assert "Traceback" not in err
-    assert tree(srv.root, ".wsfiles-") == {}

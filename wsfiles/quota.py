@@ -8,6 +8,7 @@ connections.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -19,16 +20,17 @@ from wsfiles.storage import FileInfo, IFolder, IsAFolder, NotAFolder, NotFound
 from wsfiles.users import NO_QUOTA
 
 
-async def bytes_kept(folder: IFolder, name: str) -> int:
+async def bytes_kept(folder: IFolder, name: str | None) -> int:
     """Bytes the folder's whole tree holds (files and kept partials) that a save of
-    ``name`` keeps: what it replaces and its own partial are not counted."""
+    ``name`` keeps: what it replaces and its own partial are not counted (None:
+    a batch, which subtracts nothing)."""
     used, _ = await folder.usage()
     partials = await folder.partial_bytes()
-    partials.pop(name, None)  # a resumed upload's own bytes are in its size
-    try:
-        replaced = (await folder.stat(name)).size
-    except (NotFound, NotAFolder, IsAFolder):
-        replaced = 0
+    replaced = 0
+    if name is not None:
+        partials.pop(name, None)  # a resumed upload's own bytes are in its size
+        with contextlib.suppress(NotFound, NotAFolder, IsAFolder):
+            replaced = (await folder.stat(name)).size
     return used + sum(partials.values()) - replaced
 
 
@@ -66,7 +68,9 @@ class QuotaLedger:
         """Raise quota_exceeded if saving ``size`` more bytes as ``name`` would not fit."""
         await self._fits(client, folder, name, size)
 
-    async def reserve(self, client: str, folder: IFolder, name: str, size: int) -> Reservation:
+    async def reserve(
+        self, client: str, folder: IFolder, name: str | None, size: int
+    ) -> Reservation:
         """Hold ``size`` bytes, then check (others may have saved meanwhile).
 
         Holding first keeps two concurrent reservations from both fitting.
@@ -80,7 +84,7 @@ class QuotaLedger:
             raise
         return reservation
 
-    async def _fits(self, client: str, folder: IFolder, name: str, extra: int) -> None:
+    async def _fits(self, client: str, folder: IFolder, name: str | None, extra: int) -> None:
         quota = self.quota_of(client)
         if quota is None:
             return

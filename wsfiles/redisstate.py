@@ -738,7 +738,9 @@ class RedisQuotaLedger(QuotaLedger):
                 return
         await super().check(client, folder, name, size)
 
-    async def reserve(self, client: str, folder: IFolder, name: str, size: int) -> Reservation:
+    async def reserve(
+        self, client: str, folder: IFolder, name: str | None, size: int
+    ) -> Reservation:
         field = f"{self._link.instance_id}:{next(self._serial)}"
         reservation = SharedReservation(self, client, field, size)
         try:
@@ -761,7 +763,7 @@ class RedisQuotaLedger(QuotaLedger):
         return total
 
     async def _reserve_shared(
-        self, reservation: SharedReservation, quota: int, folder: IFolder, name: str
+        self, reservation: SharedReservation, quota: int, folder: IFolder, name: str | None
     ) -> bool:
         """Hold the reservation in Redis; False if Redis could not be asked."""
         if not self._link.up:
@@ -788,7 +790,7 @@ class RedisQuotaLedger(QuotaLedger):
             raise _exceeded(quota - room + others, quota)
         return True
 
-    async def _usage(self, folder: IFolder, name: str) -> int:
+    async def _usage(self, folder: IFolder, name: str | None) -> int:
         """Bytes the folder holds (files and kept partials) that a save of ``name`` keeps."""
         return await bytes_kept(folder, name)
 

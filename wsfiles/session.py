@@ -1111,8 +1111,8 @@ class CommandSession:
         if self.entry_limits is not None:
             release_entries = await self.entry_limits.hold_many(self.client, self.folder, names)
         try:
-            if self.quota is not None:  # what the files replace is not subtracted
-                reservation = await self.quota.reserve(self.client, self.folder, names[0], total)
+            if self.quota is not None:  # what the files replace is not subtracted (None)
+                reservation = await self.quota.reserve(self.client, self.folder, None, total)
             if channel is not self._file_channel:  # it closed while we prepared
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
             receive = self._receive = _Receive(upload, total, 0, limit=total)

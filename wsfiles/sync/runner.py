@@ -371,11 +371,13 @@ class Runner:
 
         try:
             outcomes = await self.client.save_batch([file for _, _, file in group])
-        except WsfilesError as e:  # the batch refused whole (its quota): each path waits
+        except WsfilesError as e:
             if e.code not in PATH_ERRORS:
                 raise
-            for action, _, _ in group:
-                self._refused(result, action.path, e.code, e.message)
+            # Refused whole (the batch's total is over the quota, which does
+            # not subtract what it replaces): each file goes on its own, so
+            # those that fit are stored and each refusal names its file.
+            await self._pipelined([action for action, _, _ in group], result)
             return
         with self.state.batch():  # one commit for the batch
             for (action, st, _), outcome in zip(group, outcomes, strict=True):
