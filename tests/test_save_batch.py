@@ -79,6 +79,8 @@ async def test_a_bad_batch_is_refused_before_any_data(server_factory):
 
     assert await code([]) == "bad_request"
     assert await code("x") == "bad_request"
+    assert await code([1]) == "bad_request"
+    assert await code([{"name": "a", "size": 1, "if_absent": "yes"}]) == "bad_request"
     assert await code([{"name": "a", "size": 1}] * (MAX_BATCH_FILES + 1)) == "bad_request"
     assert await code([{"name": "a", "size": 1}, {"name": "a", "size": 2}]) == "bad_request"
     assert await code([{"name": "../x", "size": 1}]) == "invalid_name"

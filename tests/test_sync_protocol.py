@@ -57,6 +57,9 @@ async def test_a_listing_with_sha256_gives_every_files_digest(server_factory):
         "b": None,
         "b/deep.bin": sha(b"deep" * 1000),
     }
+    with pytest.raises(WsfilesError) as refused:
+        await within(client.request({"op": "list", "sha256": "yes"}))
+    assert refused.value.code == "bad_request"
     # Without the flag, nothing changes: no digests.
     plain = await within(list_folder(client, recursive=True))
     assert all("sha256" not in e for e in plain)

@@ -390,7 +390,13 @@ class CommandSession:
         """Answer a ``list`` whose reply is cached right away, when nothing is
         before it: no coroutines, no second parse (the common case of a
         client polling a folder).  False leaves the command to ``_dispatch``."""
-        if self._unfinished or self._backed_up or self._changes is None or self.closed:
+        if (
+            self._unfinished
+            or self._backed_up
+            or self._changes is None
+            or self.closed
+            or b'"list"' not in payload  # other commands: parsed once, by _dispatch
+        ):
             return False
         try:
             message, request_id = _parse_command(payload)
@@ -1066,23 +1072,15 @@ class CommandSession:
             if channel is not self._file_channel:  # it closed while we prepared
                 upload.interrupt()
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
-            receive = self._receive = _Receive(
+            receive = _Receive(
                 upload, size - upload.offset, upload.offset, chunked=chunked, limit=max_size
             )
             record.size, record.offset = size, upload.offset
             upload.on_superseded = lambda: self._superseded(receive)
-            try:
-                ready: dict[str, Any] = {"op": "ready"}
-                if resume:
-                    ready["offset"] = upload.offset
-                self._stall.start()  # armed before the client hears it may send
-                self._send(ready, request_id)
-                digest = await receive.done
-            finally:
-                record.moved = receive.received
-                self._stall.cancel()
-                if self._receive is receive:
-                    self._receive = None
+            ready: dict[str, Any] = {"op": "ready"}
+            if resume:
+                ready["offset"] = upload.offset
+            digest = await self._received(receive, ready, request_id, record)
         finally:
             if reservation is not None:
                 reservation.release()
@@ -1115,25 +1113,18 @@ class CommandSession:
                 reservation = await self.quota.reserve(self.client, self.folder, None, total)
             if channel is not self._file_channel:  # it closed while we prepared
                 raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
-            receive = self._receive = _Receive(upload, total, 0, limit=total)
             record.size = total
+            upload.begin()
             try:
-                self._stall.start()
-                upload.begin()
-                self._send({"op": "ready"}, request_id)
-                try:
-                    outcomes = await receive.done
-                except ProtocolError as e:  # answered once the files before the cut are in
-                    stored = await upload.settle()
-                    cut = e.message.removesuffix("; nothing was stored")
-                    raise ProtocolError(
-                        e.code, f"{cut}; {stored} of the batch's files were stored"
-                    ) from None
-            finally:
-                record.moved = receive.received
-                self._stall.cancel()
-                if self._receive is receive:
-                    self._receive = None
+                outcomes = await self._received(
+                    _Receive(upload, total, 0, limit=total), {"op": "ready"}, request_id, record
+                )
+            except ProtocolError as e:  # answered once the files before the cut are in
+                stored = await upload.settle()
+                cut = e.message.removesuffix("; nothing was stored")
+                raise ProtocolError(
+                    e.code, f"{cut}; {stored} of the batch's files were stored"
+                ) from None
         finally:
             if reservation is not None:
                 reservation.release()
@@ -1142,6 +1133,26 @@ class CommandSession:
             # Files stored before a cut are there: listeners hear of them either way.
             self._announce_change(*names, *made)
         self._send({"op": "saved", "files": outcomes}, request_id)
+
+    async def _received(
+        self,
+        receive: _Receive,
+        ready: dict[str, Any],
+        request_id: RequestId,
+        record: TransferRecord,
+    ) -> Any:
+        """Tell the client to send (``ready``) and wait for the upload's bytes and
+        its commit, under the stall deadline: what the commit fires with."""
+        self._receive = receive
+        try:
+            self._stall.start()  # armed before the client hears it may send
+            self._send(ready, request_id)
+            return await receive.done
+        finally:
+            record.moved = receive.received
+            self._stall.cancel()
+            if self._receive is receive:
+                self._receive = None
 
     def _superseded(self, receive: _Receive) -> None:
         if self._receive is receive:

@@ -31,7 +31,7 @@ import json
 import os
 import stat
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,6 +182,21 @@ def _land(
         os.rename(target, local_path(root, copy))
     os.replace(partial, target)
     return True, copy, os.lstat(target)
+
+
+async def _within_rate(command: Callable[[], Awaitable[Any]]) -> Any:
+    """Run ``command``; refused as ``rate_limited`` (it was not run), run it
+    again after RATE_LIMITED_WAIT, RATE_LIMITED_TRIES times at most."""
+    from wsfiles.client import WsfilesError
+
+    for tries in range(RATE_LIMITED_TRIES):
+        try:
+            return await command()
+        except WsfilesError as e:
+            if e.code != "rate_limited" or tries == RATE_LIMITED_TRIES - 1:
+                raise
+            await task.deferLater(reactor, RATE_LIMITED_WAIT, lambda: None)
+    raise AssertionError("unreachable")  # (the last try returns or raises)
 
 
 def _synced(path: str, st: os.stat_result, sha256: str, remote_mtime: float | None) -> Synced:
@@ -418,18 +433,9 @@ class Runner:
         from wsfiles.client import WsfilesError
 
         try:
-            for _ in range(RATE_LIMITED_TRIES - 1):
-                try:
-                    await _HANDLERS[action.kind](self, action, result)
-                    break
-                except WsfilesError as e:
-                    if e.code != "rate_limited":
-                        raise
-                    # Deletes and renames are charged to the command rate (bursts
-                    # of --rate-limit a second): wait for it, the command was not run.
-                    await task.deferLater(reactor, RATE_LIMITED_WAIT, lambda: None)
-            else:
-                await _HANDLERS[action.kind](self, action, result)
+            # Deletes and renames are charged to the command rate (bursts of
+            # --rate-limit a second): wait for it, the command was not run.
+            await _within_rate(lambda: _HANDLERS[action.kind](self, action, result))
         except WsfilesError as e:
             if e.code not in PATH_ERRORS:
                 raise
@@ -821,17 +827,14 @@ class Syncer:
         from wsfiles.client import WsfilesError
         from wsfiles.client_tree import is_folder, list_folder
 
-        for tries in range(RATE_LIMITED_TRIES):
-            try:
-                entries = await list_folder(self.client, self.base, recursive=True, sha256=True)
-                break
-            except WsfilesError as e:
-                if e.code == "not_found":  # the folder comes with the first upload
-                    return {}
-                if e.code != "rate_limited" or tries == RATE_LIMITED_TRIES - 1:
-                    raise
-                # (pages are commands: a big tree after many deletes may wait)
-                await task.deferLater(reactor, RATE_LIMITED_WAIT, lambda: None)
+        try:  # (pages are commands: a big tree after many deletes may wait)
+            entries = await _within_rate(
+                lambda: list_folder(self.client, self.base, recursive=True, sha256=True)
+            )
+        except WsfilesError as e:
+            if e.code == "not_found":  # the folder comes with the first upload
+                return {}
+            raise
         files: dict[str, RemoteFile] = {}
         for entry in entries:
             name = entry.get("name")
