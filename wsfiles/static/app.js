@@ -1353,7 +1353,11 @@ $("#move-here").addEventListener("click", async () => {
   const from = moving.path;
   if (await move(from, moving.at)) $("#current-folder").focus();
 });
+// A "close" event is queued, not sent at once: if the dialog was opened
+// again before it came (the browser itself puts focus back on close), it
+// belongs to the earlier opening and must not end the new one.
 $("#move-dialog").addEventListener("close", () => {
+  if ($("#move-dialog").open) return;
   moving.generation++;
   if (moving.opener && moving.opener.isConnected) moving.opener.focus();
 });
@@ -1372,7 +1376,7 @@ async function removeFolder(path) {
   text.textContent = "Counting what is in it…";
   yes.textContent = "Delete";
   yes.disabled = true;
-  dialog.onclose = () => { if (opener && opener.isConnected) opener.focus(); };
+  dialog.onclose = () => { if (!dialog.open && opener && opener.isConnected) opener.focus(); };
   dialog.showModal();
   let listing;
   try {
@@ -1724,6 +1728,7 @@ $("#share-dialog form").addEventListener("submit", (event) => {
   if (!$("#share-create").hidden && !$("#share-create").disabled) createShare();
 });
 $("#share-dialog").addEventListener("close", () => {
+  if ($("#share-dialog").open) return;  // a late event from an earlier opening, as for Move
   $("#shares-status").textContent = "";
   if (sharing.opener && sharing.opener.isConnected) sharing.opener.focus();
 });
