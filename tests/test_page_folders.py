@@ -393,7 +393,10 @@ def test_move_to_dialog_works_from_the_keyboard(web, page):
     expect(dialog.get_by_role("button", name="Open folder c")).to_be_focused()
     page.keyboard.press("Enter")
     expect(page.locator("#move-where")).to_have_text("c")
+    # Focus moved while c is being listed stays where it was put.
     dialog.get_by_role("button", name="Move here").focus()
+    expect(dialog.get_by_role("list", name="Folders")).not_to_have_attribute("aria-busy", "true")
+    expect(dialog.get_by_role("button", name="Move here")).to_be_focused()
     page.keyboard.press("Enter")
     expect(dialog).to_be_hidden()
     row(page, "note.txt").wait_for(state="detached")

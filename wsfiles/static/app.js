@@ -1330,20 +1330,29 @@ async function browseMove(at) {
     list.append(item);
   };
   if (at !== "") add("↑ " + shown(parentOf(at)), "Up to " + shown(parentOf(at)), parentOf(at));
+  // Focus waits on the list itself while it loads (the button pressed went
+  // with the old list); if the person moves it meanwhile, it stays theirs.
+  list.focus();
+  list.setAttribute("aria-busy", "true");
   let listing;
   try {
     listing = await listAll(await ready(), at, false, MAX_PAGES);
   } catch (error) {
-    if (generation === moving.generation) $("#move-note").textContent = "Listing failed: " + describe(error);
+    if (generation === moving.generation) {
+      $("#move-note").textContent = "Listing failed: " + describe(error);
+      list.removeAttribute("aria-busy");
+    }
     return;
   }
   if (generation !== moving.generation) return;
+  list.removeAttribute("aria-busy");
   for (const entry of listing.entries) {
     const path = join(at, entry.name);
     if (entry.type !== "folder" || path === moving.path) continue;  // never into itself
     add(entry.name, "Open folder " + entry.name, path, true);
   }
   if (list.children.length === 0 && !here) $("#move-note").textContent = "No folders in here.";
+  if (document.activeElement !== list) return;
   const first = list.querySelector("button");
   (first || $("#move-here:enabled") || $("#move-cancel")).focus();
 }
