@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -157,16 +157,24 @@ def _with_request_id(reply: bytes, request_id: RequestId) -> bytes:
 MAX_QUEUED_TRANSFERS = 1000
 
 
-def _is_transfer(payload: bytes) -> bool:
+#: A command as parsed once on arrival: its object and id, or why it is none.
+Parsed = tuple[dict[str, Any], RequestId] | ProtocolError
+
+#: Commands paced by the transfer queue rather than the command rate.
+_TRANSFER_OPS = frozenset({"get", "save", "save_batch"})
+
+
+def _parsed(payload: bytes) -> Parsed:
+    try:
+        return _parse_command(payload)
+    except ProtocolError as e:
+        return e
+
+
+def _is_transfer(parsed: Parsed) -> bool:
     """Whether a command is a ``get`` or ``save`` (anything unparsable is not:
     it is charged and then refused as usual)."""
-    if b'"get"' not in payload and b'"save' not in payload:
-        return False  # most commands: no second parse
-    try:
-        message = json.loads(payload)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(message, dict) and message.get("op") in ("get", "save", "save_batch")
+    return not isinstance(parsed, ProtocolError) and parsed[0]["op"] in _TRANSFER_OPS
 
 
 def _request_id(message: dict[str, Any]) -> RequestId:
@@ -372,38 +380,35 @@ class CommandSession:
         # Waiting: commands not yet handled, and transfers handled but queued
         # (a handled save leaves _unfinished at once, its transfer waits).
         waiting = self._unfinished + len(self._transfers or ())
-        if waiting < MAX_QUEUED_TRANSFERS and _is_transfer(payload):
+        parsed = _parsed(payload)  # once: every path below takes this
+        if waiting < MAX_QUEUED_TRANSFERS and _is_transfer(parsed):
             # Paced by the transfer queue (one at a time, each waiting for its
             # data), not by the command rate: a sync saving 10,000 small
             # files must not be throttled like a client listing in a loop.
-            self._in_order(lambda: self._dispatch(payload, uncharged=True), None)
+            self._in_order(lambda: self._dispatch(parsed, uncharged=True), None)
             return
         self._rate_limited(
             lambda: (
-                self._answered_from_cache(payload)
-                or self._in_order(lambda: self._dispatch(payload), None)
+                self._answered_from_cache(parsed)
+                or self._in_order(lambda: self._dispatch(parsed), None)
             ),
-            lambda: self._in_order(lambda: self._refuse_rate_limited(payload), None),
+            lambda: self._in_order(lambda: self._refuse_rate_limited(parsed), None),
         )
 
-    def _answered_from_cache(self, payload: bytes) -> bool:
+    def _answered_from_cache(self, parsed: Parsed) -> bool:
         """Answer a ``list`` whose reply is cached right away, when nothing is
-        before it: no coroutines, no second parse (the common case of a
-        client polling a folder).  False leaves the command to ``_dispatch``."""
+        before it: no coroutines (the common case of a client polling a
+        folder).  False leaves the command to ``_dispatch``."""
         if (
-            self._unfinished
+            isinstance(parsed, ProtocolError)  # _dispatch reports it
+            or parsed[0]["op"] != "list"
+            or self._unfinished
             or self._backed_up
             or self._changes is None
             or self.closed
-            or b'"list"' not in payload  # other commands: parsed once, by _dispatch
         ):
             return False
-        try:
-            message, request_id = _parse_command(payload)
-        except ProtocolError:
-            return False  # _dispatch reports it
-        if message["op"] != "list":
-            return False
+        message, request_id = parsed
         key = self._listing_key(message)
         cached = self._changes.listings.get(key) if key is not None else None
         if cached is None:
@@ -439,12 +444,8 @@ class CommandSession:
     def _rate_limited_message(self) -> str:
         return f"more than {self._bucket.rate:g} commands per second; this one was not run"
 
-    async def _refuse_rate_limited(self, payload: bytes) -> None:
-        try:
-            message = json.loads(payload)
-            request_id = _request_id(message) if isinstance(message, dict) else None
-        except (ValueError, RecursionError, ProtocolError):
-            request_id = None
+    async def _refuse_rate_limited(self, parsed: Parsed) -> None:
+        request_id = parsed.request_id if isinstance(parsed, ProtocolError) else parsed[1]
         self._send_error(errors.RATE_LIMITED, self._rate_limited_message, request_id)
 
     @property
@@ -504,13 +505,12 @@ class CommandSession:
             self._send_error(errors.INTERNAL_ERROR, "internal error (logged)", request_id)
         return True
 
-    async def _dispatch(self, payload: bytes, *, uncharged: bool = False) -> None:
-        """Parse one command and run its handler; every failure becomes an error reply."""
-        try:
-            message, request_id = _parse_command(payload)
-        except ProtocolError as e:
-            self._send_error(e.code, e.message, e.request_id)
+    async def _dispatch(self, parsed: Parsed, *, uncharged: bool = False) -> None:
+        """Run one command's handler; every failure becomes an error reply."""
+        if isinstance(parsed, ProtocolError):
+            self._send_error(parsed.code, parsed.message, parsed.request_id)
             return
+        message, request_id = parsed
         # No log line per command: twistd writes every level, and the commands
         # that change stored files log their outcome (transfers, delete, rename).
         op = message["op"]
@@ -1052,13 +1052,7 @@ class CommandSession:
         channel = await self._file_channel_ready(request_id)
         _allow_frames(channel, max_size)
         made = await self._missing_ancestor(name)
-        reservation = None
-        release_entry = None
-        if self.entry_limits is not None:
-            release_entry = await self.entry_limits.hold(self.client, self.folder, name)
-        try:
-            if self.quota is not None:
-                reservation = await self.quota.reserve(self.client, self.folder, name, size)
+        async with self._room([name], size, replacing=name):
             chosen = {} if options.hash == hashes.SHA256 else {"hash": options.hash}
             upload = await self.folder.begin_upload(
                 name,
@@ -1081,11 +1075,6 @@ class CommandSession:
             if resume:
                 ready["offset"] = upload.offset
             digest = await self._received(receive, ready, request_id, record)
-        finally:
-            if reservation is not None:
-                reservation.release()
-            if release_entry is not None:
-                release_entry()
         record.sha256, record.hash = digest, options.hash
         ack: dict[str, Any] = {"op": "ack", "name": name, "size": size, options.hash: digest}
         if options.mtime is not None:
@@ -1104,35 +1093,52 @@ class CommandSession:
         made: set[str] = set()
         for name in {parent_of(name): name for name in names}.values():  # one per folder
             made.update(await self._missing_ancestor(name))
-        reservation = None
+        try:
+            async with self._room(names, total):  # what the files replace is not subtracted
+                if channel is not self._file_channel:  # it closed while we prepared
+                    raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
+                record.size = total
+                upload.begin()
+                try:
+                    outcomes = await self._received(
+                        _Receive(upload, total, 0, limit=total), {"op": "ready"}, request_id, record
+                    )
+                except ProtocolError as e:  # answered once the files before the cut are in
+                    stored = await upload.settle()
+                    cut = e.message.removesuffix("; nothing was stored")
+                    raise ProtocolError(
+                        e.code, f"{cut}; {stored} of the batch's files were stored"
+                    ) from None
+        finally:
+            # Files stored before a cut are there: listeners hear of them either way.
+            self._announce_change(*names, *made)
+        self._send({"op": "saved", "files": outcomes}, request_id)
+
+    @contextlib.asynccontextmanager
+    async def _room(
+        self, names: list[str], size: int, *, replacing: str | None = None
+    ) -> AsyncIterator[None]:
+        """Room for a store while it runs: ``names`` held against the entry
+        limits, ``size`` bytes reserved against the quota (less what
+        ``replacing`` holds now); both let go when it ends, stored or not."""
         release_entries = None
         if self.entry_limits is not None:
-            release_entries = await self.entry_limits.hold_many(self.client, self.folder, names)
+            limits = self.entry_limits
+            release_entries = await (
+                limits.hold(self.client, self.folder, replacing)
+                if replacing is not None
+                else limits.hold_many(self.client, self.folder, names)
+            )
+        reservation = None
         try:
-            if self.quota is not None:  # what the files replace is not subtracted (None)
-                reservation = await self.quota.reserve(self.client, self.folder, None, total)
-            if channel is not self._file_channel:  # it closed while we prepared
-                raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
-            record.size = total
-            upload.begin()
-            try:
-                outcomes = await self._received(
-                    _Receive(upload, total, 0, limit=total), {"op": "ready"}, request_id, record
-                )
-            except ProtocolError as e:  # answered once the files before the cut are in
-                stored = await upload.settle()
-                cut = e.message.removesuffix("; nothing was stored")
-                raise ProtocolError(
-                    e.code, f"{cut}; {stored} of the batch's files were stored"
-                ) from None
+            if self.quota is not None:
+                reservation = await self.quota.reserve(self.client, self.folder, replacing, size)
+            yield
         finally:
             if reservation is not None:
                 reservation.release()
             if release_entries is not None:
                 release_entries()
-            # Files stored before a cut are there: listeners hear of them either way.
-            self._announce_change(*names, *made)
-        self._send({"op": "saved", "files": outcomes}, request_id)
 
     async def _received(
         self,
