@@ -80,10 +80,10 @@ class Syncs:
         self.running.append(child)
         return child
 
-    async def stop(self, child: tuple[Any, Any]) -> int:
-        """Ctrl-C: the sync must stop with one line and status 130."""
+    async def stop(self, child: tuple[Any, Any], signal_name: str = "INT") -> int:
+        """Ctrl-C (or SIGTERM): the sync must stop with one line; its status."""
         process, proto = child
-        process.signalProcess("INT")
+        process.signalProcess(signal_name)
         code = await proto.ended.addTimeout(TEARDOWN_TIMEOUT, reactor)
         self.running.remove(child)
         return code
@@ -159,8 +159,11 @@ async def test_two_live_syncs_converge_after_edits_renames_deletes_and_conflicts
     assert tree(a)["a.txt"] == b"third, from a" and tree(a)[copies[0]] == b"third, from b"
     assert "conflict: a.txt changed on both sides" in two[1].err.decode()
 
-    # The same on a's side: a loses this time (the server has b's edit).
-    assert await syncs.stop(one) == 130
+    # The same on a's side: a loses this time (the server has b's edit).  a is
+    # stopped as systemd or docker would: SIGTERM ends it by that signal.
+    assert await syncs.stop(one, "TERM") == -signal.SIGTERM
+    said = one[1].err.decode()
+    assert "wsfiles sync: terminated; what was done is recorded" in said and "Traceback" not in said
     write(b / "from-b.txt", b"b edits")
     await until(lambda: tree(srv.root / "docs-root")["from-b.txt"] == b"b edits", "b's edit")
     write(a / "from-b.txt", b"a edits", age=30)

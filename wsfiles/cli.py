@@ -42,6 +42,8 @@ from typing import Any
 PARTIAL_SUFFIX = ".wsfiles-part"
 #: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 128 + signal.SIGINT
+#: Signals that interrupt a running command: Ctrl-C, and the polite kill.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: How long an interrupted command may take to drop its connections.
 ABORT_TIMEOUT = 5.0
 
@@ -267,7 +269,8 @@ def _run_remote(
 
     Failures become one line and exit status 1.  SIGINT (Ctrl-C) cancels the
     action, which keeps what a later ``--resume`` can use; the connections
-    are dropped and the command exits with status 130 and one line.
+    are dropped and the command exits with status 130 and one line.  SIGTERM
+    does the same, then ends the process by SIGTERM (a shell says 143).
     """
 
     def run(args: argparse.Namespace) -> int:
@@ -336,28 +339,51 @@ def _run_remote(
             # Bounded: a command stuck past its cancellation still ends.
             reactor.callLater(ABORT_TIMEOUT, lambda: finished.called or stop())
 
-        def on_sigint(signum: int, frame: Any) -> None:
+        stopped_by: list[int] = []  # the signals that came, first first
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stopped_by.append(signum)
             if running:  # (never touch a stopped reactor)
                 reactor.callFromThread(interrupt)
 
-        ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # (a background job)
-        if not ignored:
-            signal.signal(signal.SIGINT, on_sigint)
+        # SIGTERM (systemctl stop, docker stop, kill) ends the command as Ctrl-C
+        # does; an ignored signal stays ignored (SIGINT in a background job).
+        handled = [s for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+        for signum in handled:
+            signal.signal(signum, on_signal)
         finished = defer.ensureDeferred(work())
         finished.addBoth(finish)
         try:
             reactor.run(installSignalHandlers=False)
         finally:
             running = False
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # one line, whatever comes now
+            for signum in handled:
+                signal.signal(signum, signal.SIG_IGN)  # one line, whatever comes now
         if args.interrupted and (lines or not finished.called):
             detail = lines[0] if lines else ""
+            if stopped_by and stopped_by[0] == signal.SIGTERM:
+                status = _fail(args, "terminated" + (f"; {detail}" if detail else ""))
+                _die_by(signal.SIGTERM)
+                return status  # (not reached: the signal ends the process)
             return _fail(args, "interrupted" + (f"; {detail}" if detail else ""), EXIT_INTERRUPTED)
         if lines:
             return _fail(args, lines[0])
         return 0
 
     return run
+
+
+def _die_by(signum: int) -> None:
+    """End the process by ``signum``'s default action, once its line is out.
+
+    What a shell and systemd expect of a program stopped by a signal (status
+    128+N; for systemd a clean stop, where exit status 143 would be a
+    failure), as Python itself does after an unhandled KeyboardInterrupt.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _failure_line(failure: Any, interrupted: bool) -> str:
