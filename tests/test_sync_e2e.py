@@ -258,6 +258,23 @@ async def test_a_live_sync_rides_out_a_server_restart(twistd_factory, tmp_path, 
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_live_sync_with_poll_uploads_local_changes(twistd_factory, tmp_path, syncs):
+    """``--poll``, for network file systems (inotify misses other machines'
+    changes there): no inotify, and local changes still go up.  That the
+    rescans come on time is pinned with a fake clock in test_sync_watch.py."""
+    local = tmp_path / "here"
+    code, _, err = await sync_once(local, "ws://127.0.0.1:9", "--poll", "0")
+    assert code == 2 and "--poll: must be from 0.1 to 86400 seconds: '0'" in err, err
+    srv = await twistd_factory()
+    child = syncs.start(local, srv.url, "--poll", "0.2")
+    write(local / "first.txt", b"found by a rescan")
+    await until(lambda: tree(srv.root, ".wsfiles-") == {"first.txt": b"found by a rescan"}, "poll")
+    write(local / "first.txt", b"and its edit")
+    await until(lambda: tree(srv.root, ".wsfiles-") == {"first.txt": b"and its edit"}, "the edit")
+    assert "inotify" not in child[1].err.decode()  # asked for: no notice
+
+
+@pytest_twisted.ensureDeferred
 async def test_dry_run_changes_nothing_and_refused_names_are_warned_and_skipped(
     twistd_factory, tmp_path
 ):

@@ -1,7 +1,8 @@
 """``wsfiles sync LOCAL_DIR URL [PATH]``: keep a local folder and a server folder the same.
 
     wsfiles sync LOCAL_DIR URL [PATH] [--once] [--up-only | --down-only]
-                 [--exclude GLOB]... [--dry-run] [--json] [--reset-state]
+                 [--exclude GLOB]... [--poll SECONDS] [--dry-run] [--json]
+                 [--reset-state]
 
 The work is done by :mod:`wsfiles.sync` (scan, state, plan, runner, watch);
 this module parses the arguments, opens the state before connecting (so a
@@ -85,6 +86,13 @@ def add_sync_command(commands: Any, run_remote: Callable[..., Any]) -> None:
     sync.add_argument(
         "--dry-run", action="store_true", help="print what would be done; change nothing"
     )
+    sync.add_argument(
+        "--poll",
+        metavar="SECONDS",
+        type=_poll_seconds,
+        help="live mode: look for local changes every SECONDS instead of watching with inotify "
+        "(network file systems: inotify misses what other machines change there)",
+    )
     sync.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     sync.add_argument(
         "--reset-state",
@@ -96,6 +104,17 @@ def add_sync_command(commands: Any, run_remote: Callable[..., Any]) -> None:
         "-q", "--quiet", action="store_true", help="no progress bar and no action lines"
     )
     sync.set_defaults(run=run_remote(_sync, _prepare))
+
+
+def _poll_seconds(text: str) -> float:
+    """``--poll``: a number of seconds from 0.1 to a day."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= seconds <= 86400:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"must be from 0.1 to 86400 seconds: {text!r}")
+    return seconds
 
 
 class _NoState:
@@ -270,7 +289,7 @@ async def _sync(client: Any, args: argparse.Namespace) -> None:
         else:
             from wsfiles.sync.watch import live
 
-            await live(syncer, _reconnect(args), say=output.emit)
+            await live(syncer, _reconnect(args), say=output.emit, poll=args.poll)
     except CancelledError:
         if args.interrupted:
             raise Interrupted("what was done is recorded; the next run continues") from None

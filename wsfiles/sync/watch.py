@@ -132,16 +132,28 @@ class _Wakeup:
 
 
 class _LocalWatch:
-    """inotify on the whole tree (Linux), or a periodic poke where it is missing."""
+    """inotify on the whole tree (Linux), or a periodic poke: every ``poll``
+    seconds when asked (network file systems, where inotify does not see what
+    other machines change), every :data:`POLL_SECONDS` where inotify is missing."""
 
     def __init__(
-        self, root: Path, excludes: list[str], wake: _Wakeup, say: Callable[[str], None]
+        self,
+        root: Path,
+        excludes: list[str],
+        wake: _Wakeup,
+        say: Callable[[str], None],
+        poll: float | None = None,
+        clock: Any = reactor,
     ) -> None:
         self.root = root
         self.excludes = excludes
         self.wake = wake
+        self._clock = clock
         self._notifier: Any = None
         self._poll: task.LoopingCall | None = None
+        if poll is not None:
+            self._start_polling(poll)
+            return
         try:
             from twisted.internet import inotify
             from twisted.python.filepath import FilePath
@@ -173,8 +185,12 @@ class _LocalWatch:
             self._notifier = notifier
         except Exception as e:  # no inotify here (not Linux), or out of watches
             say(f"local changes are polled every {POLL_SECONDS:.0f} s (no inotify: {e})")
-            self._poll = task.LoopingCall(wake.poke)
-            self._poll.start(POLL_SECONDS, now=False)
+            self._start_polling(POLL_SECONDS)
+
+    def _start_polling(self, seconds: float) -> None:
+        self._poll = task.LoopingCall(self.wake.poke)
+        self._poll.clock = self._clock
+        self._poll.start(seconds, now=False)
 
     def _event(self, _watch: Any, filepath: Any, _mask: int) -> None:
         try:  # (Twisted hands over the path as bytes)
@@ -229,15 +245,21 @@ async def _listen(client: Any, base: str, wake: _Wakeup) -> None:
             wake.poke()
 
 
-async def live(syncer: Any, connect: Connect, say: Callable[[dict[str, Any]], None]) -> None:
-    """Keep the local root and the remote folder in sync until cancelled (Ctrl-C)."""
+async def live(
+    syncer: Any,
+    connect: Connect,
+    say: Callable[[dict[str, Any]], None],
+    poll: float | None = None,
+) -> None:
+    """Keep the local root and the remote folder in sync until cancelled (Ctrl-C);
+    ``poll``: rescan every so many seconds instead of watching with inotify."""
 
     def notice(line: str) -> None:
         say({"event": "notice", "message": line})
         sys.stderr.write(f"wsfiles sync: {line}\n")
 
     wake = _Wakeup()
-    watch = _LocalWatch(syncer.root, syncer.excludes, wake, notice)
+    watch = _LocalWatch(syncer.root, syncer.excludes, wake, notice, poll)
     first_client = syncer.client
     listening: Deferred | None = None
     try:
