@@ -20,7 +20,6 @@ the process instead of going back to the kernel.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 #: mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -37,11 +36,11 @@ def tune_malloc() -> bool:
     global _tuned
     if _tuned:
         return True
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):
+        # The process's own symbols, libc's among them: no ctypes.util.find_library,
+        # which runs ldconfig (or gcc) in a subprocess at every start.
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc
         mallopt = None
     if mallopt is None:
         return False
