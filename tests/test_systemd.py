@@ -347,18 +347,20 @@ async def test_wsfiles_and_nvx_work_under_memory_deny_write_execute(tmp_path):
 
 @pytest.fixture
 def units(tmp_path) -> Path:
-    """The units, with ExecStart= pointing at this environment's twistd.
+    """The units, with ExecStart= pointing at this environment's twistd (or
+    wsfiles, for the sync's user unit).
 
-    ``verify`` checks that the ExecStart= binary exists; /usr/local/bin/twistd
-    is where docs/deploy.md links it, which need not exist here.
+    ``verify`` checks that the ExecStart= binary exists; /usr/local/bin/ is
+    where docs/deploy.md links them, which need not exist here.
     """
     folder = tmp_path / "units"
     folder.mkdir()
     for unit in UNITS.iterdir():
         text = unit.read_text()
         if unit.suffix == ".service":
-            assert "ExecStart=/usr/local/bin/twistd " in text
-            text = text.replace("/usr/local/bin/twistd", str(TWISTD))
+            program = "wsfiles" if unit.name.startswith("wsfiles-sync@") else "twistd"
+            assert f"ExecStart=/usr/local/bin/{program} " in text
+            text = text.replace(f"/usr/local/bin/{program}", str(BIN / program))
         (folder / unit.name).write_text(text)
     return folder
 
@@ -380,7 +382,12 @@ async def verify(*paths: Path) -> tuple[int, list[str]]:
 
 @needs_analyze
 @pytest.mark.parametrize(
-    "names", [["wsfiles.socket", "wsfiles.service"], ["wsfiles-standalone.service"]]
+    "names",
+    [
+        ["wsfiles.socket", "wsfiles.service"],
+        ["wsfiles-standalone.service"],
+        ["wsfiles-sync@.service"],  # a user unit (docs/sync.md), checked as a template
+    ],
 )
 @pytest_twisted.ensureDeferred
 async def test_units_verify_cleanly(units, names):
