@@ -111,6 +111,21 @@ async def test_a_batch_message_of_the_wrong_length_stores_nothing_after_the_gap(
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_refused_before_its_data_sends_no_changed_event(server_factory):
+    srv = await server_factory(quota=10_000)
+    await srv.put("sub/old.txt", b"x")
+    client, watcher = await connect_12(srv), await connect_12(srv)
+    over = [BatchFile(f"sub/{i}", b"z" * 4000) for i in range(3)]
+    with pytest.raises(WsfilesError, match="quota"):
+        await within(client.save_batch(over))
+    await within(client.request({"op": "mkdir", "path": "marker"}))
+    # Events go out in the order of the changes (each after the same short
+    # coalescing delay): a "sub" event for the refused batch would come first.
+    event = await within(watcher.folder_changes.get())
+    assert event["path"] == "" and "marker" in {e["name"] for e in event["files"]}, event
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_batch_past_the_file_count_or_listing_limit_stores_nothing(server_factory):
     srv = await server_factory(quota_files=4, max_listing=800, quota=10_000)
     await srv.put("old.txt", b"x")

@@ -1093,25 +1093,25 @@ class CommandSession:
         made: set[str] = set()
         for name in {parent_of(name): name for name in names}.values():  # one per folder
             made.update(await self._missing_ancestor(name))
-        try:
-            async with self._room(names, total):  # what the files replace is not subtracted
-                if channel is not self._file_channel:  # it closed while we prepared
-                    raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
-                record.size = total
-                upload.begin()
-                try:
-                    outcomes = await self._received(
-                        _Receive(upload, total, 0, limit=total), {"op": "ready"}, request_id, record
-                    )
-                except ProtocolError as e:  # answered once the files before the cut are in
-                    stored = await upload.settle()
-                    cut = e.message.removesuffix("; nothing was stored")
-                    raise ProtocolError(
-                        e.code, f"{cut}; {stored} of the batch's files were stored"
-                    ) from None
-        finally:
-            # Files stored before a cut are there: listeners hear of them either way.
-            self._announce_change(*names, *made)
+        async with self._room(names, total):  # what the files replace is not subtracted
+            if channel is not self._file_channel:  # it closed while we prepared
+                raise ProtocolError(errors.CHANNEL_CLOSED, "the file channel closed")
+            record.size = total
+            upload.begin()
+            try:
+                outcomes = await self._received(
+                    _Receive(upload, total, 0, limit=total), {"op": "ready"}, request_id, record
+                )
+            except ProtocolError as e:  # answered once the files before the cut are in
+                stored = await upload.settle()
+                cut = e.message.removesuffix("; nothing was stored")
+                raise ProtocolError(
+                    e.code, f"{cut}; {stored} of the batch's files were stored"
+                ) from None
+            finally:
+                # Files stored before a cut are there: listeners hear of them
+                # either way (a batch refused before this stored nothing).
+                self._announce_change(*names, *made)
         self._send({"op": "saved", "files": outcomes}, request_id)
 
     @contextlib.asynccontextmanager
