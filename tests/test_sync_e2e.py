@@ -263,8 +263,12 @@ async def test_a_live_sync_with_poll_uploads_local_changes(twistd_factory, tmp_p
     changes there): no inotify, and local changes still go up.  That the
     rescans come on time is pinned with a fake clock in test_sync_watch.py."""
     local = tmp_path / "here"
-    code, _, err = await sync_once(local, "ws://127.0.0.1:9", "--poll", "0")
+    code, _, err = await run_process(
+        [str(BIN / "wsfiles"), "sync", str(local), "ws://h", "--poll", "0"]
+    )
     assert code == 2 and "--poll: must be from 0.1 to 86400 seconds: '0'" in err, err
+    code, _, err = await sync_once(local, "ws://127.0.0.1:9", "--poll", "5")
+    assert code == 2 and "--poll is for live mode: not with --once or --dry-run" in err, err
     srv = await twistd_factory()
     child = syncs.start(local, srv.url, "--poll", "0.2")
     write(local / "first.txt", b"found by a rescan")

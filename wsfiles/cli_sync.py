@@ -103,7 +103,7 @@ def add_sync_command(commands: Any, run_remote: Callable[..., Any]) -> None:
     sync.add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar and no action lines"
     )
-    sync.set_defaults(run=run_remote(_sync, _prepare))
+    sync.set_defaults(run=run_remote(_sync, _prepare), usage_error=sync.error)
 
 
 def _poll_seconds(text: str) -> float:
@@ -136,6 +136,8 @@ def _prepare(args: argparse.Namespace) -> None:
     from wsfiles.client_tree import PathError, check_path
     from wsfiles.sync.state import StateError, SyncState, state_dir
 
+    if args.poll is not None and (args.once or args.dry_run):
+        args.usage_error("--poll is for live mode: not with --once or --dry-run")  # exits 2
     args.remote_folder = folder_argument(args.path)
     if args.remote_folder:
         try:
