@@ -365,8 +365,9 @@ def units(tmp_path) -> Path:
     return folder
 
 
-async def verify(*paths: Path) -> tuple[int, list[str]]:
-    """``systemd-analyze verify``: its exit code and the lines about these units.
+async def verify(*paths: Path, user: bool = False) -> tuple[int, list[str]]:
+    """``systemd-analyze verify``: its exit code and the lines about these units
+    (``user``: as a user manager would load them).
 
     verify also loads the units these refer to (sockets.target,
     multi-user.target, ...) from the host; a broken or missing host unit is
@@ -374,7 +375,13 @@ async def verify(*paths: Path) -> tuple[int, list[str]]:
     not name one of our units are dropped.
     """
     argv = [shutil.which("systemd-analyze") or "systemd-analyze", "verify", "--man=no"]
-    code, out, err = await run_process([*argv, *map(str, paths)], cwd=paths[0].parent)
+    env = None
+    if user:  # a user manager's paths need a runtime directory; a private one
+        runtime = paths[0].parent / "runtime"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        argv.insert(1, "--user")
+        env = {"XDG_RUNTIME_DIR": str(runtime)}
+    code, out, err = await run_process([*argv, *map(str, paths)], cwd=paths[0].parent, env=env)
     ours = [p.name for p in paths]
     lines = [line for line in (out + err).splitlines() if any(n in line for n in ours)]
     return code, lines
@@ -386,13 +393,27 @@ async def verify(*paths: Path) -> tuple[int, list[str]]:
     [
         ["wsfiles.socket", "wsfiles.service"],
         ["wsfiles-standalone.service"],
-        ["wsfiles-sync@.service"],  # a user unit (docs/sync.md), checked as a template
     ],
 )
 @pytest_twisted.ensureDeferred
 async def test_units_verify_cleanly(units, names):
     code, lines = await verify(*(units / name for name in names))
     assert (code, lines) == (0, [])
+
+
+@needs_analyze
+@pytest_twisted.ensureDeferred
+async def test_the_sync_user_unit_verifies_as_a_user_unit(units):
+    """``wsfiles sync`` runs under ``systemctl --user`` (docs/sync.md): checked
+    as a template by a user manager, and naming only units a user manager has
+    (it has no network-online.target, no multi-user.target)."""
+    unit = units / "wsfiles-sync@.service"
+    code, lines = await verify(unit, user=True)
+    assert (code, lines) == (0, [])
+    user_units = Path("/usr/lib/systemd/user")
+    named = re.findall(r"^(?:After|Before|Wants|Requires|WantedBy)=(.+)$", unit.read_text(), re.M)
+    for name in " ".join(named).split():
+        assert not user_units.is_dir() or (user_units / name).exists(), name
 
 
 @needs_analyze

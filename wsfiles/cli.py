@@ -362,9 +362,11 @@ def _run_remote(
         if args.interrupted and (lines or not finished.called):
             detail = lines[0] if lines else ""
             if stopped_by and stopped_by[0] == signal.SIGTERM:
-                status = _fail(args, "terminated" + (f"; {detail}" if detail else ""))
+                status = _fail(
+                    args, "terminated" + (f"; {detail}" if detail else ""), 128 + signal.SIGTERM
+                )
                 _die_by(signal.SIGTERM)
-                return status  # (not reached: the signal ends the process)
+                return status  # PID 1 of a container: the kernel ignores its own kill
             return _fail(args, "interrupted" + (f"; {detail}" if detail else ""), EXIT_INTERRUPTED)
         if lines:
             return _fail(args, lines[0])
@@ -379,6 +381,8 @@ def _die_by(signum: int) -> None:
     What a shell and systemd expect of a program stopped by a signal (status
     128+N; for systemd a clean stop, where exit status 143 would be a
     failure), as Python itself does after an unhandled KeyboardInterrupt.
+    As PID 1 of a container (``docker run`` without ``--init``) the kernel
+    ignores the signal, and the caller exits with status 128+N instead.
     """
     sys.stdout.flush()
     sys.stderr.flush()
