@@ -279,6 +279,31 @@ async def test_a_live_sync_with_poll_uploads_local_changes(twistd_factory, tmp_p
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_round_that_would_delete_most_files_stops_until_allowed(twistd_factory, tmp_path):
+    """The mass-delete guard (--max-delete, 50% by default): most local files
+    deleted by mistake must not empty the server without a second word."""
+    srv = await twistd_factory()
+    local = tmp_path / "here"
+    for i in range(20):
+        write(local / f"f{i:02}.txt", b"%d" % i)
+    assert (await sync_once(local, srv.url))[0] == 0
+    for i in range(15):
+        (local / f"f{i:02}.txt").unlink()
+    code, out, err = await sync_once(local, srv.url, "--dry-run")
+    assert code == 1 and out.count("delete ") == 15, out  # the plan, then why it would stop
+    for run in ((), ("--max-delete", "70")):
+        code, _, err = await sync_once(local, srv.url, *run)
+        assert code == 1, err
+        assert "stopped before deleting 15 of the 20 files on the server (75%, more than" in err
+        assert len(tree(srv.root, ".wsfiles-")) == 20  # nothing was changed
+    code, _, err = await sync_once(local, srv.url, "--max-delete", "75")
+    assert code == 0, err
+    assert tree(srv.root, ".wsfiles-") == tree(local) and len(tree(local)) == 5
+    code, _, err = await sync_once(local, srv.url, "--max-delete", "101")
+    assert code == 2 and "--max-delete: must be from 0 to 100: '101'" in err, err
+
+
+@pytest_twisted.ensureDeferred
 async def test_dry_run_changes_nothing_and_refused_names_are_warned_and_skipped(
     twistd_factory, tmp_path
 ):
@@ -335,7 +360,7 @@ async def test_many_deletes_wait_for_the_command_rate_limit(twistd_factory, tmp_
     assert len(tree(srv.root / "many")) == 12
     for path in (local / "many").iterdir():
         path.unlink()
-    code, out, err = await sync_once(local, srv.url)
+    code, out, err = await sync_once(local, srv.url, "--max-delete", "100")  # all, on purpose
     assert (code, err) == (0, ""), err
     assert out.count("(on the server)") == 12 and tree(srv.root, ".wsfiles-") == {}
 

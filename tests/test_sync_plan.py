@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from datetime import datetime
 
 import pytest
 
+from wsfiles.sync.guard import TooManyDeletes, check_deletes
 from wsfiles.sync.localtree import (
     EMPTY_SHA256,
     conflict_name,
@@ -17,7 +19,7 @@ from wsfiles.sync.localtree import (
     local_sha256,
     scan,
 )
-from wsfiles.sync.model import Kind, LocalFile, RemoteFile, Synced
+from wsfiles.sync.model import Action, Kind, LocalFile, Plan, RemoteFile, Synced
 from wsfiles.sync.plan import reconcile
 
 NOW = 2_000_000_000.0  # seconds
@@ -534,3 +536,36 @@ def test_local_sha256_and_stability(tmp_path):
     f = LocalFile("f", 1, 100 * 10**9, 1)
     assert not is_quiet(f, 101.99) and is_quiet(f, 102.0)
     assert is_quiet(f, 50.0)  # far in the future: does not wait forever
+
+
+# -- the mass-delete guard (wsfiles/sync/guard.py) --------------------------------
+
+
+def deletes(kind: Kind, count: int) -> Plan:
+    return Plan([Action(kind, f"f{i}") for i in range(count)], [])
+
+
+@pytest.mark.parametrize(
+    ("kind", "count", "held", "percent", "refused"),
+    [
+        (Kind.DELETE_REMOTE, 11, 20, 50, "deleting 11 of the 20 files on the server (55%"),
+        (Kind.DELETE_LOCAL, 15, 15, 50, "deleting 15 of the 15 files here (100%"),
+        (Kind.DELETE_REMOTE, 11, 22, 50, None),  # exactly half
+        (Kind.DELETE_REMOTE, 10, 10, 50, None),  # a small round is not guarded
+        (Kind.DELETE_LOCAL, 15, 15, 100, None),  # --max-delete 100: no limit
+        (Kind.DELETE_REMOTE, 11, 100, 10, "more than --max-delete 10%"),
+    ],
+)
+def test_a_round_deleting_too_much_of_one_side_is_stopped(kind, count, held, percent, refused):
+    plan = deletes(kind, count)
+    if refused is None:
+        check_deletes(plan, held, held, percent)
+        return
+    with pytest.raises(TooManyDeletes, match=re.escape(refused)) as stopped:
+        check_deletes(plan, held, held, percent)
+    assert "nothing was changed" in str(stopped.value)
+
+
+def test_renames_are_not_deletes():
+    plan = Plan([Action(Kind.RENAME_REMOTE, f"f{i}", to=f"g{i}") for i in range(50)], [])
+    check_deletes(plan, 50, 50, 0)

@@ -1,8 +1,8 @@
 """``wsfiles sync LOCAL_DIR URL [PATH]``: keep a local folder and a server folder the same.
 
     wsfiles sync LOCAL_DIR URL [PATH] [--once] [--up-only | --down-only]
-                 [--exclude GLOB]... [--poll SECONDS] [--dry-run] [--json]
-                 [--reset-state]
+                 [--exclude GLOB]... [--max-delete PERCENT] [--poll SECONDS]
+                 [--dry-run] [--json] [--reset-state]
 
 The work is done by :mod:`wsfiles.sync` (scan, state, plan, runner, watch);
 this module parses the arguments, opens the state before connecting (so a
@@ -93,6 +93,14 @@ def add_sync_command(commands: Any, run_remote: Callable[..., Any]) -> None:
         help="live mode: look for local changes every SECONDS instead of watching with inotify "
         "(network file systems: inotify misses what other machines change there)",
     )
+    sync.add_argument(
+        "--max-delete",
+        metavar="PERCENT",
+        type=_percent,
+        default=None,
+        help="stop before a round that would delete more than PERCENT of the files on "
+        "one side (default 50; rounds of at most 10 deletes always pass; 100: no limit)",
+    )
     sync.add_argument("--json", action="store_true", help="one JSON object per line on stdout")
     sync.add_argument(
         "--reset-state",
@@ -115,6 +123,17 @@ def _poll_seconds(text: str) -> float:
     if not 0.1 <= seconds <= 86400:  # (NaN fails too)
         raise argparse.ArgumentTypeError(f"must be from 0.1 to 86400 seconds: {text!r}")
     return seconds
+
+
+def _percent(text: str) -> float:
+    """``--max-delete``: a share from 0 to 100."""
+    try:
+        percent = float(text.removesuffix("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 <= percent <= 100:  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"must be from 0 to 100: {text!r}")
+    return percent
 
 
 class _NoState:
@@ -267,6 +286,7 @@ async def _sync(client: Any, args: argparse.Namespace) -> None:
     from twisted.internet.defer import CancelledError
 
     from wsfiles.client_tree import require_folders
+    from wsfiles.sync.guard import MAX_DELETE_PERCENT, TooManyDeletes
     from wsfiles.sync.runner import Syncer
 
     output = _Output(args)
@@ -283,6 +303,7 @@ async def _sync(client: Any, args: argparse.Namespace) -> None:
             emit=output.emit,
             progress=output.progress,
             dry_run=args.dry_run,
+            max_delete=MAX_DELETE_PERCENT if args.max_delete is None else args.max_delete,
         )
         if args.dry_run:
             await syncer.round()
@@ -292,6 +313,8 @@ async def _sync(client: Any, args: argparse.Namespace) -> None:
             from wsfiles.sync.watch import live
 
             await live(syncer, _reconnect(args), say=output.emit, poll=args.poll)
+    except TooManyDeletes as e:
+        raise CommandFailed(str(e)) from None
     except CancelledError:
         if args.interrupted:
             raise Interrupted("what was done is recorded; the next run continues") from None

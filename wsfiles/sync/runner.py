@@ -38,6 +38,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task, threads
 
+from wsfiles.sync.guard import MAX_DELETE_PERCENT, check_deletes
 from wsfiles.sync.localtree import (
     conflict_name,
     is_excluded,
@@ -810,6 +811,7 @@ class Syncer:
         emit: Emit | None = None,
         progress: Callable[[], Progress | None] | None = None,
         dry_run: bool = False,
+        max_delete: float = MAX_DELETE_PERCENT,
     ) -> None:
         self.client = client
         self.root = root
@@ -820,6 +822,7 @@ class Syncer:
         self.emit: Emit = emit or (lambda event: None)
         self.progress = progress
         self.dry_run = dry_run
+        self.max_delete = max_delete
         self._warned: set[tuple[str, str]] = set()
 
     async def listing(self) -> dict[str, RemoteFile]:
@@ -884,6 +887,8 @@ class Syncer:
             for action in plan.actions:
                 if action.kind not in _STATE_ONLY:
                     self.emit({"event": "plan", **action_fields(action)})
+        check_deletes(plan, len(local), len(remote), self.max_delete)  # (a dry run says so too)
+        if self.dry_run:
             return Round(plan, None)
         runner = Runner(
             self.client,
