@@ -4,7 +4,7 @@
                  [--exclude GLOB]... [--max-delete PERCENT] [--poll SECONDS]
                  [--dry-run] [--json] [--reset-state]
 
-The work is done by :mod:`wsfiles.sync` (scan, state, plan, runner, watch);
+The work is done by :mod:`wsfiles.sync` (scan, state, plan, guard, runner, watch);
 this module parses the arguments, opens the state before connecting (so a
 second sync on the same folder, or a folder paired with another server, is
 one line and nothing else), and says what happens: one line per action on
