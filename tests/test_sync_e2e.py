@@ -279,28 +279,55 @@ async def test_a_live_sync_with_poll_uploads_local_changes(twistd_factory, tmp_p
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_round_that_would_delete_most_files_stops_until_allowed(twistd_factory, tmp_path):
+async def test_a_round_that_would_delete_most_files_stops_until_allowed(
+    twistd_factory, tmp_path, syncs
+):
     """The mass-delete guard (--max-delete, 50% by default): most local files
-    deleted by mistake must not empty the server without a second word."""
+    deleted by mistake must not empty the server without a second word, in
+    live mode (the deletion seen whole) as with --once."""
     srv = await twistd_factory()
     local = tmp_path / "here"
     for i in range(20):
         write(local / f"f{i:02}.txt", b"%d" % i)
-    assert (await sync_once(local, srv.url))[0] == 0
+    live = syncs.start(local, srv.url)
+    await until(lambda: len(tree(srv.root, ".wsfiles-")) == 20, "the first sync")
     for i in range(15):
         (local / f"f{i:02}.txt").unlink()
+    code = await live[1].ended.addTimeout(CONVERGE_SECONDS, reactor)
+    syncs.running.remove(live)
+    stopped = "stopped before deleting 15 of the 20 files on the server (75%, more than"
+    assert code == 1 and stopped in live[1].err.decode(), live[1].err.decode()
+    assert len(tree(srv.root, ".wsfiles-")) == 20  # nothing was deleted
     code, out, err = await sync_once(local, srv.url, "--dry-run")
-    assert code == 1 and out.count("delete ") == 15, out  # the plan, then why it would stop
-    for run in ((), ("--max-delete", "70")):
-        code, _, err = await sync_once(local, srv.url, *run)
-        assert code == 1, err
-        assert "stopped before deleting 15 of the 20 files on the server (75%, more than" in err
-        assert len(tree(srv.root, ".wsfiles-")) == 20  # nothing was changed
+    assert code == 1 and out.count("delete ") == 15 and stopped in err, out  # the plan, and why
+    code, _, err = await sync_once(local, srv.url, "--max-delete", "70")
+    assert code == 1 and stopped in err and len(tree(srv.root, ".wsfiles-")) == 20, err
     code, _, err = await sync_once(local, srv.url, "--max-delete", "75")
     assert code == 0, err
     assert tree(srv.root, ".wsfiles-") == tree(local) and len(tree(local)) == 5
     code, _, err = await sync_once(local, srv.url, "--max-delete", "101")
     assert code == 2 and "--max-delete: must be from 0 to 100: '101'" in err, err
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_move_done_as_copy_then_delete_is_not_stopped_as_a_mass_delete(
+    twistd_factory, tmp_path, syncs
+):
+    """Copies still inside the quiet time cannot pair with the deleted files
+    as renames yet: the guard looks again once they settle, and sees renames."""
+    srv = await twistd_factory()
+    local = tmp_path / "here"
+    files = {f"{i:02}.txt": b"%d" % i for i in range(12)}
+    for name, data in files.items():
+        write(local / "a" / name, data)
+    child = syncs.start(local, srv.url)
+    await until(lambda: len(tree(srv.root, ".wsfiles-")) == 12, "the first sync")
+    for name, data in files.items():  # cp -r a b; rm -r a
+        write(local / "b" / name, data, age=0)
+        (local / "a" / name).unlink()
+    moved = {f"b/{name}": data for name, data in files.items()}
+    await until(lambda: tree(srv.root, ".wsfiles-") == moved, "the move")
+    assert not child[1].ended.called and "stopped" not in child[1].err.decode()
 
 
 @pytest_twisted.ensureDeferred

@@ -9,7 +9,7 @@ from datetime import datetime
 
 import pytest
 
-from wsfiles.sync.guard import TooManyDeletes, check_deletes
+from wsfiles.sync.guard import TooManyDeletes, big_deletes, check_deletes
 from wsfiles.sync.localtree import (
     EMPTY_SHA256,
     conflict_name,
@@ -546,26 +546,38 @@ def deletes(kind: Kind, count: int) -> Plan:
 
 
 @pytest.mark.parametrize(
-    ("kind", "count", "held", "percent", "refused"),
+    ("kind", "count", "local", "remote", "percent", "refused"),
     [
-        (Kind.DELETE_REMOTE, 11, 20, 50, "deleting 11 of the 20 files on the server (55%"),
-        (Kind.DELETE_LOCAL, 15, 15, 50, "deleting 15 of the 15 files here (100%"),
-        (Kind.DELETE_REMOTE, 11, 22, 50, None),  # exactly half
-        (Kind.DELETE_REMOTE, 10, 10, 50, None),  # a small round is not guarded
-        (Kind.DELETE_LOCAL, 15, 15, 100, None),  # --max-delete 100: no limit
-        (Kind.DELETE_REMOTE, 11, 100, 10, "more than --max-delete 10%"),
+        (Kind.DELETE_REMOTE, 11, 900, 20, 50, "deleting 11 of the 20 files on the server (55%"),
+        (Kind.DELETE_LOCAL, 15, 15, 900, 50, "deleting 15 of the 15 files here (100%"),
+        (Kind.DELETE_REMOTE, 101, 0, 200, 50, "(50.5%, more than --max-delete 50%)"),
+        (Kind.DELETE_REMOTE, 11, 0, 22, 50, None),  # exactly half
+        (Kind.DELETE_LOCAL, 11, 22, 11, 50, None),  # half of what is here, whatever the server has
+        (Kind.DELETE_REMOTE, 10, 10, 10, 50, None),  # a small round is not guarded
+        (Kind.DELETE_LOCAL, 15, 15, 15, 100, None),  # --max-delete 100: no limit
+        (Kind.DELETE_REMOTE, 11, 100, 100, 10, "more than --max-delete 10%"),
     ],
 )
-def test_a_round_deleting_too_much_of_one_side_is_stopped(kind, count, held, percent, refused):
+def test_a_round_deleting_too_much_of_one_side_is_stopped(
+    kind, count, local, remote, percent, refused
+):
     plan = deletes(kind, count)
     if refused is None:
-        check_deletes(plan, held, held, percent)
+        check_deletes(plan, local, remote, percent)
         return
     with pytest.raises(TooManyDeletes, match=re.escape(refused)) as stopped:
-        check_deletes(plan, held, held, percent)
-    assert "nothing was changed" in str(stopped.value)
+        check_deletes(plan, local, remote, percent)
+    assert "this round changed nothing" in str(stopped.value)
 
 
 def test_renames_are_not_deletes():
     plan = Plan([Action(Kind.RENAME_REMOTE, f"f{i}", to=f"g{i}") for i in range(50)], [])
     check_deletes(plan, 50, 50, 0)
+    assert big_deletes(plan) == frozenset()
+
+
+def test_only_many_deletes_must_be_seen_twice():
+    assert big_deletes(deletes(Kind.DELETE_LOCAL, 10)) == frozenset()
+    here = [Action(Kind.DELETE_LOCAL, f"here{i}") for i in range(6)]
+    there = [Action(Kind.DELETE_REMOTE, f"there{i}") for i in range(5)]
+    assert big_deletes(Plan(here + there, [])) == {a.path for a in here + there}  # 11 in all

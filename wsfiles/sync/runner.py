@@ -38,7 +38,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor, task, threads
 
-from wsfiles.sync.guard import MAX_DELETE_PERCENT, check_deletes
+from wsfiles.sync.guard import MAX_DELETE_PERCENT, big_deletes, check_deletes
 from wsfiles.sync.localtree import (
     conflict_name,
     is_excluded,
@@ -823,6 +823,8 @@ class Syncer:
         self.progress = progress
         self.dry_run = dry_run
         self.max_delete = max_delete
+        #: Many deletes the last round put off to look again (wsfiles.sync.guard).
+        self._deletes_seen: frozenset[str] = frozenset()
         self._warned: set[tuple[str, str]] = set()
 
     async def listing(self) -> dict[str, RemoteFile]:
@@ -887,6 +889,11 @@ class Syncer:
             for action in plan.actions:
                 if action.kind not in _STATE_ONLY:
                     self.emit({"event": "plan", **action_fields(action)})
+        else:
+            deleting, seen = big_deletes(plan), self._deletes_seen
+            self._deletes_seen = deleting
+            if deleting and deleting != seen:  # look again after the quiet time
+                return Round(Plan([], plan.skipped, sorted(deleting)), None)
         check_deletes(plan, len(local), len(remote), self.max_delete)  # (a dry run says so too)
         if self.dry_run:
             return Round(plan, None)
