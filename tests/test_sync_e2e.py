@@ -36,13 +36,20 @@ CONFLICT = re.compile(r"^a \(conflict [^ ()]+ \d{4}-\d\d-\d\d \d{6}\)\.txt$")
 
 def tree(root: Path, hidden: str = ".wsfiles-sync") -> dict[str, bytes]:
     """Every file under ``root`` by relative path, the sync's state folder (or,
-    for a server's root, its ``.wsfiles-`` folders) left out."""
+    for a server's root, its ``.wsfiles-`` folders) left out.  A sync may be
+    changing the tree meanwhile: what vanishes during the walk is left out
+    (os.walk skips a folder it cannot list), so callers poll until it holds."""
     files = {}
-    for path in root.rglob("*"):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith(hidden) or not path.is_file() or path.is_symlink():
-            continue
-        files[rel] = path.read_bytes()
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder, name)
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith(hidden) or path.is_symlink() or not path.is_file():
+                continue  # (a FIFO is not read: it would block)
+            try:
+                files[rel] = path.read_bytes()
+            except (FileNotFoundError, IsADirectoryError):
+                continue
     return files
 
 
@@ -172,7 +179,7 @@ async def test_two_live_syncs_converge_after_edits_renames_deletes_and_conflicts
     loser = [n for n in tree(b) if n.startswith("from-b (conflict ")]
     assert (
         len(loser) == 1 and tree(b)[loser[0]] == b"a edits" and tree(b)["from-b.txt"] == b"b edits"
-    )
+    ), (tree(b), one[1].out.decode(), one[1].err.decode())
     assert tree(srv.root / "docs-root") == tree(a)
 
 
