@@ -270,10 +270,10 @@ async def test_a_live_sync_with_poll_uploads_local_changes(twistd_factory, tmp_p
     changes there): no inotify, and local changes still go up.  That the
     rescans come on time is pinned with a fake clock in test_sync_watch.py."""
     local = tmp_path / "here"
-    code, _, err = await run_process(
-        [str(BIN / "wsfiles"), "sync", str(local), "ws://h", "--poll", "0"]
-    )
-    assert code == 2 and "--poll: must be from 0.1 to 86400 seconds: '0'" in err, err
+    for value, refused in (("0", "must be from 0.1 to 86400 seconds"), ("x", "not a number")):
+        argv = [str(BIN / "wsfiles"), "sync", str(local), "ws://h", "--poll", value]
+        code, _, err = await run_process(argv)
+        assert code == 2 and f"--poll: {refused}" in err and repr(value) in err, err
     code, _, err = await sync_once(local, "ws://127.0.0.1:9", "--poll", "5")
     assert code == 2 and "--poll is for live mode: not with --once or --dry-run" in err, err
     srv = await twistd_factory()
@@ -314,6 +314,8 @@ async def test_a_round_that_would_delete_most_files_stops_until_allowed(
     assert tree(srv.root, ".wsfiles-") == tree(local) and len(tree(local)) == 5
     code, _, err = await sync_once(local, srv.url, "--max-delete", "101")
     assert code == 2 and "--max-delete: must be from 0 to 100: '101'" in err, err
+    code, _, err = await sync_once(local, srv.url, "--max-delete", "half")
+    assert code == 2 and "--max-delete: not a percentage: 'half'" in err, err
 
 
 @pytest_twisted.ensureDeferred

@@ -411,9 +411,11 @@ async def test_the_sync_user_unit_verifies_as_a_user_unit(units):
     code, lines = await verify(unit, user=True)
     assert (code, lines) == (0, [])
     user_units = Path("/usr/lib/systemd/user")
+    if not user_units.is_dir():
+        pytest.skip("no /usr/lib/systemd/user here to check the unit's dependencies against")
     named = re.findall(r"^(?:After|Before|Wants|Requires|WantedBy)=(.+)$", unit.read_text(), re.M)
     for name in " ".join(named).split():
-        assert not user_units.is_dir() or (user_units / name).exists(), name
+        assert (user_units / name).exists(), name
 
 
 @needs_analyze

@@ -29,7 +29,6 @@ from wsfiles.storage import (
     ChecksumMismatch,
     IFolder,
     Precondition,
-    PreconditionFailed,
     SmallFile,
     StorageFailure,
 )
@@ -104,8 +103,6 @@ def _outcome(file: SmallFile, outcome: str | BaseException) -> dict[str, Any]:
     refused = refusal(outcome, file.name)
     if refused is not None:
         code, text = refused.code, refused.message
-    elif isinstance(outcome, PreconditionFailed):
-        code, text = errors.CONFLICT, errors.conflict_message(file.name)
     elif isinstance(outcome, ChecksumMismatch):
         code, text = errors.CHECKSUM_MISMATCH, f"{outcome}, not the declared one"
     elif isinstance(outcome, ProtocolError):
@@ -141,7 +138,6 @@ class BatchUpload:
         self._stores: list[Deferred] = []
         self._running = 0
         self._room: Deferred | None = None
-        self._aborted = False
         self.on_superseded: Callable[[], None] | None = None
 
     def begin(self) -> None:
@@ -235,5 +231,4 @@ class BatchUpload:
 
     def abort(self) -> None:
         """The message was cut: files not yet handed to the storage are not stored."""
-        self._aborted = True
         self._pieces, self._ready, self._ready_bytes = [], [], 0

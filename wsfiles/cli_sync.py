@@ -252,8 +252,6 @@ class _Output:
 
 def _human(event: dict[str, Any]) -> str | None:
     """One line for an event (None: nothing to say without --json)."""
-    from wsfiles.cli_format import human_size
-
     kind, path = event["event"], event.get("path")
     if kind == "conflict":
         return (
@@ -266,20 +264,29 @@ def _human(event: dict[str, Any]) -> str | None:
         return event["message"]
     if kind == "retry":
         return None  # planned again next round
-    if kind == "plan":
-        from wsfiles.sync.model import Action, Kind
-        from wsfiles.sync.runner import describe
+    if kind == "plan":  # (--dry-run: the action with why)
+        return _action_line(event["action"], event, planned=True)
+    return _action_line(kind, event, planned=False)
 
-        action = Action(Kind(event["action"]), path, event.get("to"), size=event.get("size", 0))
-        return describe(action)
+
+def _action_line(kind: str, event: dict[str, Any], *, planned: bool) -> str | None:
+    """One line for an action (an ``action_fields`` event): done, or planned
+    (``--dry-run``, saying why); None for a kind that is not an action."""
+    from wsfiles.cli_format import human_size
+
+    path, to = event.get("path"), event.get("to")
     if kind in ("upload", "download"):
         return f"{kind:<9} {path} ({human_size(event.get('size', 0))})"
-    if kind in ("rename_remote", "rename_local"):
-        return f"rename    {path} -> {event.get('to')}"
-    if kind in ("delete_remote", "delete_local"):
-        where = "on the server" if kind == "delete_remote" else "here"
-        return f"delete    {path} ({where})"
-    return None
+    if kind == "conflict":
+        return f"conflict  {path}: kept here as {to!r}; the server's copy comes down"
+    verb, _, side = kind.partition("_")  # delete/rename, local/remote
+    if verb not in ("delete", "rename") or side not in ("local", "remote"):
+        return None
+    where, cause = ("here", "on the server") if side == "local" else ("on the server", "here")
+    what = f"{path} -> {to}" if verb == "rename" else path
+    if planned:
+        return f"{verb:<9} {what} ({where}: {verb}d {cause})"
+    return f"{verb:<9} {what}" + (f" ({where})" if verb == "delete" else "")
 
 
 async def _sync(client: Any, args: argparse.Namespace) -> None:

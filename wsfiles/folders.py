@@ -23,6 +23,7 @@ from wsfiles.storage import (
     NotAFolder,
     NotEmpty,
     NotFound,
+    PreconditionFailed,
 )
 
 #: The subprotocol a 1.2 client offers (docs/protocol.md).
@@ -42,7 +43,8 @@ def hello_fields() -> dict[str, Any]:
 
 
 def refusal(error: Exception, path: str) -> ProtocolError | None:
-    """The error a 1.2 client gets for a storage refusal about ``path``."""
+    """The error a client gets for a storage refusal about ``path`` (None:
+    not a refusal of this kind)."""
     if isinstance(error, NotFound):
         return ProtocolError(errors.NOT_FOUND, f"nothing at {path!r}")
     if isinstance(error, NotAFolder):
@@ -55,6 +57,8 @@ def refusal(error: Exception, path: str) -> ProtocolError | None:
         )
     if isinstance(error, Exists):
         return ProtocolError(errors.EXISTS, f"{path!r} exists")
+    if isinstance(error, PreconditionFailed):
+        return ProtocolError(errors.CONFLICT, errors.conflict_message(path))
     return None
 
 

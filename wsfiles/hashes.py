@@ -15,6 +15,7 @@ from typing import Any
 
 from wsfiles import errors
 from wsfiles.errors import ProtocolError
+from wsfiles.fields import sha256_field
 
 SHA256 = "sha256"
 BLAKE3 = "blake3"
@@ -42,12 +43,16 @@ def new(name: str = SHA256) -> Any:
     raise ValueError(f"unknown hash {name!r}")
 
 
+_LOWER_HEX = frozenset("0123456789abcdef")
+
+
 def is_digest(name: str, value: object) -> bool:
-    """Whether ``value`` is a lowercase hex digest of hash ``name``."""
+    """Whether ``value`` is a lowercase hex digest of hash ``name`` (checked for
+    every recorded digest read: every download, every listed file)."""
     return (
         isinstance(value, str)
         and len(value) == _HEX_LENGTH.get(name, -1)
-        and all(ch in "0123456789abcdef" for ch in value)
+        and _LOWER_HEX.issuperset(value)
     )
 
 
@@ -71,15 +76,8 @@ def digest_field(message: dict[str, Any], name: str) -> str | None:
                 errors.BAD_REQUEST,
                 f"'{other}' cannot be checked on a save hashed with {name}; declare '{name}'",
             )
-    value = message.get(name)
-    if value is None:
-        return None
-    lowered = value.lower() if isinstance(value, str) else value
-    if not is_digest(name, lowered):
-        raise ProtocolError(
-            errors.BAD_REQUEST, f"'{name}' must be {_HEX_LENGTH[name]} hexadecimal digits"
-        )
-    return str(lowered)
+    assert _HEX_LENGTH[name] == 64  # (as fields.sha256_field checks, for either hash)
+    return sha256_field(message, name)
 
 
 def label(name: str) -> str:

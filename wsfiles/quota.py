@@ -235,21 +235,15 @@ class EntryLimits:
             " bytes; remove files or use shorter names",
         )
 
-    async def hold_many(self, client: str, folder: IFolder, names: list[str]) -> Callable[[], None]:
-        """``hold`` for a batch: its names count as being created until released."""
+    async def hold(self, client: str, folder: IFolder, names: list[str]) -> Callable[[], None]:
+        """Count ``names`` (one save's, or a batch's) as being created until the
+        returned release is called; checked once held: two saves cannot both fit."""
         release = self._count_creating(client, names)
         try:
-            await self.check_many(client, folder, names)
-        except BaseException:
-            release()
-            raise
-        return release
-
-    async def hold(self, client: str, folder: IFolder, name: str) -> Callable[[], None]:
-        """Count ``name`` as being created until the returned release is called."""
-        release = self._count_creating(client, [name])
-        try:
-            await self.check(client, folder, name)  # held first: two saves cannot both fit
+            if len(names) == 1:
+                await self.check(client, folder, names[0])
+            else:
+                await self.check_many(client, folder, names)
         except BaseException:
             release()
             raise

@@ -492,12 +492,10 @@ class CommandSession:
             return False
         except ProtocolError as e:
             self._send_error(e.code, e.message, request_id)
-        except (NotFound, NotAFolder, IsAFolder, NotEmpty, Exists) as e:
+        except (NotFound, NotAFolder, IsAFolder, NotEmpty, Exists, PreconditionFailed) as e:
             refused = folders.refusal(e, str(e))
             assert refused is not None
             self._send_error(refused.code, refused.message, request_id)
-        except PreconditionFailed as e:
-            self._send_error(errors.CONFLICT, errors.conflict_message(str(e)), request_id)
         except StorageFailure as e:
             self._send_error(errors.STORAGE_ERROR, str(e), request_id)
         except Exception:
@@ -632,13 +630,14 @@ class CommandSession:
         max_size = self._account()[1]
         if size > max_size:
             raise ProtocolError(errors.TOO_LARGE, f"{size} bytes is over the limit of {max_size}")
-        if await self.folder.kind(name) == "folder":  # a parent that is a file: NotAFolder
+        kind = await self.folder.kind(name)
+        if kind == "folder":  # a parent that is a file: NotAFolder
             if not self.folders:  # refused now, not after the data at commit
                 raise ProtocolError(
                     errors.EXISTS, f"{name!r} is taken by a folder (protocol 1.2 shows folders)"
                 )
             raise IsAFolder(name)
-        await self._check_precondition(name, precondition)  # before any data is sent
+        await self._check_precondition(name, kind, precondition)  # before any data is sent
         if self.quota is not None:
             await self.quota.check(self.client, self.folder, name, size)
         if self.entry_limits is not None:
@@ -660,11 +659,21 @@ class CommandSession:
             request_id,
         )
 
-    async def _check_precondition(self, name: str, precondition: Precondition | None) -> None:
+    async def _check_precondition(
+        self, name: str, kind: str | None, precondition: Precondition | None
+    ) -> None:
+        """Refuse a conditional save early; ``kind``: what is at ``name`` now.
+        Only ``if_sha256`` over a stored file needs its digest (which may
+        mean hashing it); whether a file is there is known already."""
         if precondition is None:
             return
-        stored = (await self.folder.described([name])).get(name)
-        if not precondition.holds(None if stored is None else stored.sha256):
+        if kind is not None and precondition.absent:
+            raise PreconditionFailed(name)  # a file is there
+        stored = None
+        if kind is not None:
+            described = (await self.folder.described([name])).get(name)
+            stored = None if described is None else described.sha256
+        if not precondition.holds(stored):
             raise PreconditionFailed(name)
 
     async def _delete(self, message: dict[str, Any], request_id: RequestId) -> None:
@@ -1123,12 +1132,7 @@ class CommandSession:
         ``replacing`` holds now); both let go when it ends, stored or not."""
         release_entries = None
         if self.entry_limits is not None:
-            limits = self.entry_limits
-            release_entries = await (
-                limits.hold(self.client, self.folder, replacing)
-                if replacing is not None
-                else limits.hold_many(self.client, self.folder, names)
-            )
+            release_entries = await self.entry_limits.hold(self.client, self.folder, names)
         reservation = None
         try:
             if self.quota is not None:

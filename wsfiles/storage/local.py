@@ -641,20 +641,22 @@ class LocalFolder:
                         written.append((index, *self._write_temporary(file, folders)))
                     except (*_REFUSALS, ChecksumMismatch, OSError) as e:
                         outcomes[index] = e
-                for index, _, fd, _ in written:
+                for index, path, fd, _ in written:
                     try:
                         os.fsync(fd)
                     except OSError as e:
                         outcomes[index] = e
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
                     finally:
                         os.close(fd)
                 renamed: dict[str, list[int]] = {}
                 for index, path, _, digest in written:
+                    if outcomes[index] is not None:
+                        continue  # (its fsync failed: removed above)
                     file = files[index]
                     folder = parent_of(file.name)
                     try:
-                        if outcomes[index] is not None:
-                            raise outcomes[index]  # type: ignore[misc]
                         leaf = file.name.rpartition("/")[2]
                         _put_in_place(path, folders[folder], leaf, file.name, file.precondition)
                     except (PreconditionFailed, OSError) as e:
@@ -1306,12 +1308,9 @@ class LocalUpload:
             del self._folder._storage._resumable[self._path]
 
 
-#: The extended attribute holding a stored file's SHA-256, as
-#: "HEX SIZE MTIME_NS INODE" of the moment it was written (see _remember_digest).
-DIGEST_XATTR = "user.wsfiles.sha256"
-
-
-def _remember_digest(fd: int, digest: str, hash: str = hashes.SHA256) -> None:
+def _remember_digest(
+    fd: int, digest: str, hash: str = hashes.SHA256, unchanged_since: os.stat_result | None = None
+) -> None:
     """Record the SHA-256 (or ``hash``'s digest, in its own attribute) of the
     file just written, with its size and mtime.
 
@@ -1327,10 +1326,16 @@ def _remember_digest(fd: int, digest: str, hash: str = hashes.SHA256) -> None:
     which always hashes what it receives, reports ``checksum_mismatch``
     (docs/protocol.md).  Where the filesystem has no user xattrs, nothing is
     recorded and downloads hash as before.
+
+    The record ("HEX SIZE MTIME_NS INODE") is in ``hashes.xattr(hash)``.
+    ``unchanged_since``: a digest computed by reading the file is recorded
+    only if the file is still as it was then.
     """
-    record = (digest + " " + _identity(os.fstat(fd))).encode()
+    identity = _identity(os.fstat(fd))
+    if unchanged_since is not None and identity != _identity(unchanged_since):
+        return  # changed while it was read: the digest is of neither version
     with contextlib.suppress(OSError):  # ENOTSUP, EPERM, ENOSPC: hash on download instead
-        os.setxattr(fd, hashes.xattr(hash), record)
+        os.setxattr(fd, hashes.xattr(hash), f"{digest} {identity}".encode())
 
 
 def _make_durable(fd: int, digest: str, hash: str, mtime: float | None) -> None:
@@ -1372,9 +1377,7 @@ def _hash_and_remember(fd: int, st: os.stat_result) -> str:
     """Hash a stored file that has no valid record (another program wrote it,
     or it was changed) and record the digest for the next time (blocking)."""
     digest = _hash_fd_prefix(fd, st.st_size).hexdigest()
-    if os.fstat(fd).st_mtime_ns == st.st_mtime_ns:  # not changed while we read it
-        with contextlib.suppress(OSError):
-            os.setxattr(fd, DIGEST_XATTR, (digest + " " + _identity(st)).encode())
+    _remember_digest(fd, digest, unchanged_since=st)
     return digest
 
 
@@ -1467,12 +1470,9 @@ class LocalDownload(FileStreamer):
         wrote it, or it was uploaded with another hash): record the digest,
         unless the file changed meanwhile, so the next download, ETag or
         listing needs no hashing.  One xattr write, like the check above."""
-        digest = self.sha256.hexdigest()
-        fd, st = self._source.fileno(), self._opened
-        assert st is not None
-        if hashes.is_digest(self._algorithm, digest) and _identity(os.fstat(fd)) == _identity(st):
-            with contextlib.suppress(OSError):
-                os.setxattr(fd, hashes.xattr(self._algorithm), f"{digest} {_identity(st)}".encode())
+        assert self._opened is not None
+        fd, digest = self._source.fileno(), self.sha256.hexdigest()
+        _remember_digest(fd, digest, self._algorithm, unchanged_since=self._opened)
         return result
 
     def prefix_sha256(self) -> Deferred:

@@ -826,17 +826,27 @@ class S3Folder:
             response
         )
 
-    async def _digest_of(self, name: str) -> str | None:
-        """The stored file's SHA-256 (its metadata, or read back and hashed);
-        None when no file is there."""
-        try:
-            response, _ = await self._client.send("HEAD", self._prefix + name)
-        except NotFound:
-            return None
+    async def _digest(self, name: str, response: Any) -> str:
+        """A stored file's SHA-256, from its HEAD ``response``: its metadata,
+        or the object read back and hashed."""
         return _stored_sha256(response) or await _hash_key(self._client, self._prefix + name)
 
-    async def _check(self, name: str, precondition: Precondition | None) -> None:
-        if precondition is not None and not precondition.holds(await self._digest_of(name)):
+    async def _check(
+        self, name: str, precondition: Precondition | None, response: Any = None
+    ) -> None:
+        """PreconditionFailed unless ``precondition`` holds for what is at
+        ``name`` now (``response``: its HEAD, when the caller just made it)."""
+        if precondition is None:
+            return
+        if response is None:
+            try:
+                response, _ = await self._client.send("HEAD", self._prefix + name)
+            except NotFound:
+                if precondition.holds(None):
+                    return
+                raise PreconditionFailed(name) from None
+        # A file is there: if_absent fails without reading it.
+        if precondition.absent or not precondition.holds(await self._digest(name, response)):
             raise PreconditionFailed(name)
 
     def described(self, paths: list[str]) -> Deferred:
@@ -845,8 +855,7 @@ class S3Folder:
                 info, response = await self._head(path)
             except (NotFound, IsAFolder):
                 return None
-            digest = _stored_sha256(response) or await _hash_key(self._client, self._prefix + path)
-            return FileInfo(path, info.size, info.mtime, digest)
+            return FileInfo(path, info.size, info.mtime, await self._digest(path, response))
 
         async def describe() -> dict[str, FileInfo]:
             await self._settle_moves()
@@ -1087,8 +1096,8 @@ class S3Folder:
     def delete(self, name: str, precondition: Precondition | None = None) -> Deferred:
         async def delete_it() -> None:
             await self._settle_moves()
-            await self._stat(name)
-            await self._check(name, precondition)  # then the delete: not atomic on S3
+            _, response = await self._head(name)
+            await self._check(name, precondition, response)  # then the delete: not atomic on S3
             await self._client.send("DELETE", self._prefix + name, expect=(200, 204))
             await self._keep_folder(parent_of(name))
 

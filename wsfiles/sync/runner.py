@@ -286,22 +286,20 @@ class Runner:
                     else:
                         self.state.forget(action.path)
             result.done += len(records)
+        batched = self._batched_file if self._batches_small else -1  # (-1: no batches)
+        small = [a for a in plan.actions if a.kind is Kind.UPLOAD and a.size <= batched]
+        in_batches = set(small)
         batch: list[Action] = []
-        batched = self._batched_file
         for action in plan.actions:
-            if action.kind in _STATE_ONLY:
-                continue
-            if self._batches_small and action.kind is Kind.UPLOAD and action.size <= batched:
-                continue  # in a save_batch, below
+            if action.kind in _STATE_ONLY or action in in_batches:
+                continue  # recorded above; in a save_batch, below
             if action.kind in _PIPELINED:
                 batch.append(action)
                 continue
             await self._pipelined(batch, result)
             batch = []
             await self._one(action, result)
-        if self._batches_small:
-            small = [a for a in plan.actions if a.kind is Kind.UPLOAD and a.size <= batched]
-            await self._upload_batches(small, result)
+        await self._upload_batches(small, result)
         await self._pipelined(batch, result)
         return result
 
@@ -467,13 +465,14 @@ class Runner:
 
     def _done(self, result: RunResult, action: Action, **extra: Any) -> None:
         result.done += 1
-        # (a conflict said "conflict" already: what is left is the server's copy coming down)
-        name = "download" if action.kind is Kind.CONFLICT else action.kind.value
-        event: dict[str, Any] = {"event": name, "path": action.path}
-        if action.to is not None and action.kind is not Kind.CONFLICT:
-            event["to"] = action.to
+        # The plan's fields (--json); a conflict said "conflict" and its copy's
+        # name already: what is left is the server's copy coming down.
+        event = {"event": action.kind.value, **action_fields(action)}
+        del event["action"]
+        if action.kind is Kind.CONFLICT:
+            event["event"] = "download"
+            event.pop("to", None)
         if action.kind in _TRANSFERS:
-            event["size"] = action.size
             self._files_done += 1
             self._bytes_done += action.size
             self._in_flight.pop(action.path, None)
@@ -753,28 +752,6 @@ _HANDLERS: dict[Kind, Callable[[Runner, Action, RunResult], Any]] = {
     Kind.RECORD: Runner._record,
     Kind.FORGET: Runner._forget,
 }
-
-
-def describe(action: Action) -> str:
-    """One line for ``--dry-run`` and the log: what the action would do."""
-    from wsfiles.cli_format import human_size
-
-    kind = action.kind
-    if kind is Kind.UPLOAD:
-        return f"upload    {action.path} ({human_size(action.size)})"
-    if kind is Kind.DOWNLOAD:
-        return f"download  {action.path} ({human_size(action.size)})"
-    if kind is Kind.CONFLICT:
-        return f"conflict  {action.path}: kept here as {action.to!r}; the server's copy comes down"
-    if kind is Kind.DELETE_LOCAL:
-        return f"delete    {action.path} (here: deleted on the server)"
-    if kind is Kind.DELETE_REMOTE:
-        return f"delete    {action.path} (on the server: deleted here)"
-    if kind is Kind.RENAME_REMOTE:
-        return f"rename    {action.path} -> {action.to} (on the server: renamed here)"
-    if kind is Kind.RENAME_LOCAL:
-        return f"rename    {action.path} -> {action.to} (here: renamed on the server)"
-    return f"in sync   {action.path}"
 
 
 # -- one round: scan, list, plan, run -----------------------------------------
